@@ -1,0 +1,28 @@
+# `make run`: create .venv, install, train the embedded default. `make test`: same install, run the tests.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
+
+.PHONY: install run test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PIP) "torch==2.13.0"
+	$(PIP) -e ".[test]"
+	@# torchaudio from PyPI is a CUDA build that breaks CPU installs; refuse it.
+	$(BIN)/python -c "import importlib.util, sys; sys.exit('torchaudio must not be installed' if importlib.util.find_spec('torchaudio') else 0)"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/ttsrl --help
+	$(BIN)/ttsrl config check configs/tiny.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV)

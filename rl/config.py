@@ -1,0 +1,258 @@
+"""The experiment config: typed sections, one help line per field.
+
+`load_config(path, overrides)` reads a YAML file over the defaults, applies `--set section.key=value`
+overrides, validates, and computes the derived values in one place (`Derived`). `ttsrl config keys` lists
+every key with its help line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from rl.configlib import ConfigError, opt, overlay, read_yaml, set_override, to_dict
+from rl.schedules import Schedule
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    enabled: bool = opt(False, "train LoRA adapters through peft instead of all weights")
+    r: int = opt(8, "LoRA rank (upstream GLM-TTS adapter: 8)")
+    alpha: int = opt(16, "LoRA alpha (upstream: 16)")
+    dropout: float = opt(0.1, "LoRA dropout (upstream: 0.1); adds noise to the policy ratio, 0 keeps it exact")
+    target_modules: list[str] = opt(
+        ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], "Llama modules that get adapters"
+    )
+    modules_to_save: list[str] = opt(
+        ["embed_tokens", "lm_head"], "modules trained in full next to the adapters (upstream: embed_tokens, lm_head)"
+    )
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    ckpt_dir: str = opt("", "GLM-TTS checkpoint directory in the upstream layout (llm/, vq32k-phoneme-tokenizer/, ...)")
+    build_tiny: bool = opt(False, "write a tiny random checkpoint to ckpt_dir first if it does not exist")
+    dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "dtype of the speech LM's weights")
+    trust_remote_code: bool = opt(
+        False, "load the tokenizer through transformers with its own Python code instead of the built-in reader"
+    )
+    lora: LoraConfig = opt(LoraConfig(), "LoRA adapter settings")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    manifest: str = opt("", "upstream GRPO jsonl manifest; relative paths inside it are relative to the file")
+    prompts_per_step: int = opt(1, "prompts drawn per step (B); each is sampled group_size times")
+    shuffle: bool = opt(True, "reshuffle the manifest every epoch (seeded by train.seed)")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    group_size: int = opt(8, "samples per prompt (G); upstream GLM-TTS: 8")
+    temperature: Schedule = opt(Schedule.from_scalar(1.0), "sampling temperature, a schedule over steps")
+    top_k: int = opt(25, "keep the k most likely speech tokens (0 = off); upstream RAS: 25")
+    top_p: float = opt(0.8, "nucleus mass (1.0 = off); upstream RAS: 0.8")
+    ras: bool = opt(True, "repetition-aware sampling: redraw from the full distribution when the draw repeats")
+    ras_window: int = opt(10, "RAS: how many previous generated tokens are checked for repeats")
+    ras_tau: float = opt(0.1, "RAS: redraw when the token occurs >= ras_window * ras_tau times in the window")
+    min_token_text_ratio: float = opt(2.0, "stop is masked before this many speech tokens per target-text token")
+    max_token_text_ratio: float = opt(20.0, "generation is truncated at this many speech tokens per text token")
+    max_new_tokens: int = opt(1000, "hard cap on generated tokens per sample, whatever the text length")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    scorer: str = opt("", "scorer name (see `ttsrl rewards`) or dotted path module:Class")
+    weight: float = opt(1.0, "weight in the fused advantage; 0 = computed and logged but not trained on")
+    kwargs: dict[str, Any] = opt({}, "keyword arguments of the scorer's constructor, checked at start-up")
+
+
+@dataclass(frozen=True)
+class AdvantageConfig:
+    std_ddof: int = opt(0, "std estimator: 0 population (upstream GLM-TTS), 1 unbiased (TRL)")
+    eps: float = opt(0.0, "added to every std before dividing (upstream 0, TRL 1e-4)")
+    min_std: float = opt(1e-2, "a reward (or fused score) whose group std is below this contributes 0")
+    second_norm: Literal["group", "batch"] = opt("group", "normalise the fused score per group or over the batch")
+
+
+@dataclass(frozen=True)
+class DynamicSamplingConfig:
+    mode: Literal["off", "reroll", "refill"] = opt("reroll", "off | reroll (upstream) | refill (DAPO)")
+    keys: list[str] | None = opt(None, "rewards measured for informativeness; null = every weighted key but sim")
+    min_std: float = opt(1e-2, "a group whose fused std (over `keys`) is below this is uninformative")
+    max_tries: int = opt(3, "reroll: generation attempts per step in all (upstream: 3)")
+    max_gen_batches: int = opt(4, "refill: generation rounds per step at most")
+    on_exhausted: Literal["keep", "error"] = opt("keep", "refill: after max_gen_batches, train on what there is or stop")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    ratio_anchor: Literal["old", "ref"] = opt(
+        "old", "ratio against the behaviour policy (old) or the frozen initial model (ref, upstream GLM-TTS)"
+    )
+    ratio_level: Literal["token", "sequence"] = opt("token", "token ratios (PPO/GRPO) or one per sequence (GSPO)")
+    agg: Literal["token_mean", "seq_mean", "seq_sum_const"] = opt(
+        "token_mean", "token_mean (DAPO, upstream) | seq_mean (GRPO) | seq_sum_const (Dr.GRPO)"
+    )
+    eps_low: Schedule = opt(Schedule.from_scalar(0.2), "lower clip range, a schedule over steps")
+    eps_high: Schedule = opt(Schedule.from_scalar(0.3), "upper clip range, a schedule over steps (clip-higher)")
+    kl_coef: float = opt(0.0, "weight of the k3 KL to the frozen initial model (0 = no reference forward)")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = opt(1e-6, "AdamW learning rate (upstream GLM-TTS: 1e-6)")
+    betas: list[float] = opt([0.9, 0.95], "AdamW betas (upstream: 0.9, 0.95)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    grad_clip: float = opt(1.0, "clip the global grad norm to this (0 = off)")
+    ppo_epochs: int = opt(1, "passes over each rollout batch")
+    minibatches: int = opt(1, "optimizer steps per pass; > 1 (or ppo_epochs > 1) lets an old-policy clip bind")
+    micro_batch_size: int = opt(0, "rows per forward pass inside a minibatch (0 = the whole minibatch)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = opt(1000, "training steps (one rollout batch each)")
+    seed: int = opt(0, "seed of sampling, shuffling and vocoder noise")
+    output_dir: str = opt("runs/default", "metrics, samples and checkpoints go here")
+    save_every: int = opt(100, "write a checkpoint every this many steps (0 = only at the end)")
+    keep_last: int = opt(3, "checkpoints kept on disk")
+    mixed_precision: Literal["no", "bf16", "fp16"] = opt("no", "autocast for forward passes (GPU)")
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    enabled: bool = opt(False, "log to Weights & Biases as well as metrics.jsonl")
+    project: str = opt("ttsrl", "wandb project")
+    run_name: str = opt("", "wandb run name (default: the output directory's name)")
+    mode: Literal["auto", "online", "offline"] = opt("auto", "auto = online with an API key, offline without")
+
+
+@dataclass(frozen=True)
+class Config:
+    policy: PolicyConfig = opt(PolicyConfig(), "the speech LM")
+    data: DataConfig = opt(DataConfig(), "prompt data")
+    sampling: SamplingConfig = opt(SamplingConfig(), "group rollouts")
+    rewards: dict[str, RewardConfig] = opt({}, "reward name -> scorer, weight and kwargs")
+    advantage: AdvantageConfig = opt(AdvantageConfig(), "normalize -> fuse -> normalize")
+    dynamic_sampling: DynamicSamplingConfig = opt(DynamicSamplingConfig(), "resampling of uninformative groups")
+    loss: LossConfig = opt(LossConfig(), "clipped policy loss")
+    optim: OptimConfig = opt(OptimConfig(), "optimizer and update schedule")
+    train: TrainConfig = opt(TrainConfig(), "run length, seed, outputs")
+    wandb: WandbConfig = opt(WandbConfig(), "Weights & Biases")
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Values computed from the config, in one place."""
+
+    rows_per_step: int  # prompts_per_step * group_size
+    weights: dict[str, float]  # reward name -> weight
+    dynamic_sampling_keys: list[str]  # rewards measured for informativeness
+    needs_reference: bool  # ratio_anchor == "ref" or kl_coef > 0
+    updates_per_step: int  # ppo_epochs * minibatches
+    config_file: str  # where the config came from ("" = defaults)
+
+
+def _validate(cfg: Config) -> None:
+    s, o, d, a, ds, lo = cfg.sampling, cfg.optim, cfg.data, cfg.advantage, cfg.dynamic_sampling, cfg.loss
+    checks = [
+        (s.group_size >= 2, "sampling.group_size must be >= 2 (a group of one has no baseline)"),
+        (s.top_k >= 0, "sampling.top_k must be >= 0 (0 = off)"),
+        (0.0 < s.top_p <= 1.0, "sampling.top_p must be in (0, 1]"),
+        (s.ras_window >= 1 and s.ras_tau > 0, "sampling.ras_window must be >= 1 and ras_tau > 0"),
+        (0 <= s.min_token_text_ratio <= s.max_token_text_ratio,
+         "sampling.min_token_text_ratio must be >= 0 and <= max_token_text_ratio"),
+        (s.max_new_tokens >= 1, "sampling.max_new_tokens must be >= 1"),
+        (d.prompts_per_step >= 1, "data.prompts_per_step must be >= 1"),
+        (a.std_ddof in (0, 1), "advantage.std_ddof must be 0 or 1"),
+        (a.eps >= 0 and a.min_std >= 0, "advantage.eps and advantage.min_std must be >= 0"),
+        (ds.max_tries >= 1 and ds.max_gen_batches >= 1, "dynamic_sampling.max_tries/max_gen_batches must be >= 1"),
+        (ds.min_std >= 0, "dynamic_sampling.min_std must be >= 0"),
+        (lo.kl_coef >= 0, "loss.kl_coef must be >= 0"),
+        (o.lr > 0, "optim.lr must be > 0"),
+        (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas must be two numbers in [0, 1)"),
+        (o.grad_clip >= 0 and o.weight_decay >= 0, "optim.grad_clip and optim.weight_decay must be >= 0"),
+        (o.ppo_epochs >= 1 and o.minibatches >= 1, "optim.ppo_epochs and optim.minibatches must be >= 1"),
+        (o.micro_batch_size >= 0, "optim.micro_batch_size must be >= 0"),
+        (cfg.train.steps >= 1, "train.steps must be >= 1"),
+        (cfg.train.save_every >= 0 and cfg.train.keep_last >= 1, "train.save_every >= 0 and train.keep_last >= 1"),
+        (not cfg.policy.lora.enabled or cfg.policy.lora.r >= 1, "policy.lora.r must be >= 1"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+    rows = d.prompts_per_step * s.group_size
+    if o.minibatches > rows:
+        raise ConfigError(f"optim.minibatches={o.minibatches} exceeds the {rows} rows of a step")
+    s.temperature.validate("sampling.temperature")
+    lo.eps_low.validate("loss.eps_low")
+    lo.eps_high.validate("loss.eps_high")
+    if s.temperature.kind == "constant" and s.temperature.start <= 0:
+        raise ConfigError("sampling.temperature must be > 0")
+    if not cfg.rewards:
+        raise ConfigError("rewards: at least one reward is needed, e.g. rewards.duration.scorer=duration")
+    for name, r in cfg.rewards.items():
+        if not r.scorer:
+            raise ConfigError(f"rewards.{name}.scorer is empty: give a scorer name or a dotted path")
+    if all(r.weight == 0 for r in cfg.rewards.values()):
+        raise ConfigError("rewards: every weight is 0, so there is nothing to train on")
+
+
+def derive(cfg: Config, config_file: str = "") -> Derived:
+    from rl.dynamic_sampling import check_keys
+
+    weights = {k: r.weight for k, r in cfg.rewards.items()}
+    try:
+        keys = check_keys(weights, cfg.dynamic_sampling.keys)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return Derived(
+        rows_per_step=cfg.data.prompts_per_step * cfg.sampling.group_size,
+        weights=weights,
+        dynamic_sampling_keys=keys,
+        needs_reference=cfg.loss.ratio_anchor == "ref" or cfg.loss.kl_coef > 0,
+        updates_per_step=cfg.optim.ppo_epochs * cfg.optim.minibatches,
+        config_file=config_file,
+    )
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, Derived]:
+    """Defaults <- YAML file (if any) <- overrides; validated. Returns (config, derived values)."""
+    cfg = Config()
+    where = ""
+    if path is not None:
+        where = str(path)
+        data = read_yaml(path)
+        try:
+            cfg = overlay(cfg, data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    for item in overrides:
+        try:
+            cfg = set_override(cfg, item)
+        except ConfigError as e:
+            raise ConfigError(f"--set {item}: {e}") from None
+    try:
+        _validate(cfg)
+        derived = derive(cfg, where)
+    except ConfigError as e:
+        raise ConfigError(f"{where + ': ' if where else ''}{e}") from None
+    return cfg, derived
+
+
+def dump(cfg: Config, derived: Derived | None = None) -> str:
+    """The fully resolved config as YAML (derived values appended as a comment block)."""
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True, default_flow_style=None)
+    if derived is not None:
+        lines = yaml.safe_dump(dataclasses.asdict(derived), sort_keys=False, allow_unicode=True).splitlines()
+        text += "# derived (computed, not settable):\n" + "".join(f"#   {line}\n" for line in lines)
+    return text
