@@ -18,8 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/ttsrl --help
-	$(BIN)/ttsrl config check configs/tiny.yaml
+	$(BIN)/ttsrl train
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

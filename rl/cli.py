@@ -31,11 +31,64 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from rl.checkpoint import find_checkpoint, load_checkpoint
+    from rl.config import DEFAULT_CONFIG, config_from_data, load_config
+    from rl.configlib import to_dict
+    from rl.trainer import train
+
+    overrides = list(args.overrides)
+    if args.resume:
+        ckpt = find_checkpoint(args.resume)
+        run_dir = ckpt.parent.parent
+        saved = yaml.safe_load(load_checkpoint(ckpt)["config_yaml"])
+        out = args.output_dir or str(run_dir)
+        if args.config:
+            cfg, derived = load_config(args.config, overrides + [f"train.output_dir={out}"])
+            prev, _ = config_from_data(saved, str(ckpt / "config.yaml"), [f"train.output_dir={out}"])
+            changed = _diff(to_dict(prev), to_dict(cfg))
+            changed = [k for k in changed if not k.startswith(RESUME_FREE)]
+            if changed:
+                raise ConfigError(
+                    f"{args.config} differs from the config of {ckpt} in {', '.join(changed)}; a resumed run must "
+                    f"keep its settings (only train.steps, train.save_every, train.keep_last and wandb.* may change)"
+                )
+        else:
+            cfg, derived = config_from_data(saved, str(ckpt / "config.yaml"), overrides + [f"train.output_dir={out}"])
+    else:
+        path = args.config or DEFAULT_CONFIG
+        if args.output_dir:
+            overrides.append(f"train.output_dir={args.output_dir}")
+        cfg, derived = load_config(path, overrides)
+    train(cfg, derived, resume=args.resume, progress=not args.no_progress)
+    return 0
+
+
+RESUME_FREE = ("train.steps", "train.save_every", "train.keep_last", "train.output_dir", "wandb.")
+
+
+def _diff(a, b, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(set(a) | set(b))
+        return [k for key in keys for k in _diff(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ttsrl", description="GRPO alignment for text-to-speech speech language models."
     )
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a policy (no CONFIG: the embedded default, configs/tiny.yaml)")
+    p.add_argument("config", nargs="?", help="YAML experiment config")
+    _add_set(p)
+    p.add_argument("--output-dir", help="where metrics and checkpoints go (overrides train.output_dir)")
+    p.add_argument("--resume", metavar="DIR", help="continue a run from its latest checkpoint (a run or checkpoint dir)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("config", help="show, check or list experiment configs")
     csub = p.add_subparsers(dest="action", required=True)

@@ -1,5 +1,8 @@
 """The experiment config: typed sections, one help line per field.
 
+Relative paths written in a YAML file are relative to that file's directory; paths given with --set are relative
+to the current directory.
+
 `load_config(path, overrides)` reads a YAML file over the defaults, applies `--set section.key=value`
 overrides, validates, and computes the derived values in one place (`Derived`). `ttsrl config keys` lists
 every key with its help line.
@@ -14,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from rl.configlib import ConfigError, opt, overlay, read_yaml, set_override, to_dict
+from rl.configlib import ConfigError, opt, overlay, read_yaml, resolve_paths, set_override, to_dict
 from rl.schedules import Schedule
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +41,8 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    ckpt_dir: str = opt("", "GLM-TTS checkpoint directory in the upstream layout (llm/, vq32k-phoneme-tokenizer/, ...)")
+    ckpt_dir: str = opt("", "GLM-TTS checkpoint directory in the upstream layout (llm/, vq32k-phoneme-tokenizer/, ...)",
+                        path=True)
     build_tiny: bool = opt(False, "write a tiny random checkpoint to ckpt_dir first if it does not exist")
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "dtype of the speech LM's weights")
     trust_remote_code: bool = opt(
@@ -49,7 +53,10 @@ class PolicyConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    manifest: str = opt("", "upstream GRPO jsonl manifest; relative paths inside it are relative to the file")
+    manifest: str = opt("", "upstream GRPO jsonl manifest; relative paths inside it are relative to the file",
+                        path=True)
+    root: str = opt("", "base directory for relative paths in the manifest instead of the manifest's directory",
+                    path=True)
     prompts_per_step: int = opt(1, "prompts drawn per step (B); each is sampled group_size times")
     shuffle: bool = opt(True, "reshuffle the manifest every epoch (seeded by train.seed)")
 
@@ -122,7 +129,7 @@ class OptimConfig:
 class TrainConfig:
     steps: int = opt(1000, "training steps (one rollout batch each)")
     seed: int = opt(0, "seed of sampling, shuffling and vocoder noise")
-    output_dir: str = opt("runs/default", "metrics, samples and checkpoints go here")
+    output_dir: str = opt("runs/default", "metrics, samples and checkpoints go here", path=True)
     save_every: int = opt(100, "write a checkpoint every this many steps (0 = only at the end)")
     keep_last: int = opt(3, "checkpoints kept on disk")
     mixed_precision: Literal["no", "bf16", "fp16"] = opt("no", "autocast for forward passes (GPU)")
@@ -173,6 +180,8 @@ def _validate(cfg: Config) -> None:
          "sampling.min_token_text_ratio must be >= 0 and <= max_token_text_ratio"),
         (s.max_new_tokens >= 1, "sampling.max_new_tokens must be >= 1"),
         (d.prompts_per_step >= 1, "data.prompts_per_step must be >= 1"),
+        (bool(d.manifest), "data.manifest is empty: give the prompt manifest (upstream GRPO jsonl)"),
+        (bool(cfg.policy.ckpt_dir), "policy.ckpt_dir is empty: give a GLM-TTS checkpoint directory"),
         (a.std_ddof in (0, 1), "advantage.std_ddof must be 0 or 1"),
         (a.eps >= 0 and a.min_std >= 0, "advantage.eps and advantage.min_std must be >= 0"),
         (ds.max_tries >= 1 and ds.max_gen_batches >= 1, "dynamic_sampling.max_tries/max_gen_batches must be >= 1"),
@@ -200,9 +209,15 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("sampling.temperature must be > 0")
     if not cfg.rewards:
         raise ConfigError("rewards: at least one reward is needed, e.g. rewards.duration.scorer=duration")
+    from rewards.base import ScorerConfigError, check_scorer_kwargs, resolve_scorer_class
+
     for name, r in cfg.rewards.items():
         if not r.scorer:
             raise ConfigError(f"rewards.{name}.scorer is empty: give a scorer name or a dotted path")
+        try:  # the class and its kwargs are checked now, before any model is loaded
+            check_scorer_kwargs(resolve_scorer_class(r.scorer, f"rewards.{name}"), dict(r.kwargs), f"rewards.{name}")
+        except ScorerConfigError as e:
+            raise ConfigError(str(e)) from None
     if all(r.weight == 0 for r in cfg.rewards.values()):
         raise ConfigError("rewards: every weight is 0, so there is nothing to train on")
 
@@ -227,15 +242,20 @@ def derive(cfg: Config, config_file: str = "") -> Derived:
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, Derived]:
     """Defaults <- YAML file (if any) <- overrides; validated. Returns (config, derived values)."""
+    data = read_yaml(path) if path is not None else {}
+    return config_from_data(data, str(path) if path is not None else "", overrides)
+
+
+def config_from_data(data: dict, where: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, Derived]:
+    """Like load_config, from an already-read YAML mapping; `where` names it in error messages."""
     cfg = Config()
-    where = ""
-    if path is not None:
-        where = str(path)
-        data = read_yaml(path)
+    if data:
         try:
             cfg = overlay(cfg, data)
         except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+            raise ConfigError(f"{where}: {e}") from None
+    if data and where:
+        cfg = resolve_paths(cfg, data, Path(where).parent)
     for item in overrides:
         try:
             cfg = set_override(cfg, item)

@@ -24,12 +24,29 @@ class ConfigError(ValueError):
     """A config file or override is invalid. The message names the key."""
 
 
-def opt(default: Any, help: str, **kw: Any) -> Any:
-    """A config field with a default and a one-line help text."""
+def opt(default: Any, help: str, *, path: bool = False) -> Any:
+    """A config field with a default and a one-line help text. path=True: a file system path (see resolve_paths)."""
+    meta = {"help": help, "path": path}
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         factory = (lambda d=default: _copy(d))
-        return dataclasses.field(default_factory=factory, metadata={"help": help}, **kw)
-    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def resolve_paths(obj: Any, data: dict, base: Path) -> Any:
+    """Make the relative path fields that `data` (a YAML mapping) sets relative to `base` (its directory)."""
+    import os
+
+    changes = {}
+    for f in dataclasses.fields(obj):
+        if f.name not in data:
+            continue
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) and isinstance(data[f.name], dict):
+            changes[f.name] = resolve_paths(value, data[f.name], base)
+        elif f.metadata.get("path") and isinstance(value, str) and value and not Path(value).is_absolute():
+            changes[f.name] = os.path.normpath(base / value)
+    return dataclasses.replace(obj, **changes) if changes else obj
 
 
 def _copy(value: Any) -> Any:
@@ -96,6 +113,10 @@ def convert(value: Any, tp: Any, where: str, *, from_cli: bool = False) -> Any:
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads off/no/false and on/yes/true as booleans
+            spelled = [c for c in choices if str(c).lower() in (_TRUE if value else _FALSE)]
+            if len(spelled) == 1:
+                return spelled[0]
         if value in choices:
             return value
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
@@ -236,7 +257,7 @@ def _set_path(obj: Any, keys: list[str], raw: str, where: str) -> Any:
 
 def _cli_value(raw: str, tp: Any) -> Any:
     """Strings stay strings for str fields; everything else is read as YAML first (lists, mappings, null)."""
-    if tp is str:
+    if tp is str or (typing.get_origin(tp) is Literal and raw in typing.get_args(tp)):
         return raw
     try:
         return yaml.safe_load(raw)
@@ -256,12 +277,27 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key '{key}' is given twice")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if data is None:

@@ -26,11 +26,23 @@ inf * 0 = NaN; the clamp is far outside any clip range, so it never changes a cl
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 _LOG_RATIO_LIMIT = 20.0
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar: pg + kl_coef * kl
+    pg: torch.Tensor  # scalar policy-gradient term (aggregated as `agg` says)
+    kl: torch.Tensor  # scalar token-mean k3 KL (0 without a reference)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def __iter__(self):  # `loss, metrics = policy_loss(...)`
+        return iter((self.loss, self.metrics))
 
 
 def policy_loss(
@@ -46,8 +58,9 @@ def policy_loss(
     norm_len: int | None = None,
     kl_coef: float = 0.0,
     ref_logp: torch.Tensor | None = None,  # [B, T], required when kl_coef > 0
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Returns (scalar loss, metrics). Metrics: clip/low_frac, clip/high_frac (sign-aware, over valid tokens),
+) -> LossOutput:
+    """Returns LossOutput (unpacks as `loss, metrics`). The pg and kl terms are kept apart so that micro-batches
+    can weight them by their own denominators (sequences or tokens). Metrics: clip/low_frac, clip/high_frac (sign-aware, over valid tokens),
     ratio/mean, ratio/min, ratio/max, kl (token mean, 0 without a reference), pg_loss."""
     if logp.dim() != 2 or anchor_logp.shape != logp.shape or mask.shape != logp.shape:
         raise ValueError(
@@ -114,4 +127,4 @@ def policy_loss(
             "kl": float(kl.detach()),
             "pg_loss": float(pg.detach()),
         }
-    return loss, metrics
+    return LossOutput(loss=loss, pg=pg, kl=kl, metrics=metrics)

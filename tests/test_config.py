@@ -8,7 +8,8 @@ from rl.config import CONFIG_DIR, Config, load_config
 from rl.configlib import ConfigError, describe
 from rl.schedules import Schedule
 
-BASE = "rewards:\n  duration: {scorer: duration}\n"
+PATHS = "data: {manifest: m.jsonl}\npolicy: {ckpt_dir: ckpt}\n"
+BASE = "rewards:\n  duration: {scorer: duration}\n" + PATHS
 
 
 def write(tmp_path, text, name="c.yaml"):
@@ -51,7 +52,7 @@ def test_yaml_overlays_defaults_and_converts_types(tmp_path):
     ],
 )
 def test_bad_yaml_names_the_key(tmp_path, text, message):
-    p = write(tmp_path, BASE + text)
+    p = write(tmp_path, (PATHS if text.startswith("rewards:") else BASE) + text)
     with pytest.raises(ConfigError) as e:
         load_config(p)
     assert message in str(e.value)
@@ -62,13 +63,13 @@ def test_cli_overrides_convert_and_validate(tmp_path):
     p = write(tmp_path, BASE)
     cfg, d = load_config(p, [
         "optim.lr=3e-6", "sampling.ras=false", "dynamic_sampling.keys=[duration]", "loss.eps_high.kind=linear",
-        "loss.eps_high.end=0.5", "loss.eps_high.steps=10", "rewards.cer.scorer=cer", "rewards.cer.weight=0.5",
-        "rewards.cer.kwargs.k=2.5", "policy.ckpt_dir=123",
+        "loss.eps_high.end=0.5", "loss.eps_high.steps=10", "rewards.cer.scorer=duration", "rewards.cer.weight=0.5",
+        "rewards.cer.kwargs.tolerance=2.5", "policy.ckpt_dir=123",
     ])
     assert cfg.optim.lr == 3e-6 and cfg.sampling.ras is False
     assert cfg.dynamic_sampling.keys == ["duration"]
     assert cfg.loss.eps_high(10) == pytest.approx(0.5)
-    assert cfg.rewards["cer"].weight == 0.5 and cfg.rewards["cer"].kwargs == {"k": 2.5}
+    assert cfg.rewards["cer"].weight == 0.5 and cfg.rewards["cer"].kwargs == {"tolerance": 2.5}
     assert cfg.policy.ckpt_dir == "123"  # str fields keep the text as written
     assert d.weights == {"duration": 1.0, "cer": 0.5}
     for bad, msg in [
@@ -84,9 +85,11 @@ def test_cli_overrides_convert_and_validate(tmp_path):
 
 def test_rewards_are_required_and_weights_not_all_zero(tmp_path):
     with pytest.raises(ConfigError, match="at least one reward"):
-        load_config(write(tmp_path, "train: {steps: 3}\n"))
+        load_config(write(tmp_path, "data: {manifest: m.jsonl}\npolicy: {ckpt_dir: c}\n"))
     with pytest.raises(ConfigError, match="every weight is 0"):
-        load_config(write(tmp_path, "rewards:\n  a: {scorer: duration, weight: 0}\n"))
+        load_config(write(tmp_path, BASE.replace("{scorer: duration}", "{scorer: duration, weight: 0}")))
+    with pytest.raises(ConfigError, match="line 6: key 'loss' is given twice"):
+        load_config(write(tmp_path, BASE + "loss: {kl_coef: 0.1}\nloss: {agg: seq_mean}\n"))
 
 
 def test_config_is_immutable(tmp_path):
@@ -118,3 +121,11 @@ def test_cli_config_check_and_show(tmp_path):
     # what `show` prints is itself a valid config that resolves to the same values
     again = write(tmp_path, shown.stdout, "again.yaml")
     assert load_config(again)[0] == load_config(CONFIG_DIR / "tiny.yaml", ["optim.lr=2e-5"])[0]
+
+
+def test_yaml_booleans_spelled_like_a_choice_are_that_choice(tmp_path):
+    # YAML 1.1 reads `off` as false: `mode: off` must still mean the choice "off"
+    cfg, _ = load_config(write(tmp_path, BASE + "dynamic_sampling:\n  mode: off\n"))
+    assert cfg.dynamic_sampling.mode == "off"
+    cfg, _ = load_config(write(tmp_path, BASE), ["dynamic_sampling.mode=off"])
+    assert cfg.dynamic_sampling.mode == "off"

@@ -1,0 +1,405 @@
+"""The GLM-TTS speech LM as an RL policy.
+
+Loads a local checkpoint directory in the upstream layout:
+    llm/                      HF LlamaForCausalLM: config.json + *.safetensors
+    vq32k-phoneme-tokenizer/  GLM-4 style tiktoken tokenizer (read by policies/tokenizer.py; no remote code)
+
+Prompt layout (upstream inference): [prompt text + " "][target text][<|begin_of_audio|>][prompt speech codes + ats];
+the model continues with speech tokens <|audio_c|> = ats + c and stops with <|user|>.
+
+Sampling is restricted to the speech tokens and the stop token: logits are computed only for those rows of the
+LM head (`restricted_logits`), so index c < C is speech code c and index C is stop. See policies/sampling.py for
+the distribution (temperature, top-k, top-p, RAS) and the behaviour log-probabilities.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from policies.sampling import SamplingParams, behaviour_logprob, sample_step, step_distribution
+from policies.tokenizer import GLMTokenizer, RemoteCodeTokenizer, TokenizerError
+from rollouts.types import PromptRecord, Rollout
+
+LLM_DIR = "llm"
+TOKENIZER_DIR = "vq32k-phoneme-tokenizer"
+ENTROPY_POSITIONS = 512
+SPECIAL_STRINGS = {
+    "ats": "<|audio_0|>",
+    "ate": "<|audio_32767|>",
+    "boa": "<|begin_of_audio|>",
+    "eoa": "<|user|>",  # the stop token
+    "pad": "<|endoftext|>",
+}
+
+
+class CheckpointError(ValueError):
+    """The checkpoint directory does not have the expected layout or content."""
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    ats: int  # id of <|audio_0|>
+    ate: int  # id of <|audio_32767|>
+    boa: int  # begin of audio
+    eoa: int  # stop
+    pad: int
+
+    @property
+    def num_codes(self) -> int:
+        return self.ate - self.ats + 1
+
+    @property
+    def stop_index(self) -> int:
+        """Index of the stop token in the restricted vocabulary."""
+        return self.num_codes
+
+
+def find_special_tokens(encode, where: str) -> SpecialTokens:
+    """Look the special tokens up by string; each must encode to exactly one id (>= the pad id, as upstream)."""
+    ids = {}
+    for key, text in SPECIAL_STRINGS.items():
+        enc = encode(text)
+        if len(enc) != 1:
+            raise CheckpointError(f"{where}: special token {text} ({key}) encodes to {len(enc)} ids {enc[:8]}, not 1")
+        ids[key] = enc[0]
+    special = SpecialTokens(**ids)
+    if special.num_codes != 32768:
+        raise CheckpointError(
+            f"{where}: <|audio_0|>..<|audio_32767|> must be 32768 consecutive ids, got {special.ats}..{special.ate}"
+        )
+    low = [k for k, v in ids.items() if v < special.pad]
+    if low:
+        raise CheckpointError(f"{where}: special tokens {low} have ids below <|endoftext|> ({special.pad})")
+    return special
+
+
+@dataclass(frozen=True)
+class PromptInput:
+    ids: list[int]  # the full prompt layout, LM ids
+    text_len: int  # target-text tokens (the length bounds scale with it)
+
+
+def _backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model, base.lm_head
+
+
+class GLMTTSPolicy:
+    """Sampling, teacher-forced log-probs, LoRA and the frozen reference for one GLM-TTS speech LM."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, special: SpecialTokens, *, ckpt_dir: str = ""):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.special = special
+        self.ckpt_dir = ckpt_dir
+        self.lora = hasattr(model, "disable_adapter")
+        self._reference: torch.nn.Module | None = None
+        vocab = model.config.vocab_size
+        if vocab <= max(special.ate, special.eoa, special.boa):
+            raise CheckpointError(f"{ckpt_dir}: LM vocab_size {vocab} does not cover the special ids {special}")
+
+    # --- loading ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        ckpt_dir: str | Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        lora=None,  # rl.config.LoraConfig or None
+        trust_remote_code: bool = False,
+    ) -> "GLMTTSPolicy":
+        from transformers import LlamaForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one progress bar per run is ours
+
+        ckpt_dir = Path(ckpt_dir)
+        llm_dir, tok_dir = ckpt_dir / LLM_DIR, ckpt_dir / TOKENIZER_DIR
+        for d in (llm_dir, tok_dir):
+            if not d.is_dir():
+                raise CheckpointError(f"{ckpt_dir}: missing {d.name}/ (expected the GLM-TTS layout llm/, {TOKENIZER_DIR}/)")
+        if not (llm_dir / "config.json").is_file() or not any(llm_dir.glob("*.safetensors")):
+            raise CheckpointError(f"{llm_dir}: expected config.json and *.safetensors weights")
+        cfg = json.loads((llm_dir / "config.json").read_text())
+        if "llama" not in str(cfg.get("model_type", "")).lower():
+            raise CheckpointError(f"{llm_dir}/config.json: model_type {cfg.get('model_type')!r} is not llama")
+        try:
+            tokenizer = RemoteCodeTokenizer(tok_dir) if trust_remote_code else GLMTokenizer.from_dir(tok_dir)
+        except TokenizerError as e:
+            raise CheckpointError(str(e)) from None
+        special = find_special_tokens(tokenizer.encode, str(tok_dir))
+        model = LlamaForCausalLM.from_pretrained(
+            str(llm_dir), dtype=dtype, local_files_only=True, use_safetensors=True
+        )
+        model.to(device)
+        if lora is not None and lora.enabled:
+            model = apply_lora(model, lora)
+        return cls(model, tokenizer, special, ckpt_dir=str(ckpt_dir))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # --- prompts ----------------------------------------------------------------------------------------------
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def prompt_input(self, record: PromptRecord) -> PromptInput:
+        """[prompt text + " "][target text][BOA][prompt speech codes + ats]"""
+        prompt_ids = self.encode_text(record.prompt_text + " ")
+        target_ids = self.encode_text(record.target_text)
+        if not target_ids:
+            raise ValueError(f"{record.source}: field 'syn_text': encodes to no tokens")
+        codes = [int(c) + self.special.ats for c in record.prompt_speech_tokens]
+        return PromptInput(ids=prompt_ids + target_ids + [self.special.boa] + codes, text_len=len(target_ids))
+
+    # --- the LM on the restricted vocabulary ------------------------------------------------------------------
+    def restricted_logits(self, hidden: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """[..., H] -> [..., C + 1] logits of the speech codes and the stop token (only those head rows)."""
+        _, head = _backbone_and_head(model if model is not None else self.model)
+        w, b = head.weight, getattr(head, "bias", None)
+        s = self.special
+        speech = F.linear(hidden, w[s.ats: s.ate + 1], None if b is None else b[s.ats: s.ate + 1])
+        stop = F.linear(hidden, w[s.eoa: s.eoa + 1], None if b is None else b[s.eoa: s.eoa + 1])
+        return torch.cat([speech, stop], dim=-1)
+
+    def restricted_to_ids(self, idx: torch.Tensor) -> torch.Tensor:
+        """restricted index -> LM id"""
+        return torch.where(idx == self.special.stop_index, torch.full_like(idx, self.special.eoa), idx + self.special.ats)
+
+    def ids_to_restricted(self, ids: torch.Tensor) -> torch.Tensor:
+        """LM id -> restricted index (speech code, or C for stop); other ids map to -1."""
+        s = self.special
+        out = torch.where((ids >= s.ats) & (ids <= s.ate), ids - s.ats, torch.full_like(ids, -1))
+        return torch.where(ids == s.eoa, torch.full_like(ids, s.stop_index), out)
+
+    # --- group sampling ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_groups(
+        self,
+        prompts: list[PromptInput],
+        group_size: int,
+        params: SamplingParams,
+        *,
+        group_ids: list[int],
+        seed: int,
+        min_ratio: float = 2.0,
+        max_ratio: float = 20.0,
+        max_new_tokens: int = 1000,
+    ) -> Rollout:
+        """Sample `group_size` sequences for each prompt, all rows in one left-padded batch with a KV cache.
+
+        Row r belongs to prompt r // group_size and carries group_ids[r // group_size]. Stop is masked before
+        int(min_ratio * text_len) tokens; a row is truncated at min(int(max_ratio * text_len), max_new_tokens).
+        """
+        if len(group_ids) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts need {len(prompts)} group ids, got {len(group_ids)}")
+        device = self.device
+        n = len(prompts) * group_size
+        rows = [p for p in prompts for _ in range(group_size)]
+        p_len = max(len(p.ids) for p in rows)
+        prompt_ids = torch.full((n, p_len), self.special.pad, dtype=torch.long)
+        prompt_mask = torch.zeros((n, p_len), dtype=torch.bool)
+        for i, p in enumerate(rows):
+            prompt_ids[i, p_len - len(p.ids):] = torch.tensor(p.ids)
+            prompt_mask[i, p_len - len(p.ids):] = True
+        text_len = torch.tensor([p.text_len for p in rows])
+        max_len = torch.clamp((text_len.double() * max_ratio).long(), max=max_new_tokens).clamp(min=1)
+        min_len = torch.minimum((text_len.double() * min_ratio).long(), max_len)
+        steps = int(max_len.max())
+
+        gen = torch.Generator(device=device).manual_seed(seed)
+        tokens = torch.full((n, steps), self.special.pad, dtype=torch.long)
+        logp_b = torch.zeros((n, steps), dtype=torch.float32)
+        tmask = torch.zeros((n, steps), dtype=torch.bool)
+        history = torch.full((n, params.ras_window), -1, dtype=torch.long, device=device)
+        finished = torch.zeros(n, dtype=torch.bool)
+        truncated = torch.zeros(n, dtype=torch.bool)
+        lengths = torch.zeros(n, dtype=torch.long)
+
+        was_training = self.model.training
+        self.model.eval()
+        backbone, _ = _backbone_and_head(self.model)
+        attn = prompt_mask.to(device)
+        pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
+        out = backbone(input_ids=prompt_ids.to(device), attention_mask=attn.long(), position_ids=pos, use_cache=True)
+        cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
+        next_pos = pos[:, -1:] + 1
+        min_len_d, max_len_d = min_len.to(device), max_len.to(device)
+        for t in range(steps):
+            active = ~(finished | truncated)
+            logits = self.restricted_logits(hidden)
+            dist = step_distribution(logits, min_len_d <= t, params)
+            idx = sample_step(dist, history if params.ras else None, params, gen)
+            lp = behaviour_logprob(dist, idx, history if params.ras else None, params)
+            idx_c, lp_c, act = idx.cpu(), lp.float().cpu(), active
+            tokens[act, t] = self.restricted_to_ids(idx_c)[act]
+            logp_b[act, t] = lp_c[act]
+            tmask[act, t] = True
+            stopped = act & (idx_c == self.special.stop_index)
+            finished |= stopped
+            speech = act & ~stopped
+            lengths += speech.long()
+            truncated |= speech & (lengths >= max_len)
+            if params.ras:
+                history = torch.where(speech.to(device)[:, None], torch.cat([history[:, 1:], idx[:, None]], 1), history)
+            if bool((finished | truncated).all()):
+                break
+            feed = torch.where(speech, self.restricted_to_ids(idx_c), torch.full_like(idx_c, self.special.pad))
+            attn = torch.cat([attn, speech.to(device)[:, None]], dim=1)
+            out = backbone(
+                input_ids=feed.to(device)[:, None], attention_mask=attn.long(), position_ids=next_pos,
+                past_key_values=cache, use_cache=True,
+            )
+            cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
+            next_pos = next_pos + 1
+        if was_training:
+            self.model.train()
+        width = int(tmask.sum(-1).max())
+        row_group = torch.tensor(group_ids, dtype=torch.long).repeat_interleave(group_size)
+        return Rollout(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            tokens=tokens[:, :width],
+            token_mask=tmask[:, :width],
+            behaviour_logp=logp_b[:, :width],
+            group_ids=row_group,
+            prompt_index=torch.arange(len(prompts)).repeat_interleave(group_size),
+            finished=finished,
+            truncated=truncated,
+            lengths=lengths,
+            min_lengths=min_len,
+            text_lengths=text_len,
+            params=params,
+            pad_id=self.special.pad,
+        )
+
+    # --- teacher forcing --------------------------------------------------------------------------------------
+    def token_logprobs(
+        self, rollout: Rollout, *, reference: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs of the rollout's tokens under the current policy (or the frozen reference), computed with the
+        rollout's sampling distribution. Runs under the caller's grad mode. Returns (logp [N, T], entropy [N, T])
+        on the policy's device. logp is 0 outside token_mask; entropy is NaN except on an evenly spaced subset of at
+        most ENTROPY_POSITIONS valid positions (it is only logged)."""
+        device = self.device
+        n, t_full = rollout.tokens.shape
+        t_w = int(rollout.token_mask.sum(-1).max()) if n else 0
+        keep_p = rollout.prompt_mask.any(0).nonzero()
+        p_start = int(keep_p[0]) if keep_p.numel() else 0
+        prompt = rollout.prompt_ids[:, p_start:].to(device)
+        pmask = rollout.prompt_mask[:, p_start:].to(device)
+        toks = rollout.tokens[:, :t_w].to(device)
+        tmask = rollout.token_mask[:, :t_w].to(device)
+        ids = torch.cat([prompt, toks[:, : max(t_w - 1, 0)]], dim=1)
+        attn = torch.cat([pmask, tmask[:, : max(t_w - 1, 0)]], dim=1)
+        pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
+        with self._model_for(reference) as model:
+            backbone, _ = _backbone_and_head(model)
+            hidden = backbone(input_ids=ids, attention_mask=attn.long(), position_ids=pos, use_cache=False).last_hidden_state
+            hidden = hidden[:, prompt.shape[1] - 1:]  # [N, t_w, H]: the state that predicts generated token t
+            logits = self.restricted_logits(hidden, model)
+        v = logits.shape[-1]
+        flat = logits.reshape(n * t_w, v)
+        steps = torch.arange(t_w, device=device)
+        stop_allowed = (steps[None, :] >= rollout.min_lengths.to(device)[:, None]).reshape(-1)
+        params = rollout.params
+        dist = step_distribution(flat, stop_allowed, params)
+        target = self.ids_to_restricted(toks).clamp(min=0).reshape(-1)
+        history = None
+        if params.ras:
+            history = _windows(self.ids_to_restricted(toks), tmask, params.ras_window).reshape(n * t_w, -1)
+        lp = behaviour_logprob(dist, target, history, params).reshape(n, t_w)
+        lp = torch.where(tmask, lp, torch.zeros_like(lp))
+        # entropy is only logged: estimate it on at most ENTROPY_POSITIONS evenly spaced valid positions
+        valid_pos = tmask.reshape(-1).nonzero().squeeze(1)
+        stride = max(1, -(-valid_pos.numel() // ENTROPY_POSITIONS))
+        rows = valid_pos[::stride]
+        ent = torch.full((n * t_w,), float("nan"), device=device, dtype=lp.dtype)
+        ent[rows] = dist.entropy(rows)
+        pad = t_full - t_w
+        return F.pad(lp, (0, pad)), F.pad(ent.reshape(n, t_w), (0, pad), value=float("nan"))
+
+    # --- reference model --------------------------------------------------------------------------------------
+    def make_reference(self) -> None:
+        """Freeze a copy of the current weights as the reference (LoRA: the base model with adapters disabled)."""
+        if self.lora:
+            return
+        ref = copy.deepcopy(self.model)
+        ref.requires_grad_(False)
+        ref.eval()
+        self._reference = ref
+
+    @contextlib.contextmanager
+    def _model_for(self, reference: bool) -> Iterator[torch.nn.Module]:
+        if not reference:
+            yield self.model
+        elif self.lora:
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            if self._reference is None:
+                raise RuntimeError("make_reference() was not called")
+            yield self._reference
+
+    # --- parameters and persistence ---------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def state_for_checkpoint(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores: the adapter (and modules_to_save) with LoRA, else every weight."""
+        if self.lora:
+            from peft import get_peft_model_state_dict
+
+            return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.model).items()}
+        return {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.lora:
+            from peft import set_peft_model_state_dict
+
+            res = set_peft_model_state_dict(self.model, state)
+            bad = [k for k in getattr(res, "unexpected_keys", [])]
+            if bad:
+                raise CheckpointError(f"adapter state has unexpected keys: {bad[:5]}")
+            return
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        tied = set(getattr(self.model, "_tied_weights_keys", None) or [])
+        missing = [k for k in missing if k not in tied]
+        if missing or unexpected:
+            raise CheckpointError(f"policy state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def _windows(idx: torch.Tensor, mask: torch.Tensor, w: int) -> torch.Tensor:
+    """For every position t, the previous w generated speech tokens (restricted ids, -1 where none). [N, T, w]"""
+    n, t = idx.shape
+    speech = torch.where(mask & (idx >= 0), idx, torch.full_like(idx, -1))
+    padded = F.pad(speech, (w, 0), value=-1)  # [N, w + T]
+    return padded.unfold(1, w, 1)[:, :t]  # window ending just before t
+
+
+def apply_lora(model: torch.nn.Module, lora) -> torch.nn.Module:
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    if "lm_head" in lora.target_modules:
+        raise ValueError("policy.lora.target_modules must not include lm_head (use modules_to_save)")
+    cfg = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        modules_to_save=list(lora.modules_to_save) or None,
+        init_lora_weights="gaussian",
+        bias="none",
+        task_type=TaskType.CAUSAL_LM,
+    )
+    return get_peft_model(model, cfg)

@@ -1,0 +1,133 @@
+"""The scorer contract: one batched call over samples, returning values plus a validity mask.
+
+A scorer is a small class:
+
+    class MyScorer:
+        def __init__(self, some_option: float = 1.0): ...          # kwargs come from the YAML config
+        def __call__(self, samples: Sequence[Sample]) -> ScoreResult: ...
+
+Config picks a scorer by name (`SCORERS` below) or by dotted path (`my_pkg.my_module:MyScorer`); its kwargs are
+checked against the constructor's signature at start-up. A sample the scorer cannot score (no audio, NaN audio,
+a failed model call) is marked invalid with a reason: it becomes NaN, is left out of the group statistics and is
+counted in the logs. A missing reward is never a 0.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import numpy as np
+
+TOKEN_RATE = 25  # speech tokens per second
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One generated utterance, as scorers see it."""
+
+    uttid: str  # the prompt's id
+    group_id: int
+    target_text: str  # the text that was synthesised
+    prompt_text: str  # transcript of the voice prompt
+    codes: np.ndarray  # [L] int64 generated speech codes (25 Hz), stop excluded
+    finished: bool  # ended with the stop token (False: truncated at the length limit)
+    prompt_codes: np.ndarray  # [Tp] int64 speech codes of the voice prompt
+    emotion: int | None = None  # target emotion label index (emotion2vec order); None = not given
+    audio: np.ndarray | None = None  # [S] float32 mono waveform at `sample_rate` (None: not vocoded)
+    sample_rate: int | None = None
+    prompt_audio: np.ndarray | None = None  # [S'] float32 mono voice prompt at `prompt_sample_rate`
+    prompt_sample_rate: int | None = None
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    values: np.ndarray  # [N] float64; NaN where invalid
+    valid: np.ndarray  # [N] bool
+    sub_scores: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [N] float64, logged per reward
+    reasons: list[str | None] = field(default_factory=list)  # [N] why a sample is invalid (None if valid)
+
+    def __post_init__(self):
+        n = self.values.shape[0]
+        if self.values.shape != (n,) or self.valid.shape != (n,):
+            raise ValueError(f"values and valid must both be [N]; got {self.values.shape}, {self.valid.shape}")
+        for k, v in self.sub_scores.items():
+            if v.shape != (n,):
+                raise ValueError(f"sub-score '{k}' has shape {v.shape}, expected ({n},)")
+        if self.reasons and len(self.reasons) != n:
+            raise ValueError(f"reasons has {len(self.reasons)} entries, expected {n}")
+
+    @staticmethod
+    def build(values, reasons: list[str | None], sub_scores: dict | None = None) -> "ScoreResult":
+        """values: [N] floats (ignored where reasons[i] is set). Invalid entries become NaN."""
+        v = np.asarray(values, dtype=np.float64).copy()
+        valid = np.array([r is None for r in reasons], dtype=bool)
+        bad = valid & ~np.isfinite(v)
+        for i in np.flatnonzero(bad):
+            reasons[i] = f"scorer returned a non-finite value ({v[i]})"
+        valid &= ~bad
+        v[~valid] = np.nan
+        subs = {k: np.asarray(s, dtype=np.float64) for k, s in (sub_scores or {}).items()}
+        return ScoreResult(values=v, valid=valid, sub_scores=subs, reasons=list(reasons))
+
+
+class Scorer(Protocol):
+    def __call__(self, samples: Sequence[Sample]) -> ScoreResult: ...
+
+
+# Short names for the built-in scorers (dotted paths; importing happens only when one is used).
+SCORERS: dict[str, str] = {
+    "duration": "rewards.duration:DurationScorer",
+}
+
+
+class ScorerConfigError(ValueError):
+    """A reward entry names an unknown scorer or passes kwargs its constructor does not take."""
+
+
+def resolve_scorer_class(spec: str, where: str) -> type:
+    path = SCORERS.get(spec, spec)
+    if ":" in path:
+        module_name, _, attr = path.partition(":")
+    elif "." in path:
+        module_name, _, attr = path.rpartition(".")
+    else:
+        raise ScorerConfigError(
+            f"{where}: unknown scorer '{spec}'; built-in scorers: {', '.join(sorted(SCORERS))}, "
+            f"or give a dotted path such as my_pkg.my_module:MyScorer"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ScorerConfigError(f"{where}: cannot import '{module_name}' for scorer '{spec}': {e}") from None
+    cls = getattr(module, attr, None)
+    if cls is None or not callable(cls):
+        raise ScorerConfigError(f"{where}: '{module_name}' has no scorer class '{attr}'")
+    return cls
+
+
+def check_scorer_kwargs(cls: type, kwargs: dict, where: str) -> None:
+    """Bind kwargs to the constructor without building anything: unknown or missing arguments are errors."""
+    import difflib
+
+    sig = inspect.signature(cls)
+    params = [p for p in sig.parameters if p not in ("self",)]
+    for key in kwargs:
+        if key not in sig.parameters and not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+            close = difflib.get_close_matches(key, params, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ScorerConfigError(
+                f"{where}.kwargs: unknown argument '{key}' for {cls.__name__}{hint} (it takes: {', '.join(params) or 'nothing'})"
+            )
+    try:
+        sig.bind(**kwargs)
+    except TypeError as e:
+        raise ScorerConfigError(f"{where}.kwargs: {e} ({cls.__name__} takes: {', '.join(params) or 'nothing'})") from None
+
+
+def build_scorer(spec: str, kwargs: dict, where: str) -> Scorer:
+    cls = resolve_scorer_class(spec, where)
+    check_scorer_kwargs(cls, kwargs, where)
+    return cls(**kwargs)

@@ -1,0 +1,76 @@
+"""Duration (speaking-rate) reward: a guard against the speed hacking that CER rewards invite.
+
+generated duration    d = codes / 25 Hz
+expected duration     e = n_han / cps_zh + n_latin / cps_en          (Han characters; Latin letters and digits)
+                      rate_source="prompt": e is rescaled by the voice prompt's own pace,
+                      e *= (prompt codes / 25) / expected(prompt text)
+reward                exp(-|ln(d / e)| / tolerance)                   1 at the expected pace; with the
+                                                                      default tolerance 0.5, 0.25 at 2x or 0.5x
+
+The reward is symmetric in the log-ratio: speaking twice too fast costs as much as twice too slow. A sample with
+no speech tokens gets reward 0 (its duration is 0 s, the farthest from any pace). A text with no Han or Latin
+characters has no expected duration: that sample is invalid.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import numpy as np
+
+from rewards.base import TOKEN_RATE, Sample, ScoreResult
+
+
+def count_units(text: str) -> tuple[int, int]:
+    """(Han characters, Latin letters + digits)"""
+    han = sum(1 for c in text if "\u4e00" <= c <= "\u9fff" or "\u3400" <= c <= "\u4dbf")
+    latin = sum(1 for c in text if c.isascii() and c.isalnum())
+    return han, latin
+
+
+class DurationScorer:
+    def __init__(
+        self,
+        cps_zh: float = 4.5,
+        cps_en: float = 12.0,
+        tolerance: float = 0.5,
+        rate_source: Literal["lang", "prompt"] = "lang",
+    ):
+        """cps_zh: Han characters per second; cps_en: Latin letters/digits per second; tolerance: the log-ratio
+        at which the reward falls to 1/e; rate_source: fixed per-language rates, or the voice prompt's pace."""
+        if cps_zh <= 0 or cps_en <= 0 or tolerance <= 0:
+            raise ValueError("cps_zh, cps_en and tolerance must be > 0")
+        if rate_source not in ("lang", "prompt"):
+            raise ValueError(f"rate_source must be 'lang' or 'prompt', got {rate_source!r}")
+        self.cps_zh, self.cps_en, self.tolerance, self.rate_source = cps_zh, cps_en, tolerance, rate_source
+
+    def expected_seconds(self, text: str) -> float:
+        han, latin = count_units(text)
+        return han / self.cps_zh + latin / self.cps_en
+
+    def __call__(self, samples: Sequence[Sample]) -> ScoreResult:
+        n = len(samples)
+        values = np.zeros(n)
+        reasons: list[str | None] = [None] * n
+        ratio = np.full(n, np.nan)
+        gen_s = np.array([len(s.codes) / TOKEN_RATE for s in samples], dtype=np.float64)
+        exp_s = np.full(n, np.nan)
+        for i, s in enumerate(samples):
+            e = self.expected_seconds(s.target_text)
+            if e <= 0:
+                reasons[i] = "target text has no Han or Latin characters: no expected duration"
+                continue
+            if self.rate_source == "prompt":
+                pe = self.expected_seconds(s.prompt_text)
+                if pe <= 0 or len(s.prompt_codes) == 0:
+                    reasons[i] = "voice prompt has no text or no speech codes: its pace is unknown"
+                    continue
+                e *= (len(s.prompt_codes) / TOKEN_RATE) / pe
+            exp_s[i] = e
+            if gen_s[i] == 0:
+                values[i] = 0.0
+                continue
+            ratio[i] = gen_s[i] / e
+            values[i] = math.exp(-abs(math.log(ratio[i])) / self.tolerance)
+        return ScoreResult.build(values, reasons, {"seconds": gen_s, "expected_seconds": exp_s, "ratio": ratio})

@@ -1,0 +1,99 @@
+"""Turning a rollout into scorer samples, and running the configured scorers over them."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from rewards.base import Sample, ScoreResult, Scorer, build_scorer
+from rollouts.types import PromptRecord, Rollout
+
+
+def samples_from_rollout(
+    rollout: Rollout,
+    records: list[PromptRecord],  # records[rollout.prompt_index[i]] is row i's prompt
+    ats: int,
+) -> list[Sample]:
+    codes = rollout.codes(ats)
+    out = []
+    for i in range(rollout.num_rows):
+        rec = records[int(rollout.prompt_index[i])]
+        out.append(
+            Sample(
+                uttid=rec.uttid,
+                group_id=int(rollout.group_ids[i]),
+                target_text=rec.target_text,
+                prompt_text=rec.prompt_text,
+                codes=codes[i].numpy(),
+                finished=bool(rollout.finished[i]),
+                prompt_codes=rec.prompt_speech_tokens,
+                emotion=rec.emotion,
+            )
+        )
+    return out
+
+
+def build_scorers(rewards_cfg: dict) -> dict[str, Scorer]:
+    """rewards config (name -> RewardConfig) -> name -> scorer instance. Unknown names/kwargs raise."""
+    return {name: build_scorer(r.scorer, dict(r.kwargs), f"rewards.{name}") for name, r in rewards_cfg.items()}
+
+
+@dataclass
+class Scores:
+    values: dict[str, torch.Tensor]  # name -> [N] float32, NaN = invalid
+    results: dict[str, ScoreResult]
+    errors: dict[str, int] = field(default_factory=dict)  # name -> scorer calls that raised
+
+
+def score(scorers: dict[str, Scorer], samples: list[Sample]) -> Scores:
+    """Run every scorer on every sample. A scorer that raises makes its reward invalid for the whole batch
+    (with the error as the reason), and the error is printed and counted; training goes on."""
+    n = len(samples)
+    results, errors = {}, {}
+    for name, scorer in scorers.items():
+        try:
+            res = scorer(samples)
+            if res.values.shape != (n,):
+                raise ValueError(f"returned {res.values.shape[0]} values for {n} samples")
+        except Exception as e:  # noqa: BLE001 - a failed reward is invalid, never a crash or a 0
+            errors[name] = errors.get(name, 0) + 1
+            print(f"ttsrl: scorer '{name}' failed on a batch of {n}: {type(e).__name__}: {e}", file=sys.stderr)
+            traceback.print_exc(limit=3, file=sys.stderr)
+            reason = f"scorer error: {type(e).__name__}: {e}"
+            res = ScoreResult(np.full(n, np.nan), np.zeros(n, dtype=bool), {}, [reason] * n)
+        results[name] = res
+    values = {k: torch.from_numpy(np.where(r.valid, r.values, np.nan)).float() for k, r in results.items()}
+    return Scores(values=values, results=results, errors=errors)
+
+
+def select_scores(scores: Scores, rows: list[int]) -> Scores:
+    idx = np.asarray(rows, dtype=np.int64)
+    results = {
+        k: ScoreResult(
+            r.values[idx], r.valid[idx], {s: v[idx] for s, v in r.sub_scores.items()},
+            [r.reasons[i] for i in idx] if r.reasons else [],
+        )
+        for k, r in scores.results.items()
+    }
+    values = {k: v[torch.from_numpy(idx)] for k, v in scores.values.items()}
+    return Scores(values=values, results=results, errors=dict(scores.errors))
+
+
+def cat_scores(parts: list[Scores]) -> Scores:
+    names = list(parts[0].results)
+    results, values, errors = {}, {}, {}
+    for k in names:
+        rs = [p.results[k] for p in parts]
+        subs = {s: np.concatenate([r.sub_scores[s] for r in rs]) for s in rs[0].sub_scores}
+        reasons = [x for r in rs for x in (r.reasons or [None] * len(r.values))]
+        results[k] = ScoreResult(np.concatenate([r.values for r in rs]), np.concatenate([r.valid for r in rs]),
+                                 subs, reasons)
+        values[k] = torch.cat([p.values[k] for p in parts])
+    for p in parts:
+        for k, v in p.errors.items():
+            errors[k] = errors.get(k, 0) + v
+    return Scores(values=values, results=results, errors=errors)

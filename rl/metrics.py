@@ -1,0 +1,60 @@
+"""Metrics sinks: a JSONL file always, wandb when enabled (offline without an API key)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None  # JSON has no NaN; null means "no value this step"
+    return v
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: Path, *, config: dict, wandb_cfg, resume_step: int | None = None,
+                 wandb_id: str | None = None):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            # drop lines of steps the resumed run will redo (logged after the checkpoint it resumes from)
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        self._file = open(self.path, "a", encoding="utf-8")
+        self.wandb = None
+        self.wandb_id = wandb_id
+        if wandb_cfg.enabled:
+            import wandb
+
+            mode = wandb_cfg.mode
+            if mode == "auto":
+                mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+            run = wandb.init(
+                project=wandb_cfg.project,
+                name=wandb_cfg.run_name or Path(output_dir).name,
+                config=config,
+                dir=str(output_dir),
+                mode=mode,
+                id=wandb_id,
+                resume="allow" if wandb_id else None,
+            )
+            self.wandb = run
+            self.wandb_id = run.id
+
+    def log(self, step: int, metrics: dict) -> None:
+        row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in metrics.items() if v is not None}, step=step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self.wandb is not None:
+            self.wandb.finish()

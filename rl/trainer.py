@@ -1,0 +1,286 @@
+"""The GRPO training loop for a speech-LM policy.
+
+Each step:
+  1. rollouts     draw prompts, sample a group of `sampling.group_size` sequences per prompt (behaviour log-probs
+                  recorded), score every sample with every reward, and resample uninformative groups
+                  (`dynamic_sampling`) until the step's batch is complete;
+  2. advantages   normalize -> weighted fuse -> normalize over the batch (`advantage`);
+  3. update       `optim.ppo_epochs` passes of `optim.minibatches` optimizer steps each; the clipped loss uses the
+                  scheduled eps_low / eps_high and the ratio against the behaviour policy (`loss.ratio_anchor: old`)
+                  or the frozen initial model (`ref`); samples without any valid reward are masked out;
+  4. bookkeeping  one metrics row per step (metrics.jsonl, wandb) and atomic checkpoints.
+
+Every random draw of a step is seeded from (train.seed, step), so a resumed run repeats exactly what the
+uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from policies.glmtts import GLMTTSPolicy
+from policies.sampling import SamplingParams
+from rewards.runner import build_scorers, cat_scores, samples_from_rollout, score, select_scores
+from rl.advantages import fused_reward_mean, normalize_fuse_normalize
+from rl.checkpoint import clean_partial, find_checkpoint, load_checkpoint, save_checkpoint
+from rl.config import Config, Derived, dump
+from rl.configlib import to_dict
+from rl.dynamic_sampling import DynamicSampling, GroupResult, informative_groups
+from rl.losses import policy_loss
+from rl.metrics import MetricsLogger
+from rollouts.manifest import PromptStream, read_manifest
+from rollouts.types import Rollout
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # completed steps
+    next_group_id: int = 0  # group ids are unique over the whole run
+    stream: dict = dataclasses.field(default_factory=dict)  # PromptStream cursor
+    wandb_id: str | None = None
+
+
+def step_seed(seed: int, step: int, salt: int = 0) -> int:
+    """A seed for one random draw of a step, independent of everything that ran before it."""
+    return (seed * 1_000_003 + step) * 1_009 + salt
+
+
+def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress: bool = True) -> dict:
+    """Run the configured training. Returns the last step's metrics."""
+    from accelerate import Accelerator
+
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision)
+
+    # ---- setup: data, policy, scorers, optimizer ----------------------------------------------------------------
+    records = read_manifest(cfg.data.manifest, cfg.data.root or None)
+    ckpt_dir = Path(cfg.policy.ckpt_dir)
+    if cfg.policy.build_tiny and not ckpt_dir.exists():
+        from policies.tiny import write_tiny_checkpoint
+
+        texts = [t for r in records for t in (r.prompt_text, r.target_text)]
+        write_tiny_checkpoint(ckpt_dir, texts, seed=cfg.train.seed)
+        print(f"ttsrl: wrote a tiny random GLM-TTS checkpoint to {ckpt_dir}")
+    policy = GLMTTSPolicy.from_pretrained(
+        ckpt_dir, dtype=DTYPES[cfg.policy.dtype], device=accelerator.device,
+        lora=cfg.policy.lora, trust_remote_code=cfg.policy.trust_remote_code,
+    )
+    if derived.needs_reference:
+        policy.make_reference()
+    prompts = [policy.prompt_input(r) for r in records]
+    scorers = build_scorers(cfg.rewards)
+    optimizer = torch.optim.AdamW(
+        policy.trainable_parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+        weight_decay=cfg.optim.weight_decay,
+    )
+    stream = PromptStream(len(records), seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+    state = TrainState()
+    if resume:
+        ckpt = load_checkpoint(find_checkpoint(resume))
+        policy.load_checkpoint_state(ckpt["policy"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        state = TrainState(**ckpt["trainer_state"])
+        stream.load_state(state.stream)
+        print(f"ttsrl: resumed from {find_checkpoint(resume)} at step {state.step}")
+    clean_partial(out)
+    config_yaml = dump(cfg)
+    (out / "config.yaml").write_text(config_yaml)
+    logger = MetricsLogger(out, config=to_dict(cfg), wandb_cfg=cfg.wandb,
+                           resume_step=state.step if resume else None, wandb_id=state.wandb_id)
+    state.wandb_id = logger.wandb_id
+    print(f"ttsrl: metrics -> {logger.path}" + (f" and wandb run {logger.wandb_id}" if logger.wandb else ""))
+
+    weights = derived.weights
+    group_size = cfg.sampling.group_size
+    metrics: dict = {}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.train.steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+
+    for step in range(state.step, cfg.train.steps):
+        torch.manual_seed(step_seed(cfg.train.seed, step))  # dropout and anything else drawing globally
+        temperature = cfg.sampling.temperature(step)
+        eps_low, eps_high = cfg.loss.eps_low(step), cfg.loss.eps_high(step)
+        params = SamplingParams(
+            temperature=temperature, top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p, ras=cfg.sampling.ras,
+            ras_window=cfg.sampling.ras_window, ras_tau=cfg.sampling.ras_tau,
+        )
+
+        # ---- 1. rollouts, scoring and dynamic resampling ------------------------------------------------------
+        t_rollout = t_score = 0.0
+        plan = DynamicSampling(
+            cfg.dynamic_sampling.mode, cfg.data.prompts_per_step, max_tries=cfg.dynamic_sampling.max_tries,
+            max_gen_batches=cfg.dynamic_sampling.max_gen_batches, on_exhausted=cfg.dynamic_sampling.on_exhausted,
+        )
+        slot_prompt: dict[int, int] = {}
+        parts: list[Rollout] = []
+        part_scores = []
+        while (req := plan.next_request()) is not None:
+            if req.fresh:
+                for slot, idx in zip(req.slots, stream.take(len(req.slots))):
+                    slot_prompt[slot] = idx
+            gids = list(range(state.next_group_id, state.next_group_id + len(req.slots)))
+            state.next_group_id += len(req.slots)
+            t0 = time.perf_counter()
+            ro = policy.sample_groups(
+                [prompts[slot_prompt[s]] for s in req.slots], group_size, params, group_ids=gids,
+                seed=step_seed(cfg.train.seed, step, plan.generations + 1),
+                min_ratio=cfg.sampling.min_token_text_ratio, max_ratio=cfg.sampling.max_token_text_ratio,
+                max_new_tokens=cfg.sampling.max_new_tokens,
+            )
+            # prompt_index: from "index within this request" to "index into the manifest"
+            ro = dataclasses.replace(ro, prompt_index=torch.tensor([slot_prompt[req.slots[i]] for i in ro.prompt_index]))
+            t1 = time.perf_counter()
+            sc = score(scorers, samples_from_rollout(ro, records, policy.special.ats))
+            t2 = time.perf_counter()
+            t_rollout, t_score = t_rollout + t1 - t0, t_score + t2 - t1
+            info = informative_groups(sc.values, ro.group_ids, weights, derived.dynamic_sampling_keys,
+                                      min_std=cfg.dynamic_sampling.min_std, std_ddof=cfg.advantage.std_ddof)
+            plan.record([GroupResult(slot=s, group_id=g, informative=info[g]) for s, g in zip(req.slots, gids)])
+            parts.append(ro)
+            part_scores.append(sc)
+        chosen = {r.group_id for r in plan.selected()}
+        all_rows = Rollout.cat(parts)
+        rows = [i for i, g in enumerate(all_rows.group_ids.tolist()) if g in chosen]
+        batch = all_rows.select(rows)
+        scores = select_scores(cat_scores(part_scores), rows)
+
+        # ---- 2. advantages --------------------------------------------------------------------------------------
+        adv = normalize_fuse_normalize(
+            scores.values, batch.group_ids, weights, std_ddof=cfg.advantage.std_ddof, eps=cfg.advantage.eps,
+            min_std=cfg.advantage.min_std, second_norm=cfg.advantage.second_norm,
+        )
+        scored = torch.stack([~torch.isnan(scores.values[k]) for k in weights if weights[k] != 0]).any(0)  # [N]
+        train_mask = batch.token_mask & scored[:, None]  # samples without any valid reward do not train
+
+        # ---- 3. update ------------------------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        policy.model.train()
+        n = batch.num_rows
+        device = policy.device
+        advantages = adv.advantages.to(device)
+        upd = {"loss": [], "pg_loss": [], "kl": [], "clip/low_frac": [], "clip/high_frac": [], "grad_norm": [],
+               "ratio/mean": [], "ratio/min": [], "ratio/max": []}
+        entropy_sum = entropy_tokens = 0.0
+        for epoch in range(cfg.optim.ppo_epochs):
+            g = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, 1000 + epoch))
+            order = torch.randperm(n, generator=g) if cfg.optim.ppo_epochs * cfg.optim.minibatches > 1 else torch.arange(n)
+            for mb in torch.tensor_split(order, cfg.optim.minibatches):
+                mb_tokens = float(train_mask[mb].sum())
+                mb_seqs = float(train_mask[mb].any(-1).sum())
+                micro = cfg.optim.micro_batch_size or len(mb)
+                optimizer.zero_grad(set_to_none=True)
+                sums = {k: 0.0 for k in ("loss", "pg_loss", "kl", "clip/low_frac", "clip/high_frac", "ratio/mean")}
+                rmin, rmax = math.inf, -math.inf
+                for mic in torch.split(mb, micro):
+                    sub = batch.select(mic)
+                    mask = train_mask[mic].to(device)
+                    m_tokens, m_seqs = float(mask.sum()), float(mask.any(-1).sum())
+                    if m_tokens == 0:
+                        continue
+                    with accelerator.autocast():
+                        logp, ent = policy.token_logprobs(sub)
+                        ref_logp = None
+                        if derived.needs_reference:
+                            with torch.no_grad():
+                                ref_logp, _ = policy.token_logprobs(sub, reference=True)
+                    anchor = sub.behaviour_logp.to(device) if cfg.loss.ratio_anchor == "old" else ref_logp
+                    res = policy_loss(
+                        logp, anchor, advantages[mic.to(device)], mask, eps_low=eps_low, eps_high=eps_high,
+                        ratio_level=cfg.loss.ratio_level, agg=cfg.loss.agg, norm_len=cfg.sampling.max_new_tokens,
+                        kl_coef=cfg.loss.kl_coef, ref_logp=ref_logp if cfg.loss.kl_coef > 0 else None,
+                    )
+                    # weight each micro-batch by its share of the minibatch's denominator (exact accumulation)
+                    w_tok = m_tokens / max(mb_tokens, 1.0)
+                    w_pg = {"token_mean": w_tok, "seq_mean": m_seqs / max(mb_seqs, 1.0),
+                            "seq_sum_const": len(mic) / len(mb)}[cfg.loss.agg]
+                    total = res.pg * w_pg + cfg.loss.kl_coef * res.kl * w_tok
+                    accelerator.backward(total)
+                    sums["loss"] += float(total.detach())
+                    sums["pg_loss"] += float(res.pg.detach()) * w_pg
+                    sums["kl"] += float(res.kl.detach()) * w_tok
+                    for k in ("clip/low_frac", "clip/high_frac", "ratio/mean"):
+                        sums[k] += res.metrics[k] * w_tok
+                    rmin, rmax = min(rmin, res.metrics["ratio/min"]), max(rmax, res.metrics["ratio/max"])
+                    if epoch == 0:
+                        seen = mask & ~torch.isnan(ent)
+                        entropy_sum += float(ent[seen].sum())
+                        entropy_tokens += float(seen.sum())
+                # grad_clip 0 = no clipping (an infinite bound still reports the norm)
+                grad_norm = accelerator.clip_grad_norm_(policy.trainable_parameters(), cfg.optim.grad_clip or math.inf)
+                optimizer.step()
+                for k, v in sums.items():
+                    upd[k].append(v)
+                upd["ratio/min"].append(rmin)
+                upd["ratio/max"].append(rmax)
+                upd["grad_norm"].append(float(grad_norm))
+        t_update = time.perf_counter() - t0
+
+        # ---- 4. metrics and checkpoints ------------------------------------------------------------------------
+        state.step = step + 1
+        state.stream = stream.state()
+        metrics = {
+            "loss": _mean(upd["loss"]), "pg_loss": _mean(upd["pg_loss"]), "kl": _mean(upd["kl"]),
+            "entropy": entropy_sum / entropy_tokens if entropy_tokens else float("nan"),
+            "clip/low_frac": _mean(upd["clip/low_frac"]), "clip/high_frac": _mean(upd["clip/high_frac"]),
+            "clip/eps_low": eps_low, "clip/eps_high": eps_high, "sampling/temperature": temperature,
+            "ratio/mean": _mean(upd["ratio/mean"]), "ratio/min": min(upd["ratio/min"], default=float("nan")),
+            "ratio/max": max(upd["ratio/max"], default=float("nan")),
+            "grad_norm": _mean(upd["grad_norm"]), "lr": optimizer.param_groups[0]["lr"],
+            "len/mean": float(batch.lengths.float().mean()),
+            "len/truncated_frac": float(batch.truncated.float().mean()),
+            "resample/tries": plan.generations, "resample/discarded_groups": plan.discarded,
+            "adv/frac_uninformative": adv.stats["adv/frac_uninformative"],
+            "adv/mean": adv.stats["adv/mean"], "adv/std": adv.stats["adv/std"],
+            "reward/fused/mean": fused_reward_mean(adv.stats, weights),
+            "time/rollout_s": t_rollout, "time/score_s": t_score, "time/update_s": t_update,
+        }
+        for k, res in scores.results.items():
+            metrics[f"reward/{k}/mean"] = adv.stats[f"reward/{k}/mean"]
+            metrics[f"reward/{k}/std"] = adv.stats[f"reward/{k}/std"]
+            metrics[f"reward/{k}/invalid_frac"] = adv.stats[f"reward/{k}/invalid"] / max(n, 1)
+            metrics[f"reward/{k}/errors"] = scores.errors.get(k, 0)
+            if f"reward/{k}/norm_mean" in adv.stats:
+                metrics[f"reward/{k}/norm_mean"] = adv.stats[f"reward/{k}/norm_mean"]
+                metrics[f"reward/{k}/norm_std"] = adv.stats[f"reward/{k}/norm_std"]
+            for sub, v in res.sub_scores.items():
+                ok = res.valid & ~torch.isnan(torch.from_numpy(v)).numpy()
+                metrics[f"reward/{k}/{sub}"] = float(v[ok].mean()) if ok.any() else float("nan")
+        logger.log(state.step, metrics)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward/fused/mean']:.3f}", loss=f"{metrics['loss']:.3f}",
+                            len=f"{metrics['len/mean']:.0f}")
+        last = state.step == cfg.train.steps
+        if last or (cfg.train.save_every and state.step % cfg.train.save_every == 0):
+            save_checkpoint(
+                out, state.step, policy_state=policy.state_for_checkpoint(),
+                optimizer_state=optimizer.state_dict(), trainer_state=dataclasses.asdict(state),
+                config_yaml=config_yaml, keep_last=cfg.train.keep_last,
+            )
+    if bar is not None:
+        bar.close()
+    logger.close()
+    print(f"ttsrl: done; metrics in {logger.path}, checkpoints in {out / 'checkpoints'}")
+    return metrics
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def read_saved_config(checkpoint: str | Path) -> dict:
+    return yaml.safe_load(load_checkpoint(find_checkpoint(checkpoint))["config_yaml"])

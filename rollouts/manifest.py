@@ -1,0 +1,185 @@
+"""Prompt manifests in the upstream GLM-TTS GRPO jsonl format, and a resumable, seeded prompt stream.
+
+Each line is a JSON object:
+    uttid                 str   unique id
+    prompt_text           str   transcript of the voice prompt
+    prompt_speech         str   voice prompt audio (.wav), for speaker similarity
+    prompt_speech_token   str   .npy of int speech codes [Tp], 0..32767
+    prompt_speech_feat    str   .npy of the prompt's 24 kHz log-mel [Tf, 80] (flow condition)
+    embedding             str   .npy of the speaker embedding [192]
+    syn_text              str   the text to synthesise
+    emotion               int   emotion2vec label index of the target emotion; -1 or absent = none
+
+Relative paths are relative to the manifest's directory (or `root`). A bad line raises ManifestError naming the
+file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rollouts.types import PromptRecord
+
+NUM_SPEECH_CODES = 32768
+EMBEDDING_DIM = 192
+MEL_BINS = 80
+
+
+class ManifestError(ValueError):
+    """A manifest line is malformed; the message names the file, line and field."""
+
+
+def _resolve(base: Path, value: str) -> Path:
+    p = Path(value)
+    return p if p.is_absolute() else base / p
+
+
+def _load_npy(path: Path, where: str) -> np.ndarray:
+    if not path.is_file():
+        raise ManifestError(f"{where}: file not found: {path}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise ManifestError(f"{where}: cannot read {path} as a .npy array: {e}") from None
+
+
+def parse_line(obj: dict, base: Path, where: str) -> PromptRecord:
+    """One manifest entry -> PromptRecord. `where` is 'file:line' for error messages."""
+    if not isinstance(obj, dict):
+        raise ManifestError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+
+    def text(name: str, required: bool = True) -> str | None:
+        if name not in obj or obj[name] is None:
+            if required:
+                raise ManifestError(f"{where}: field '{name}' is missing")
+            return None
+        v = obj[name]
+        if not isinstance(v, str):
+            raise ManifestError(f"{where}: field '{name}' must be a string, got {v!r}")
+        if required and not v.strip():
+            raise ManifestError(f"{where}: field '{name}' is empty")
+        return v
+
+    uttid = text("uttid")
+    prompt_text = text("prompt_text")
+    syn_text = text("syn_text")
+
+    tok_path = text("prompt_speech_token")
+    tokens = _load_npy(_resolve(base, tok_path), f"{where}: field 'prompt_speech_token'")
+    if tokens.ndim == 2 and tokens.shape[0] == 1:
+        tokens = tokens[0]
+    if tokens.ndim != 1 or tokens.size == 0 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ManifestError(
+            f"{where}: field 'prompt_speech_token': expected a non-empty 1-D integer array, got "
+            f"shape {tokens.shape} dtype {tokens.dtype}"
+        )
+    if tokens.min() < 0 or tokens.max() >= NUM_SPEECH_CODES:
+        raise ManifestError(
+            f"{where}: field 'prompt_speech_token': codes must be in [0, {NUM_SPEECH_CODES}), "
+            f"got [{tokens.min()}, {tokens.max()}]"
+        )
+
+    feat = None
+    feat_path = text("prompt_speech_feat", required=False)
+    if feat_path:
+        feat = _load_npy(_resolve(base, feat_path), f"{where}: field 'prompt_speech_feat'")
+        if feat.ndim == 3 and feat.shape[0] == 1:
+            feat = feat[0]
+        if feat.ndim != 2 or feat.shape[1] != MEL_BINS:
+            raise ManifestError(f"{where}: field 'prompt_speech_feat': expected [frames, {MEL_BINS}], got {feat.shape}")
+        if not np.isfinite(feat).all():
+            raise ManifestError(f"{where}: field 'prompt_speech_feat': contains NaN or inf")
+        feat = feat.astype(np.float32)
+
+    emb = None
+    emb_path = text("embedding", required=False)
+    if emb_path:
+        emb = _load_npy(_resolve(base, emb_path), f"{where}: field 'embedding'").reshape(-1)
+        if emb.shape != (EMBEDDING_DIM,) or not np.isfinite(emb).all():
+            raise ManifestError(f"{where}: field 'embedding': expected {EMBEDDING_DIM} finite values, got {emb.shape}")
+        emb = emb.astype(np.float32)
+
+    wav = text("prompt_speech", required=False)
+    emotion = obj.get("emotion", -1)
+    if emotion is None:
+        emotion = -1
+    if isinstance(emotion, bool) or not isinstance(emotion, int):
+        raise ManifestError(f"{where}: field 'emotion' must be an integer label index (-1 = none), got {emotion!r}")
+    return PromptRecord(
+        uttid=uttid,
+        prompt_text=prompt_text,
+        target_text=syn_text,
+        prompt_speech_tokens=tokens.astype(np.int64),
+        prompt_feat=feat,
+        embedding=emb,
+        prompt_wav=str(_resolve(base, wav)) if wav else None,
+        emotion=None if emotion < 0 else emotion,
+        source=where,
+    )
+
+
+def read_manifest(path: str | Path, root: str | Path | None = None) -> list[PromptRecord]:
+    """Read every line (blank lines are skipped; any other bad line is an error). Duplicate uttids are errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest not found: {path}")
+    base = Path(root) if root else path.parent
+    records: list[PromptRecord] = []
+    seen: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ManifestError(f"{where}: not valid JSON: {e.msg} (column {e.colno})") from None
+            rec = parse_line(obj, base, where)
+            if rec.uttid in seen:
+                raise ManifestError(f"{where}: field 'uttid': '{rec.uttid}' already used at {seen[rec.uttid]}")
+            seen[rec.uttid] = where
+            records.append(rec)
+    if not records:
+        raise ManifestError(f"{path}: no prompts")
+    return records
+
+
+@dataclass
+class PromptStream:
+    """Endless stream of manifest indices, reshuffled each epoch from (seed, epoch): resumable from its cursor."""
+
+    size: int
+    seed: int
+    shuffle: bool = True
+    epoch: int = 0
+    position: int = 0
+
+    def _order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.size))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.size, generator=g).tolist()
+
+    def take(self, n: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < n:
+            order = self._order(self.epoch)
+            take = min(n - len(out), self.size - self.position)
+            out.extend(order[self.position: self.position + take])
+            self.position += take
+            if self.position == self.size:
+                self.epoch += 1
+                self.position = 0
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

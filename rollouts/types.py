@@ -1,0 +1,104 @@
+"""Typed records passed between stages: prompts -> rollouts -> (audio) -> rewards -> rl.
+
+Shapes: N = rows (prompts x group size), P = padded prompt length, T = padded generated length.
+Records are frozen; a stage builds new records instead of mutating the ones it received.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from policies.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One line of a manifest: a voice prompt and the text to synthesise."""
+
+    uttid: str
+    prompt_text: str
+    target_text: str
+    prompt_speech_tokens: np.ndarray  # [Tp] int64 speech codes 0..32767 of the voice prompt
+    prompt_feat: np.ndarray | None  # [Tf, 80] float32 24 kHz log-mel of the voice prompt (flow condition)
+    embedding: np.ndarray | None  # [192] float32 speaker embedding (CAMPPlus)
+    prompt_wav: str | None  # path of the voice prompt audio (speaker-similarity reference)
+    emotion: int | None  # emotion2vec label index of the target emotion; None = not given
+    source: str = ""  # "file:line" it came from, for error messages
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """N sampled sequences, G per prompt, each row tagged with an explicit group id.
+
+    tokens hold LM ids: speech tokens (ats + code) and, for finished rows, the stop token as the last valid
+    token; the stop token is trained on (it carries the length decision). Rows are right-padded with `pad_id`.
+    """
+
+    prompt_ids: torch.Tensor  # [N, P] long, left-padded prompt ids
+    prompt_mask: torch.Tensor  # [N, P] bool
+    tokens: torch.Tensor  # [N, T] long, generated ids (speech + stop), right-padded
+    token_mask: torch.Tensor  # [N, T] bool, True on trained tokens (generated incl. stop)
+    behaviour_logp: torch.Tensor  # [N, T] float32, log-prob of each token under the distribution sampled from
+    group_ids: torch.Tensor  # [N] long, explicit group id (one per (prompt, attempt))
+    prompt_index: torch.Tensor  # [N] long, index of the row's prompt in `prompts`
+    finished: torch.Tensor  # [N] bool, ended with the stop token
+    truncated: torch.Tensor  # [N] bool, hit its maximum length without stopping
+    lengths: torch.Tensor  # [N] long, generated speech tokens (stop excluded)
+    min_lengths: torch.Tensor  # [N] long, stop was masked before this many tokens
+    text_lengths: torch.Tensor  # [N] long, target-text tokens (the length bounds scale with it)
+    params: SamplingParams  # the sampling distribution the tokens came from
+    pad_id: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.tokens.shape[0]
+
+    def codes(self, ats: int) -> list[torch.Tensor]:
+        """Per row, the generated speech codes (0..C-1), stop and padding removed. list of [L_i] long."""
+        return [self.tokens[i, : int(self.lengths[i])] - ats for i in range(self.num_rows)]
+
+    def select(self, rows: torch.Tensor | list[int]) -> "Rollout":
+        """A new Rollout with only `rows` (in that order)."""
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.index_select(0, idx.to(v.device)) if isinstance(v, torch.Tensor) else v
+        return Rollout(**out)
+
+    @staticmethod
+    def cat(parts: list["Rollout"]) -> "Rollout":
+        """Concatenate rows of several rollouts (padding prompt and generated parts to a common width)."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        if len({p.params for p in parts}) != 1 or len({p.pad_id for p in parts}) != 1:
+            raise ValueError("rollouts sampled with different parameters cannot be concatenated")
+        p_w = max(p.prompt_ids.shape[1] for p in parts)
+        t_w = max(p.tokens.shape[1] for p in parts)
+        pad = parts[0].pad_id
+
+        def left(x, width, value):
+            return torch.nn.functional.pad(x, (width - x.shape[1], 0), value=value)
+
+        def right(x, width, value):
+            return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+        return Rollout(
+            prompt_ids=torch.cat([left(p.prompt_ids, p_w, pad) for p in parts]),
+            prompt_mask=torch.cat([left(p.prompt_mask, p_w, False) for p in parts]),
+            tokens=torch.cat([right(p.tokens, t_w, pad) for p in parts]),
+            token_mask=torch.cat([right(p.token_mask, t_w, False) for p in parts]),
+            behaviour_logp=torch.cat([right(p.behaviour_logp, t_w, 0.0) for p in parts]),
+            group_ids=torch.cat([p.group_ids for p in parts]),
+            prompt_index=torch.cat([p.prompt_index for p in parts]),
+            finished=torch.cat([p.finished for p in parts]),
+            truncated=torch.cat([p.truncated for p in parts]),
+            lengths=torch.cat([p.lengths for p in parts]),
+            min_lengths=torch.cat([p.min_lengths for p in parts]),
+            text_lengths=torch.cat([p.text_lengths for p in parts]),
+            params=parts[0].params,
+            pad_id=pad,
+        )

@@ -1,0 +1,157 @@
+"""The GRPO trainer on the tiny model: learning, exact resume, kill-and-resume, LoRA, invalid rewards."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, run_config
+from rl.config import DEFAULT_CONFIG, load_config
+from rl.dynamic_sampling import DynamicSamplingExhausted
+from rl.trainer import train
+
+REQUIRED = [
+    "reward/duration/mean", "reward/duration/std", "reward/duration/invalid_frac", "reward/fused/mean",
+    "adv/frac_uninformative", "resample/tries", "clip/low_frac", "clip/high_frac", "clip/eps_low", "clip/eps_high",
+    "sampling/temperature", "loss", "kl", "entropy", "len/mean", "len/truncated_frac", "lr", "grad_norm",
+    "time/rollout_s", "time/score_s", "time/update_s",
+]
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run_dir, step):
+    return load_file(str(run_dir / "checkpoints" / f"step-{step:06d}" / "policy.safetensors"))
+
+
+def test_short_run_learns_and_logs_every_metric(tmp_path, tiny_ckpt):
+    cfg, d = load_config(DEFAULT_CONFIG, run_config(
+        tmp_path, tiny_ckpt, "train.steps=10", "optim.lr=1e-4", "sampling.max_token_text_ratio=8",
+        "sampling.max_new_tokens=100", "train.save_every=0",
+    ))
+    train(cfg, d, progress=False)
+    run = tmp_path / "run"
+    log = rows(run)
+    assert [r["step"] for r in log] == list(range(1, 11))
+    for key in REQUIRED:
+        assert key in log[0], key
+    first = sum(r["reward/fused/mean"] for r in log[:3]) / 3
+    last = sum(r["reward/fused/mean"] for r in log[-3:]) / 3
+    assert last > first + 0.1, (first, last)
+    assert log[-1]["len/mean"] > log[0]["len/mean"]  # it learned to speak at a slower, closer-to-expected pace
+    assert log[0]["clip/eps_low"] == pytest.approx(0.2) and log[-1]["clip/eps_high"] > log[0]["clip/eps_high"]
+    start = load_file(str(tiny_ckpt / "llm" / "model.safetensors"))
+    end = weights(run, 10)
+    assert any(not torch.equal(start[k], end[k]) for k in start)
+
+
+def test_resume_is_exact(tmp_path, tiny_ckpt):
+    base = ("data.prompts_per_step=2", "sampling.group_size=3", "train.save_every=2", "optim.minibatches=2")
+    cfg, d = load_config(DEFAULT_CONFIG, run_config(tmp_path / "a", tiny_ckpt, "train.steps=4", *base))
+    train(cfg, d, progress=False)
+    cfg, d = load_config(DEFAULT_CONFIG, run_config(tmp_path / "b", tiny_ckpt, "train.steps=2", *base))
+    train(cfg, d, progress=False)
+    cfg, d = load_config(DEFAULT_CONFIG, run_config(tmp_path / "b", tiny_ckpt, "train.steps=4", *base))
+    train(cfg, d, resume=str(tmp_path / "b" / "run"), progress=False)
+    a, b = weights(tmp_path / "a" / "run", 4), weights(tmp_path / "b" / "run", 4)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = rows(tmp_path / "a" / "run"), rows(tmp_path / "b" / "run")
+    assert [r["step"] for r in rb] == [1, 2, 3, 4]
+    for x, y in zip(ra, rb):
+        assert x["reward/fused/mean"] == y["reward/fused/mean"] and x["len/mean"] == y["len/mean"]
+
+
+def test_killed_run_resumes_from_last_complete_checkpoint(tmp_path, tiny_ckpt):
+    common = ["data.prompts_per_step=2", "sampling.group_size=2", "train.save_every=1", "train.keep_last=10",
+              "train.steps=6"]
+    cfg, d = load_config(DEFAULT_CONFIG, run_config(tmp_path / "ref", tiny_ckpt, *common))
+    train(cfg, d, progress=False)
+
+    killed = tmp_path / "killed"
+    args = [sys.executable, "-m", "rl.cli", "train", str(DEFAULT_CONFIG), "--no-progress"]
+    for o in run_config(killed, tiny_ckpt, *common):
+        args += ["--set", o]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    target = killed / "run" / "checkpoints" / "step-000003"
+    deadline = time.time() + 120
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert target.exists(), "the run never reached its third checkpoint"
+    assert not (killed / "run" / "checkpoints" / "step-000006").exists()
+
+    out = subprocess.run([sys.executable, "-m", "rl.cli", "train", "--resume", str(killed / "run"), "--no-progress"],
+                         cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    a, b = weights(tmp_path / "ref" / "run", 6), weights(killed / "run", 6)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in rows(killed / "run")] == [1, 2, 3, 4, 5, 6]  # redone steps are not logged twice
+
+
+def test_resume_refuses_a_changed_config(tmp_path, tiny_ckpt):
+    cfg, d = load_config(DEFAULT_CONFIG, run_config(tmp_path, tiny_ckpt, "train.steps=1", "data.prompts_per_step=1",
+                                                     "sampling.group_size=2"))
+    train(cfg, d, progress=False)
+    args = [sys.executable, "-m", "rl.cli", "train", str(DEFAULT_CONFIG), "--resume", str(tmp_path / "run"),
+            "--no-progress"]
+    for o in run_config(tmp_path, tiny_ckpt, "train.steps=2", "data.prompts_per_step=1", "sampling.group_size=2",
+                        "optim.lr=1e-3"):
+        args += ["--set", o]
+    out = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 2 and "optim.lr" in out.stderr
+
+
+def test_lora_with_reference_anchor_and_kl(tmp_path, tiny_ckpt):
+    cfg, d = load_config(DEFAULT_CONFIG, run_config(
+        tmp_path, tiny_ckpt, "train.steps=2", "data.prompts_per_step=2", "sampling.group_size=3",
+        "policy.lora.enabled=true", "policy.lora.dropout=0", "loss.ratio_anchor=ref", "loss.kl_coef=0.1",
+        "optim.lr=1e-2", "optim.minibatches=2", "rewards.duration.scorer=scorers_for_tests:Longer",
+    ))
+    metrics = train(cfg, d, progress=False)
+    assert metrics["kl"] > 0 and metrics["ratio/max"] > 1.0
+    state = weights(tmp_path / "run", 2)
+    assert state and all("lora_" in k or "modules_to_save" in k or "embed_tokens" in k or "lm_head" in k for k in state)
+
+
+def test_invalid_rewards_are_counted_and_masked(tmp_path, tiny_ckpt):
+    cfg, d = load_config(DEFAULT_CONFIG, run_config(
+        tmp_path, tiny_ckpt, "train.steps=1", "data.prompts_per_step=2", "sampling.group_size=2",
+        "rewards.duration.scorer=scorers_for_tests:InvalidOddGroups", "dynamic_sampling.mode=off",
+    ))
+    m = train(cfg, d, progress=False)
+    assert m["reward/duration/invalid_frac"] == pytest.approx(0.5)
+    cfg, d = load_config(DEFAULT_CONFIG, run_config(
+        tmp_path / "none", tiny_ckpt, "train.steps=1", "data.prompts_per_step=2", "sampling.group_size=2",
+        "rewards.duration.scorer=scorers_for_tests:AlwaysInvalid", "dynamic_sampling.mode=off",
+    ))
+    m = train(cfg, d, progress=False)
+    assert m["reward/duration/invalid_frac"] == 1.0 and m["grad_norm"] == 0.0  # nothing left to train on
+    start = load_file(str(tiny_ckpt / "llm" / "model.safetensors"))
+    end = weights(tmp_path / "none" / "run", 1)
+    assert all(torch.equal(start[k], end[k]) for k in start)
+
+
+def test_dynamic_sampling_rerolls_and_refill_can_stop(tmp_path, tiny_ckpt):
+    cfg, d = load_config(DEFAULT_CONFIG, run_config(
+        tmp_path, tiny_ckpt, "train.steps=1", "data.prompts_per_step=2", "sampling.group_size=2",
+        "rewards.duration.scorer=scorers_for_tests:Constant", "dynamic_sampling.max_tries=3",
+    ))
+    m = train(cfg, d, progress=False)
+    assert m["resample/tries"] == 3 and m["adv/frac_uninformative"] == 1.0 and m["resample/discarded_groups"] == 4
+    cfg, d = load_config(DEFAULT_CONFIG, run_config(
+        tmp_path / "refill", tiny_ckpt, "train.steps=1", "data.prompts_per_step=2", "sampling.group_size=2",
+        "rewards.duration.scorer=scorers_for_tests:Constant", "dynamic_sampling.mode=refill",
+        "dynamic_sampling.max_gen_batches=2", "dynamic_sampling.on_exhausted=error",
+    ))
+    with pytest.raises(DynamicSamplingExhausted, match="0 of 2 groups were informative after 2"):
+        train(cfg, d, progress=False)
