@@ -155,3 +155,15 @@ def test_dynamic_sampling_rerolls_and_refill_can_stop(tmp_path, tiny_ckpt):
     ))
     with pytest.raises(DynamicSamplingExhausted, match="0 of 2 groups were informative after 2"):
         train(cfg, d, progress=False)
+
+
+def test_wandb_runs_offline_without_an_api_key(tmp_path, tiny_ckpt, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg, d = load_config(DEFAULT_CONFIG, run_config(
+        tmp_path, tiny_ckpt, "train.steps=1", "data.prompts_per_step=1", "sampling.group_size=2",
+        "wandb.enabled=true", "wandb.project=ttsrl-test",
+    ))
+    train(cfg, d, progress=False)
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
