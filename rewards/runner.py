@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from rewards.base import Sample, ScoreResult, Scorer, build_scorer
+from rollouts.token2wav import VocodeResult
 from rollouts.types import PromptRecord, Rollout
 
 
@@ -17,11 +18,14 @@ def samples_from_rollout(
     rollout: Rollout,
     records: list[PromptRecord],  # records[rollout.prompt_index[i]] is row i's prompt
     ats: int,
+    vocoded: VocodeResult | None = None,  # audio per row (None: not vocoded)
+    prompt_audio: dict[str, tuple[np.ndarray, int] | None] | None = None,  # uttid -> (waveform, rate)
 ) -> list[Sample]:
     codes = rollout.codes(ats)
     out = []
     for i in range(rollout.num_rows):
         rec = records[int(rollout.prompt_index[i])]
+        pa = (prompt_audio or {}).get(rec.uttid)
         out.append(
             Sample(
                 uttid=rec.uttid,
@@ -32,6 +36,10 @@ def samples_from_rollout(
                 finished=bool(rollout.finished[i]),
                 prompt_codes=rec.prompt_speech_tokens,
                 emotion=rec.emotion,
+                audio=None if vocoded is None else vocoded.audio[i],
+                sample_rate=None if vocoded is None else vocoded.sample_rate,
+                prompt_audio=None if pa is None else pa[0],
+                prompt_sample_rate=None if pa is None else pa[1],
             )
         )
     return out
@@ -49,25 +57,49 @@ class Scores:
     errors: dict[str, int] = field(default_factory=dict)  # name -> scorer calls that raised
 
 
-def score(scorers: dict[str, Scorer], samples: list[Sample]) -> Scores:
-    """Run every scorer on every sample. A scorer that raises makes its reward invalid for the whole batch
-    (with the error as the reason), and the error is printed and counted; training goes on."""
+def score(scorers: dict[str, Scorer], samples: list[Sample], invalid: list[str | None] | None = None) -> Scores:
+    """Run every scorer on every sample. `invalid[i]` (e.g. "empty generation") makes sample i invalid for every
+    reward without asking the scorers. A scorer that raises makes its reward invalid for the whole batch (with
+    the error as the reason), and the error is printed and counted; training goes on."""
     n = len(samples)
+    invalid = invalid or [None] * n
+    keep = [i for i in range(n) if invalid[i] is None]
+    batch = [samples[i] for i in keep]
     results, errors = {}, {}
     for name, scorer in scorers.items():
+        m = len(batch)
         try:
-            res = scorer(samples)
-            if res.values.shape != (n,):
-                raise ValueError(f"returned {res.values.shape[0]} values for {n} samples")
+            res = scorer(batch) if m else ScoreResult(np.zeros(0), np.zeros(0, dtype=bool), {}, [])
+            if res.values.shape != (m,):
+                raise ValueError(f"returned {res.values.shape[0]} values for {m} samples")
         except Exception as e:  # noqa: BLE001 - a failed reward is invalid, never a crash or a 0
             errors[name] = errors.get(name, 0) + 1
-            print(f"ttsrl: scorer '{name}' failed on a batch of {n}: {type(e).__name__}: {e}", file=sys.stderr)
+            print(f"ttsrl: scorer '{name}' failed on a batch of {m}: {type(e).__name__}: {e}", file=sys.stderr)
             traceback.print_exc(limit=3, file=sys.stderr)
             reason = f"scorer error: {type(e).__name__}: {e}"
-            res = ScoreResult(np.full(n, np.nan), np.zeros(n, dtype=bool), {}, [reason] * n)
-        results[name] = res
+            res = ScoreResult(np.full(m, np.nan), np.zeros(m, dtype=bool), {}, [reason] * m)
+        results[name] = _expand(res, keep, invalid)
     values = {k: torch.from_numpy(np.where(r.valid, r.values, np.nan)).float() for k, r in results.items()}
     return Scores(values=values, results=results, errors=errors)
+
+
+def _expand(res: ScoreResult, keep: list[int], invalid: list[str | None]) -> ScoreResult:
+    """Scatter a result over the scored subset back to all samples; the others are invalid with their reason."""
+    n = len(invalid)
+    if len(keep) == n:
+        return res
+    values = np.full(n, np.nan)
+    valid = np.zeros(n, dtype=bool)
+    reasons = list(invalid)
+    values[keep], valid[keep] = res.values, res.valid
+    for j, i in enumerate(keep):
+        reasons[i] = res.reasons[j] if res.reasons else None
+    subs = {}
+    for k, v in res.sub_scores.items():
+        full = np.full(n, np.nan)
+        full[keep] = v
+        subs[k] = full
+    return ScoreResult(values, valid, subs, reasons)
 
 
 def select_scores(scores: Scores, rows: list[int]) -> Scores:

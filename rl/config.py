@@ -76,6 +76,13 @@ class SamplingConfig:
 
 
 @dataclass(frozen=True)
+class VocoderConfig:
+    enabled: bool = opt(True, "vocode every rollout (flow/ and hift/ of policy.ckpt_dir) so rewards can score audio")
+    n_timesteps: int = opt(10, "Euler steps of the flow-matching ODE (upstream: 10)")
+    batch_size: int = opt(0, "rollouts per flow/HiFT batch at most (0 = as many as padding allows)")
+
+
+@dataclass(frozen=True)
 class RewardConfig:
     scorer: str = opt("", "scorer name (see `ttsrl rewards`) or dotted path module:Class")
     weight: float = opt(1.0, "weight in the fused advantage; 0 = computed and logged but not trained on")
@@ -148,6 +155,7 @@ class Config:
     policy: PolicyConfig = opt(PolicyConfig(), "the speech LM")
     data: DataConfig = opt(DataConfig(), "prompt data")
     sampling: SamplingConfig = opt(SamplingConfig(), "group rollouts")
+    vocoder: VocoderConfig = opt(VocoderConfig(), "speech codes -> 24 kHz audio (flow + HiFT)")
     rewards: dict[str, RewardConfig] = opt({}, "reward name -> scorer, weight and kwargs")
     advantage: AdvantageConfig = opt(AdvantageConfig(), "normalize -> fuse -> normalize")
     dynamic_sampling: DynamicSamplingConfig = opt(DynamicSamplingConfig(), "resampling of uninformative groups")
@@ -193,6 +201,7 @@ def _validate(cfg: Config) -> None:
         (o.ppo_epochs >= 1 and o.minibatches >= 1, "optim.ppo_epochs and optim.minibatches must be >= 1"),
         (o.micro_batch_size >= 0, "optim.micro_batch_size must be >= 0"),
         (cfg.train.steps >= 1, "train.steps must be >= 1"),
+        (cfg.vocoder.n_timesteps >= 1 and cfg.vocoder.batch_size >= 0, "vocoder.n_timesteps >= 1, batch_size >= 0"),
         (cfg.train.save_every >= 0 and cfg.train.keep_last >= 1, "train.save_every >= 0 and train.keep_last >= 1"),
         (not cfg.policy.lora.enabled or cfg.policy.lora.r >= 1, "policy.lora.r must be >= 1"),
     ]

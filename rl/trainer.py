@@ -35,8 +35,10 @@ from rl.configlib import to_dict
 from rl.dynamic_sampling import DynamicSampling, GroupResult, informative_groups
 from rl.losses import policy_loss
 from rl.metrics import MetricsLogger
-from rollouts.manifest import PromptStream, read_manifest
-from rollouts.types import Rollout
+from rollouts.audio import read_wav
+from rollouts.manifest import ManifestError, PromptStream, read_manifest
+from rollouts.token2wav import Token2Wav, VoicePrompt
+from rollouts.types import PromptRecord, Rollout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -65,12 +67,17 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
     # ---- setup: data, policy, scorers, optimizer ----------------------------------------------------------------
     records = read_manifest(cfg.data.manifest, cfg.data.root or None)
     ckpt_dir = Path(cfg.policy.ckpt_dir)
-    if cfg.policy.build_tiny and not ckpt_dir.exists():
+    if cfg.policy.build_tiny:
         from policies.tiny import write_tiny_checkpoint
+        from rollouts.tiny_vocoder import write_tiny_vocoder
 
-        texts = [t for r in records for t in (r.prompt_text, r.target_text)]
-        write_tiny_checkpoint(ckpt_dir, texts, seed=cfg.train.seed)
-        print(f"ttsrl: wrote a tiny random GLM-TTS checkpoint to {ckpt_dir}")
+        if not (ckpt_dir / "llm").exists():
+            write_tiny_checkpoint(ckpt_dir, [t for r in records for t in (r.prompt_text, r.target_text)],
+                                  seed=cfg.train.seed)
+            print(f"ttsrl: wrote a tiny random GLM-TTS speech LM to {ckpt_dir}")
+        if cfg.vocoder.enabled and not (ckpt_dir / "flow").exists():
+            write_tiny_vocoder(ckpt_dir, seed=cfg.train.seed)
+            print(f"ttsrl: wrote a tiny random flow + HiFT vocoder to {ckpt_dir}")
     policy = GLMTTSPolicy.from_pretrained(
         ckpt_dir, dtype=DTYPES[cfg.policy.dtype], device=accelerator.device,
         lora=cfg.policy.lora, trust_remote_code=cfg.policy.trust_remote_code,
@@ -78,6 +85,15 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
     if derived.needs_reference:
         policy.make_reference()
     prompts = [policy.prompt_input(r) for r in records]
+    token2wav = None
+    if cfg.vocoder.enabled:
+        for r in records:
+            if r.prompt_feat is None or r.embedding is None:
+                missing = "prompt_speech_feat" if r.prompt_feat is None else "embedding"
+                raise ManifestError(f"{r.source}: field '{missing}' is missing; vocoding needs it (or vocoder.enabled=false)")
+        token2wav = Token2Wav.from_pretrained(ckpt_dir, device=accelerator.device, n_timesteps=cfg.vocoder.n_timesteps)
+    voices = [VoicePrompt(r.prompt_speech_tokens, r.prompt_feat, r.embedding) for r in records]
+    prompt_audio = PromptAudio(records)
     scorers = build_scorers(cfg.rewards)
     optimizer = torch.optim.AdamW(
         policy.trainable_parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
@@ -120,7 +136,7 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
         )
 
         # ---- 1. rollouts, scoring and dynamic resampling ------------------------------------------------------
-        t_rollout = t_score = 0.0
+        t_rollout = t_vocode = t_score = 0.0
         plan = DynamicSampling(
             cfg.dynamic_sampling.mode, cfg.data.prompts_per_step, max_tries=cfg.dynamic_sampling.max_tries,
             max_gen_batches=cfg.dynamic_sampling.max_gen_batches, on_exhausted=cfg.dynamic_sampling.on_exhausted,
@@ -144,9 +160,18 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
             # prompt_index: from "index within this request" to "index into the manifest"
             ro = dataclasses.replace(ro, prompt_index=torch.tensor([slot_prompt[req.slots[i]] for i in ro.prompt_index]))
             t1 = time.perf_counter()
-            sc = score(scorers, samples_from_rollout(ro, records, policy.special.ats))
+            vocoded = None
+            if token2wav is not None:  # one noise seed per group: decoder noise is shared inside a group
+                vocoded = token2wav(
+                    ro.codes(policy.special.ats), [voices[int(k)] for k in ro.prompt_index],
+                    [step_seed(cfg.train.seed, 0, int(g)) for g in ro.group_ids], batch_size=cfg.vocoder.batch_size,
+                )
             t2 = time.perf_counter()
-            t_rollout, t_score = t_rollout + t1 - t0, t_score + t2 - t1
+            samples = samples_from_rollout(ro, records, policy.special.ats, vocoded,
+                                           prompt_audio.get(ro.prompt_index) if vocoded else None)
+            sc = score(scorers, samples, vocoded.reasons if vocoded else None)
+            t3 = time.perf_counter()
+            t_rollout, t_vocode, t_score = t_rollout + t1 - t0, t_vocode + t2 - t1, t_score + t3 - t2
             info = informative_groups(sc.values, ro.group_ids, weights, derived.dynamic_sampling_keys,
                                       min_std=cfg.dynamic_sampling.min_std, std_ddof=cfg.advantage.std_ddof)
             plan.record([GroupResult(slot=s, group_id=g, informative=info[g]) for s, g in zip(req.slots, gids)])
@@ -246,7 +271,8 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
             "adv/frac_uninformative": adv.stats["adv/frac_uninformative"],
             "adv/mean": adv.stats["adv/mean"], "adv/std": adv.stats["adv/std"],
             "reward/fused/mean": fused_reward_mean(adv.stats, weights),
-            "time/rollout_s": t_rollout, "time/score_s": t_score, "time/update_s": t_update,
+            "time/rollout_s": t_rollout, "time/vocode_s": t_vocode, "time/score_s": t_score,
+            "time/update_s": t_update,
         }
         for k, res in scores.results.items():
             metrics[f"reward/{k}/mean"] = adv.stats[f"reward/{k}/mean"]
@@ -276,6 +302,24 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
     logger.close()
     print(f"ttsrl: done; metrics in {logger.path}, checkpoints in {out / 'checkpoints'}")
     return metrics
+
+
+class PromptAudio:
+    """Voice-prompt waveforms (speaker-similarity references), read on first use and kept."""
+
+    def __init__(self, records: list[PromptRecord]):
+        self.records = records
+        self.cache: dict[str, tuple | None] = {}
+
+    def get(self, prompt_index: torch.Tensor) -> dict[str, tuple | None]:
+        out = {}
+        for k in {int(i) for i in prompt_index}:
+            rec = self.records[k]
+            if rec.uttid not in self.cache:
+                path = rec.prompt_wav
+                self.cache[rec.uttid] = read_wav(path) if path and Path(path).is_file() else None
+            out[rec.uttid] = self.cache[rec.uttid]
+        return out
 
 
 def _mean(xs: list[float]) -> float:

@@ -36,3 +36,15 @@ class AlwaysInvalid:
     def __call__(self, samples):
         return ScoreResult(np.full(len(samples), np.nan), np.zeros(len(samples), dtype=bool), {},
                            ["unavailable"] * len(samples))
+
+
+class AudioSeconds:
+    """Reward = audio duration in seconds; checks that audio and the voice prompt's audio arrive."""
+
+    def __call__(self, samples):
+        reasons, values = [], []
+        for s in samples:
+            ok = s.audio is not None and s.sample_rate == 24000 and s.prompt_audio is not None
+            reasons.append(None if ok else "no audio")
+            values.append(len(s.audio) / s.sample_rate if ok else 0.0)
+        return ScoreResult.build(values, reasons)

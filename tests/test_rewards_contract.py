@@ -84,3 +84,22 @@ def test_runner_turns_failures_into_invalid_not_zero(capsys):
 def test_score_result_shapes_are_checked():
     with pytest.raises(ValueError, match=r"\[N\]"):
         ScoreResult(np.zeros(3), np.zeros(2, dtype=bool))
+
+
+def test_samples_marked_invalid_upstream_skip_every_scorer():
+    seen = []
+
+    class Spy:
+        def __call__(self, samples):
+            seen.append(len(samples))
+            return ScoreResult.build([1.0] * len(samples), [None] * len(samples), {"x": [2.0] * len(samples)})
+
+    out = score({"a": Spy(), "b": DurationScorer()}, [sample(), sample(), sample()],
+                invalid=[None, "empty generation", None])
+    assert seen == [2]
+    for k in ("a", "b"):
+        assert out.values[k][1].isnan() and out.results[k].reasons[1] == "empty generation"
+        assert out.values[k][[0, 2]].isfinite().all()
+    assert np.isnan(out.results["a"].sub_scores["x"][1]) and out.results["a"].sub_scores["x"][0] == 2.0
+    out = score({"a": Spy()}, [sample()], invalid=["no audio"])
+    assert seen == [2] and out.values["a"].isnan().all()

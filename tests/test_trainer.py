@@ -167,3 +167,36 @@ def test_wandb_runs_offline_without_an_api_key(tmp_path, tiny_ckpt, monkeypatch)
     train(cfg, d, progress=False)
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_rollouts_are_vocoded_and_scorers_get_audio(tmp_path, tiny_ckpt):
+    cfg, d = load_config(DEFAULT_CONFIG, run_config(
+        tmp_path, tiny_ckpt, "train.steps=1", "data.prompts_per_step=2", "sampling.group_size=2",
+        "rewards.audio.scorer=scorers_for_tests:AudioSeconds", "vocoder.n_timesteps=2",
+    ))
+    m = train(cfg, d, progress=False)
+    assert m["reward/audio/invalid_frac"] == 0.0
+    # 2 mel frames per code (within one frame): audio seconds track code seconds
+    assert abs(m["reward/audio/mean"] - m["reward/duration/seconds"]) < 0.05
+    assert m["time/vocode_s"] > 0
+
+
+def test_vocoding_needs_prompt_features(tmp_path, tiny_ckpt, tiny_records):
+    import json
+
+    from rollouts.manifest import ManifestError
+
+    from conftest import TINY_MANIFEST
+
+    lines = TINY_MANIFEST.read_text(encoding="utf-8").splitlines()
+    obj = json.loads(lines[1])
+    del obj["prompt_speech_feat"]
+    lines[1] = json.dumps(obj, ensure_ascii=False)
+    m = tmp_path / "m.jsonl"
+    m.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for p in (TINY_MANIFEST.parent / "voices").iterdir():
+        (tmp_path / "voices").mkdir(exist_ok=True)
+        (tmp_path / "voices" / p.name).write_bytes(p.read_bytes())
+    cfg, d = load_config(DEFAULT_CONFIG, run_config(tmp_path, tiny_ckpt, "train.steps=1", f"data.manifest={m}"))
+    with pytest.raises(ManifestError, match=r"m.jsonl:2: field 'prompt_speech_feat' is missing; vocoding needs it"):
+        train(cfg, d, progress=False)
