@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) "torch==2.13.0"
 	$(PIP) -e ".[test]"
+	@# s3prl (WavLM for the speaker-similarity reward) declares torchaudio, which must not come in: no deps.
+	$(PIP) --no-deps "s3prl==0.4.18"
 	@# torchaudio from PyPI is a CUDA build that breaks CPU installs; refuse it.
 	$(BIN)/python -c "import importlib.util, sys; sys.exit('torchaudio must not be installed' if importlib.util.find_spec('torchaudio') else 0)"
 	touch $(STAMP)

@@ -73,6 +73,21 @@ class ScoreResult:
         return ScoreResult(values=v, valid=valid, sub_scores=subs, reasons=list(reasons))
 
 
+def audio_problem(audio: np.ndarray | None, sample_rate: int | None) -> str | None:
+    """Why a waveform cannot be scored (None if it can): the standard checks every audio scorer makes."""
+    if audio is None:
+        return "no audio (the sample was not vocoded)"
+    if not sample_rate or sample_rate <= 0:
+        return f"no valid sample rate ({sample_rate!r})"
+    if audio.ndim != 1:
+        return f"audio must be mono [samples], got shape {audio.shape}"
+    if audio.size == 0:
+        return "empty audio"
+    if not np.isfinite(audio).all():
+        return "audio contains NaN or inf"
+    return None
+
+
 class Scorer(Protocol):
     def __call__(self, samples: Sequence[Sample]) -> ScoreResult: ...
 
@@ -80,6 +95,10 @@ class Scorer(Protocol):
 # Short names for the built-in scorers (dotted paths; importing happens only when one is used).
 SCORERS: dict[str, str] = {
     "duration": "rewards.duration:DurationScorer",
+    "cer": "rewards.cer:CERScorer",
+    "sim": "rewards.sim:SimScorer",
+    "emotion": "rewards.emotion:EmotionScorer",
+    "laughter": "rewards.laughter:LaughterScorer",
 }
 
 

@@ -1,7 +1,7 @@
 """The experiment config: typed sections, one help line per field.
 
 Relative paths written in a YAML file are relative to that file's directory; paths given with --set are relative
-to the current directory.
+to the current directory. A file may start from another one: `base: other.yaml` (its values first, then this file's).
 
 `load_config(path, overrides)` reads a YAML file over the defaults, applies `--set section.key=value`
 overrides, validates, and computes the derived values in one place (`Derived`). `ttsrl config keys` lists
@@ -11,6 +11,7 @@ every key with its help line.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -250,21 +251,38 @@ def derive(cfg: Config, config_file: str = "") -> Derived:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, Derived]:
-    """Defaults <- YAML file (if any) <- overrides; validated. Returns (config, derived values)."""
-    data = read_yaml(path) if path is not None else {}
-    return config_from_data(data, str(path) if path is not None else "", overrides)
+    """Defaults <- YAML file (and its `base:` chain) <- overrides; validated. Returns (config, derived values)."""
+    layers = _yaml_layers(Path(path), ()) if path is not None else []
+    return _build(layers, str(path) if path is not None else "", overrides)
+
+
+def _yaml_layers(path: Path, chain: tuple[Path, ...]) -> list[tuple[dict, Path]]:
+    """A config file may start from another: `base: other.yaml` (relative to the file). Base first."""
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return [(data, path)]
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: `base` must be the path of another config file")
+    base_path = Path(os.path.normpath(path.parent / base))
+    if base_path in chain + (path,):
+        raise ConfigError(f"{path}: `base: {base}` makes a cycle ({' -> '.join(str(p) for p in chain + (path, base_path))})")
+    return _yaml_layers(base_path, chain + (path,)) + [(data, path)]
 
 
 def config_from_data(data: dict, where: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, Derived]:
     """Like load_config, from an already-read YAML mapping; `where` names it in error messages."""
+    return _build([(data, Path(where))] if data else [], where, overrides)
+
+
+def _build(layers: list[tuple[dict, Path]], where: str, overrides) -> tuple[Config, Derived]:
     cfg = Config()
-    if data:
+    for data, path in layers:
         try:
             cfg = overlay(cfg, data)
         except ConfigError as e:
-            raise ConfigError(f"{where}: {e}") from None
-    if data and where:
-        cfg = resolve_paths(cfg, data, Path(where).parent)
+            raise ConfigError(f"{path}: {e}") from None
+        cfg = resolve_paths(cfg, data, path.parent)
     for item in overrides:
         try:
             cfg = set_override(cfg, item)

@@ -129,3 +129,25 @@ def test_yaml_booleans_spelled_like_a_choice_are_that_choice(tmp_path):
     assert cfg.dynamic_sampling.mode == "off"
     cfg, _ = load_config(write(tmp_path, BASE), ["dynamic_sampling.mode=off"])
     assert cfg.dynamic_sampling.mode == "off"
+
+
+def test_every_shipped_config_loads_and_validates():
+    files = sorted(CONFIG_DIR.rglob("*.yaml"))
+    assert len(files) >= 5
+    for f in files:
+        cfg, d = load_config(f)
+        assert cfg.rewards and d.rows_per_step >= 2, f
+
+
+def test_base_chains_resolve_paths_per_file_and_refuse_cycles(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write(tmp_path, BASE + "train: {steps: 7, output_dir: runs/a}\n", "base.yaml")
+    child = write(tmp_path / "sub", "base: ../base.yaml\ntrain: {steps: 9}\ndata: {manifest: m2.jsonl}\n", "child.yaml")
+    cfg, _ = load_config(child)
+    assert cfg.train.steps == 9 and cfg.rewards["duration"].weight == 1.0
+    assert cfg.train.output_dir == str(tmp_path / "runs" / "a")  # relative to the base file
+    assert cfg.data.manifest == str(tmp_path / "sub" / "m2.jsonl")  # relative to the child file
+    write(tmp_path, "base: b.yaml\n", "a.yaml")
+    write(tmp_path, "base: a.yaml\n", "b.yaml")
+    with pytest.raises(ConfigError, match="makes a cycle"):
+        load_config(tmp_path / "a.yaml")

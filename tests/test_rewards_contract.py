@@ -103,3 +103,30 @@ def test_samples_marked_invalid_upstream_skip_every_scorer():
     assert np.isnan(out.results["a"].sub_scores["x"][1]) and out.results["a"].sub_scores["x"][0] == 2.0
     out = score({"a": Spy()}, [sample()], invalid=["no audio"])
     assert seen == [2] and out.values["a"].isnan().all()
+
+
+def test_the_readme_scorer_example_works_as_written(tmp_path, monkeypatch):
+    import re
+    import sys
+
+    import yaml
+
+    from conftest import REPO, audio_sample
+    from rewards.base import check_scorer_kwargs, resolve_scorer_class
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    code = re.search(r"```python\n(# my_rewards/loudness.py\n.*?)```", readme, re.S).group(1)
+    assert len(code.strip().splitlines()) <= 24  # "a complete 20-line example"
+    pkg = tmp_path / "my_rewards"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "loudness.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    block = re.search(r"```yaml\n(rewards:\n  loud:.*?)```", readme, re.S).group(1)
+    entry = yaml.safe_load(block)["rewards"]["loud"]
+    cls = resolve_scorer_class(entry["scorer"], "rewards.loud")
+    check_scorer_kwargs(cls, entry["kwargs"], "rewards.loud")
+    res = cls(**entry["kwargs"])([audio_sample(), audio_sample(audio=None)])
+    assert res.valid.tolist() == [True, False] and 0 < res.values[0] <= 1 and "dbfs" in res.sub_scores
+    sys.modules.pop("my_rewards.loudness", None)
+    sys.modules.pop("my_rewards", None)

@@ -200,3 +200,25 @@ def test_vocoding_needs_prompt_features(tmp_path, tiny_ckpt, tiny_records):
     cfg, d = load_config(DEFAULT_CONFIG, run_config(tmp_path, tiny_ckpt, "train.steps=1", f"data.manifest={m}"))
     with pytest.raises(ManifestError, match=r"m.jsonl:2: field 'prompt_speech_feat' is missing; vocoding needs it"):
         train(cfg, d, progress=False)
+
+
+def test_training_with_every_audio_reward(tmp_path, tiny_ckpt, reward_models):
+    r = reward_models
+    cfg, d = load_config(DEFAULT_CONFIG, run_config(
+        tmp_path, tiny_ckpt, "train.steps=1", "data.prompts_per_step=3", "sampling.group_size=2", "data.shuffle=false",
+        "vocoder.n_timesteps=2", "rewards.duration.weight=0.1",
+        "rewards.cer.scorer=cer", f"rewards.cer.kwargs.paraformer_dir={r['paraformer_dir']}",
+        f"rewards.cer.kwargs.whisper_dir={r['whisper_dir']}",
+        "rewards.sim.scorer=sim", "rewards.sim.weight=0.1", f"rewards.sim.kwargs.checkpoint={r['sv_checkpoint']}",
+        f"rewards.sim.kwargs.wavlm_cfg={json.dumps(r['wavlm_cfg'])}",
+        "rewards.emo.scorer=emotion", "rewards.emo.weight=0.5", f"rewards.emo.kwargs.model_dir={r['emotion_dir']}",
+        "rewards.laugh.scorer=laughter", "rewards.laugh.weight=2", f"rewards.laugh.kwargs.ast_dir={r['ast_dir']}",
+        f"rewards.laugh.kwargs.paraformer_dir={r['paraformer_dir']}", f"rewards.laugh.kwargs.whisper_dir={r['whisper_dir']}",
+    ))
+    m = train(cfg, d, progress=False)
+    for k in ("cer", "sim", "emo"):
+        assert m[f"reward/{k}/invalid_frac"] == 0.0 and m[f"reward/{k}/errors"] == 0
+    assert 0.0 <= m["reward/cer/mean"] <= 1.0 and 0.0 <= m["reward/sim/mean"] <= 1.0
+    assert "reward/cer/cer" in m and "reward/sim/cos" in m and "reward/emo/p_neutral" in m
+    # laughter applies only where the text asks for it: none of the first three tiny prompts does
+    assert m["reward/laugh/invalid_frac"] == 1.0 and m["reward/laugh/errors"] == 0
