@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -38,18 +39,23 @@ def require_dir(path: str | Path, files: tuple[str, ...], what: str) -> Path:
     return p
 
 
+_FUNASR_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def keep_torch_state():
     """funasr sets torch's thread count on every call and reseeds the global RNGs when a model is built: undo
-    both, so rewards never change how (or how reproducibly) the trainer runs."""
-    threads = torch.get_num_threads()
-    rng = torch.get_rng_state()
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # funasr prints notices and progress to stdout
-            yield
-    finally:
-        torch.set_num_threads(threads)
-        torch.set_rng_state(rng)
+    both, so rewards never change how (or how reproducibly) the trainer runs. FunASR calls also print to stdout,
+    which is silenced; as that redirect is process-wide, FunASR calls are serialised (scorers may run in threads)."""
+    with _FUNASR_LOCK:
+        threads = torch.get_num_threads()
+        rng = torch.get_rng_state()
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # funasr prints notices and progress to stdout
+                yield
+        finally:
+            torch.set_num_threads(threads)
+            torch.set_rng_state(rng)
 
 
 class ParaformerASR:
@@ -64,7 +70,7 @@ class ParaformerASR:
 
             self.model = AutoModel(
                 model=str(d), device=device, disable_update=True, disable_pbar=True, disable_log=True,
-                frontend_conf={"dither": 0.0},
+                frontend_conf={"dither": 0.0}, ncpu=torch.get_num_threads(),
             )
         self.batch_size = max(1, batch_size)
 

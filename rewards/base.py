@@ -99,6 +99,7 @@ SCORERS: dict[str, str] = {
     "sim": "rewards.sim:SimScorer",
     "emotion": "rewards.emotion:EmotionScorer",
     "laughter": "rewards.laughter:LaughterScorer",
+    "remote": "rewards.remote:RemoteScorer",
 }
 
 

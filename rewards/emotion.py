@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from rewards.asr import keep_torch_state, require_dir
 from rewards.base import Sample, ScoreResult, audio_problem
@@ -36,7 +37,7 @@ class EmotionScorer:
             from funasr import AutoModel
 
             self.model = AutoModel(model=str(d), device=device, disable_update=True, disable_pbar=True,
-                                   disable_log=True)
+                                   disable_log=True, ncpu=torch.get_num_threads())
 
     def probabilities(self, wavs: list[np.ndarray]) -> np.ndarray:
         """[N, 9] class probabilities, columns in LABELS order."""

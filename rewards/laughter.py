@@ -92,7 +92,9 @@ class ASTLaughterDetector:
         d = require_dir(model_dir, ("config.json", "preprocessor_config.json"), "laughter")
         from transformers import ASTFeatureExtractor, ASTForAudioClassification
 
-        self.extractor = ASTFeatureExtractor.from_pretrained(str(d), local_files_only=True)
+        with warnings.catch_warnings():  # transformers' numpy fbank warns about empty mel filters at 128 bins
+            warnings.simplefilter("ignore", UserWarning)
+            self.extractor = ASTFeatureExtractor.from_pretrained(str(d), local_files_only=True)
         self.model = ASTForAudioClassification.from_pretrained(str(d), local_files_only=True).to(device).eval()
         if label not in self.model.config.label2id:
             raise ValueError(f"laughter: {d} has no class named {label!r} (its labels are AudioSet's?)")

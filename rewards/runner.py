@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,32 +56,49 @@ class Scores:
     values: dict[str, torch.Tensor]  # name -> [N] float32, NaN = invalid
     results: dict[str, ScoreResult]
     errors: dict[str, int] = field(default_factory=dict)  # name -> scorer calls that raised
+    service: dict[str, dict] = field(default_factory=dict)  # name -> counters of remote scorers (pop_stats)
 
 
-def score(scorers: dict[str, Scorer], samples: list[Sample], invalid: list[str | None] | None = None) -> Scores:
-    """Run every scorer on every sample. `invalid[i]` (e.g. "empty generation") makes sample i invalid for every
-    reward without asking the scorers. A scorer that raises makes its reward invalid for the whole batch (with
-    the error as the reason), and the error is printed and counted; training goes on."""
+def score(scorers: dict[str, Scorer], samples: list[Sample], invalid: list[str | None] | None = None,
+          *, concurrent: bool = True) -> Scores:
+    """Run every scorer on every sample, all scorers at once (one thread each; remote scorers send their requests
+    asynchronously inside theirs). `invalid[i]` (e.g. "empty generation") makes sample i invalid for every reward
+    without asking the scorers. A scorer that raises makes its reward invalid for the whole batch (with the error
+    as the reason), and the error is printed and counted; training goes on."""
     n = len(samples)
     invalid = invalid or [None] * n
     keep = [i for i in range(n) if invalid[i] is None]
     batch = [samples[i] for i in keep]
-    results, errors = {}, {}
-    for name, scorer in scorers.items():
+
+    def run(item):
+        name, scorer = item
         m = len(batch)
         try:
             res = scorer(batch) if m else ScoreResult(np.zeros(0), np.zeros(0, dtype=bool), {}, [])
             if res.values.shape != (m,):
                 raise ValueError(f"returned {res.values.shape[0]} values for {m} samples")
+            return res, 0
         except Exception as e:  # noqa: BLE001 - a failed reward is invalid, never a crash or a 0
-            errors[name] = errors.get(name, 0) + 1
             print(f"ttsrl: scorer '{name}' failed on a batch of {m}: {type(e).__name__}: {e}", file=sys.stderr)
             traceback.print_exc(limit=3, file=sys.stderr)
             reason = f"scorer error: {type(e).__name__}: {e}"
-            res = ScoreResult(np.full(m, np.nan), np.zeros(m, dtype=bool), {}, [reason] * m)
+            return ScoreResult(np.full(m, np.nan), np.zeros(m, dtype=bool), {}, [reason] * m), 1
+
+    items = list(scorers.items())
+    if concurrent and len(items) > 1:
+        with ThreadPoolExecutor(max_workers=len(items), thread_name_prefix="scorer") as pool:
+            outs = list(pool.map(run, items))
+    else:
+        outs = [run(it) for it in items]
+    results, errors, service = {}, {}, {}
+    for (name, scorer), (res, failed) in zip(items, outs):
         results[name] = _expand(res, keep, invalid)
+        if failed:
+            errors[name] = failed
+        if hasattr(scorer, "pop_stats"):
+            service[name] = scorer.pop_stats()
     values = {k: torch.from_numpy(np.where(r.valid, r.values, np.nan)).float() for k, r in results.items()}
-    return Scores(values=values, results=results, errors=errors)
+    return Scores(values=values, results=results, errors=errors, service=service)
 
 
 def _expand(res: ScoreResult, keep: list[int], invalid: list[str | None]) -> ScoreResult:
@@ -112,7 +130,7 @@ def select_scores(scores: Scores, rows: list[int]) -> Scores:
         for k, r in scores.results.items()
     }
     values = {k: v[torch.from_numpy(idx)] for k, v in scores.values.items()}
-    return Scores(values=values, results=results, errors=dict(scores.errors))
+    return Scores(values=values, results=results, errors=dict(scores.errors), service=dict(scores.service))
 
 
 def cat_scores(parts: list[Scores]) -> Scores:
@@ -125,7 +143,12 @@ def cat_scores(parts: list[Scores]) -> Scores:
         results[k] = ScoreResult(np.concatenate([r.values for r in rs]), np.concatenate([r.valid for r in rs]),
                                  subs, reasons)
         values[k] = torch.cat([p.values[k] for p in parts])
+    service: dict[str, dict] = {}
     for p in parts:
         for k, v in p.errors.items():
             errors[k] = errors.get(k, 0) + v
-    return Scores(values=values, results=results, errors=errors)
+        for k, stats in p.service.items():
+            acc = service.setdefault(k, {})
+            for key, v in stats.items():
+                acc[key] = acc.get(key, 0) + v
+    return Scores(values=values, results=results, errors=errors, service=service)

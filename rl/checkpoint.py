@@ -2,6 +2,7 @@
 
     <output_dir>/checkpoints/step-000010/
         policy.safetensors   every weight (full fine-tuning) or the adapter + modules_to_save (LoRA)
+        pending.safetensors  with train.pipeline: the next step's first round of rollouts, already sampled
         optimizer.pt         the optimizer's state dict (tensors and numbers only; loaded with weights_only=True)
         rng.pt               torch CPU (and CUDA) RNG states
         trainer_state.json   completed steps, data cursor, group-id counter, wandb run id
@@ -46,6 +47,7 @@ def save_checkpoint(
     trainer_state: dict,
     config_yaml: str,
     keep_last: int,
+    pending: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     root = checkpoint_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -55,6 +57,8 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_file(policy_state, str(tmp / "policy.safetensors"))
+    if pending is not None:  # train.pipeline: the next step's first round, sampled before this checkpoint
+        save_file(pending, str(tmp / "pending.safetensors"))
     torch.save(optimizer_state, tmp / "optimizer.pt")
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -104,8 +108,10 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Returns {policy, optimizer, rng, trainer_state, config_yaml}. Only safe loaders are used."""
+    """Returns {policy, optimizer, rng, trainer_state, config_yaml, pending}. Only safe loaders are used."""
+    pending = path / "pending.safetensors"
     return {
+        "pending": load_file(str(pending)) if pending.is_file() else None,
         "policy": load_file(str(path / "policy.safetensors")),
         "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
         "rng": torch.load(path / "rng.pt", map_location="cpu", weights_only=True),

@@ -76,6 +76,36 @@ def _diff(a, b, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
+def cmd_serve_reward(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from rewards.base import SCORERS, build_scorer
+
+    if args.config:
+        from rl.config import load_config
+
+        cfg, _ = load_config(args.config, args.overrides)
+        if args.scorer not in cfg.rewards:
+            raise ConfigError(f"{args.config} has no reward named '{args.scorer}'; it has: {', '.join(cfg.rewards)}")
+        entry = cfg.rewards[args.scorer]
+        spec, kwargs = entry.scorer, dict(entry.kwargs)
+        if spec == "remote":
+            raise ConfigError(f"rewards.{args.scorer} in {args.config} is itself remote; serve a local scorer")
+    else:
+        spec, kwargs = args.scorer, json.loads(args.kwargs) if args.kwargs else {}
+    scorer = build_scorer(spec, kwargs, f"rewards.{args.scorer}")
+    token = args.token or os.environ.get("TTSRL_REWARD_TOKEN")
+    from rewards.server import serve
+
+    print(f"ttsrl: serving reward '{args.scorer}' ({SCORERS.get(spec, spec)}) on http://{args.host}:{args.port}"
+          + (" with a bearer token" if token else ""), flush=True)
+    serve(scorer, args.scorer, host=args.host, port=args.port, token=token,
+          describe={"class": SCORERS.get(spec, spec), "kwargs": kwargs},
+          max_request_mb=args.max_request_mb, max_batch=args.max_batch)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ttsrl", description="GRPO alignment for text-to-speech speech language models."
@@ -89,6 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="DIR", help="continue a run from its latest checkpoint (a run or checkpoint dir)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("serve-reward", help="serve a reward scorer over HTTP (POST /score, GET /health)")
+    p.add_argument("--scorer", required=True, help="with --config: a reward name in it; else a scorer name or dotted path")
+    p.add_argument("--config", help="experiment config whose rewards.<scorer> entry gives the scorer and its kwargs")
+    _add_set(p)
+    p.add_argument("--kwargs", help="without --config: the scorer's constructor arguments as JSON")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token", help="require this bearer token (default: $TTSRL_REWARD_TOKEN; none: open)")
+    p.add_argument("--max-batch", type=int, default=1024, help="samples per request at most")
+    p.add_argument("--max-request-mb", type=float, default=256.0, help="request body size limit")
+    p.set_defaults(func=cmd_serve_reward)
 
     p = sub.add_parser("config", help="show, check or list experiment configs")
     csub = p.add_subparsers(dest="action", required=True)

@@ -88,6 +88,7 @@ class RewardConfig:
     scorer: str = opt("", "scorer name (see `ttsrl rewards`) or dotted path module:Class")
     weight: float = opt(1.0, "weight in the fused advantage; 0 = computed and logged but not trained on")
     kwargs: dict[str, Any] = opt({}, "keyword arguments of the scorer's constructor, checked at start-up")
+    max_invalid_frac: float = opt(1.0, "stop the run when more of a step's samples than this are invalid (1 = never)")
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ class TrainConfig:
     save_every: int = opt(100, "write a checkpoint every this many steps (0 = only at the end)")
     keep_last: int = opt(3, "checkpoints kept on disk")
     mixed_precision: Literal["no", "bf16", "fp16"] = opt("no", "autocast for forward passes (GPU)")
+    pipeline: bool = opt(False, "sample the next step's first round while this one is scored (one step off-policy)")
 
 
 @dataclass(frozen=True)
@@ -224,6 +226,8 @@ def _validate(cfg: Config) -> None:
     for name, r in cfg.rewards.items():
         if not r.scorer:
             raise ConfigError(f"rewards.{name}.scorer is empty: give a scorer name or a dotted path")
+        if not 0.0 <= r.max_invalid_frac <= 1.0:
+            raise ConfigError(f"rewards.{name}.max_invalid_frac must be in [0, 1]")
         try:  # the class and its kwargs are checked now, before any model is loaded
             check_scorer_kwargs(resolve_scorer_class(r.scorer, f"rewards.{name}"), dict(r.kwargs), f"rewards.{name}")
         except ScorerConfigError as e:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,45 @@ class TrainState:
     next_group_id: int = 0  # group ids are unique over the whole run
     stream: dict = dataclasses.field(default_factory=dict)  # PromptStream cursor
     wandb_id: str | None = None
+    pending: dict | None = None  # with train.pipeline: what the prefetched rollout (pending.safetensors) was
+
+
+@dataclass
+class Generated:
+    rollout: Rollout
+    vocoded: object  # VocodeResult | None
+    seconds: float  # sampling
+    vocode_seconds: float = 0.0
+    lag: int = 0  # optimizer steps between the policy that sampled it and the one it trains
+
+
+class RewardFailure(RuntimeError):
+    """Too many samples of a step have no valid value for one reward (rewards.<name>.max_invalid_frac)."""
+
+    def __init__(self, name: str, frac: float, limit: float, reasons: list, step: int):
+        from collections import Counter
+
+        common = Counter(r for r in reasons if r).most_common(3)
+        why = "; ".join(f"{n} x {r}" for r, n in common)
+        super().__init__(f"reward '{name}': {frac:.0%} of step {step}'s samples are invalid, above its limit "
+                         f"rewards.{name}.max_invalid_frac={limit:g}. Most common reasons: {why}")
+
+
+_ROLLOUT_TENSORS = ("prompt_ids", "prompt_mask", "tokens", "token_mask", "behaviour_logp", "group_ids",
+                    "prompt_index", "finished", "truncated", "lengths", "min_lengths", "text_lengths")
+
+
+def rollout_tensors(ro: Rollout) -> dict[str, torch.Tensor]:
+    return {k: getattr(ro, k).contiguous() for k in _ROLLOUT_TENSORS}
+
+
+def rollout_meta(ro: Rollout) -> dict:
+    return {"params": dataclasses.asdict(ro.params), "pad_id": ro.pad_id}
+
+
+def rollout_from_state(tensors: dict[str, torch.Tensor], meta: dict) -> Rollout:
+    return Rollout(**{k: tensors[k] for k in _ROLLOUT_TENSORS}, params=SamplingParams(**meta["params"]),
+                   pad_id=int(meta["pad_id"]))
 
 
 def step_seed(seed: int, step: int, salt: int = 0) -> int:
@@ -126,62 +166,104 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
 
         bar = tqdm(total=cfg.train.steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
 
+    def sampling_params(step: int) -> SamplingParams:
+        return SamplingParams(
+            temperature=cfg.sampling.temperature(step), top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p,
+            ras=cfg.sampling.ras, ras_window=cfg.sampling.ras_window, ras_tau=cfg.sampling.ras_tau,
+        )
+
+    def generate(prompt_idx: list[int], gids: list[int], params: SamplingParams, seed: int) -> Generated:
+        """Sample one group per prompt (manifest indices) and vocode it."""
+        t0 = time.perf_counter()
+        ro = policy.sample_groups(
+            [prompts[k] for k in prompt_idx], group_size, params, group_ids=gids, seed=seed,
+            min_ratio=cfg.sampling.min_token_text_ratio, max_ratio=cfg.sampling.max_token_text_ratio,
+            max_new_tokens=cfg.sampling.max_new_tokens,
+        )
+        ro = dataclasses.replace(ro, prompt_index=torch.tensor([prompt_idx[int(i)] for i in ro.prompt_index]))
+        t1 = time.perf_counter()
+        vocoded = vocode(ro)
+        return Generated(ro, vocoded, t1 - t0, time.perf_counter() - t1)
+
+    def vocode(ro: Rollout):
+        if token2wav is None:
+            return None
+        # one noise seed per group: decoder noise is shared inside a group and cannot leak into the advantages
+        return token2wav(ro.codes(policy.special.ats), [voices[int(k)] for k in ro.prompt_index],
+                         [step_seed(cfg.train.seed, 0, int(g)) for g in ro.group_ids], batch_size=cfg.vocoder.batch_size)
+
+    def new_group_ids(n: int) -> list[int]:
+        state.next_group_id += n
+        return list(range(state.next_group_id - n, state.next_group_id))
+
+    pending: Generated | None = None  # with train.pipeline: the next step's first round, generated in advance
+    if resume and ckpt["pending"] is not None:
+        ro = rollout_from_state(ckpt["pending"], state.pending)
+        pending = Generated(ro, vocode(ro), 0.0, lag=1)
+    prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") if cfg.train.pipeline else None
+
     for step in range(state.step, cfg.train.steps):
         torch.manual_seed(step_seed(cfg.train.seed, step))  # dropout and anything else drawing globally
         temperature = cfg.sampling.temperature(step)
         eps_low, eps_high = cfg.loss.eps_low(step), cfg.loss.eps_high(step)
-        params = SamplingParams(
-            temperature=temperature, top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p, ras=cfg.sampling.ras,
-            ras_window=cfg.sampling.ras_window, ras_tau=cfg.sampling.ras_tau,
-        )
+        params = sampling_params(step)
 
         # ---- 1. rollouts, scoring and dynamic resampling ------------------------------------------------------
-        t_rollout = t_vocode = t_score = 0.0
+        t_rollout = t_vocode = t_score = t_prefetch = 0.0
         plan = DynamicSampling(
             cfg.dynamic_sampling.mode, cfg.data.prompts_per_step, max_tries=cfg.dynamic_sampling.max_tries,
             max_gen_batches=cfg.dynamic_sampling.max_gen_batches, on_exhausted=cfg.dynamic_sampling.on_exhausted,
         )
         slot_prompt: dict[int, int] = {}
         parts: list[Rollout] = []
-        part_scores = []
+        part_scores, part_lag = [], []
         while (req := plan.next_request()) is not None:
-            if req.fresh:
-                for slot, idx in zip(req.slots, stream.take(len(req.slots))):
-                    slot_prompt[slot] = idx
-            gids = list(range(state.next_group_id, state.next_group_id + len(req.slots)))
-            state.next_group_id += len(req.slots)
-            t0 = time.perf_counter()
-            ro = policy.sample_groups(
-                [prompts[slot_prompt[s]] for s in req.slots], group_size, params, group_ids=gids,
-                seed=step_seed(cfg.train.seed, step, plan.generations + 1),
-                min_ratio=cfg.sampling.min_token_text_ratio, max_ratio=cfg.sampling.max_token_text_ratio,
-                max_new_tokens=cfg.sampling.max_new_tokens,
-            )
-            # prompt_index: from "index within this request" to "index into the manifest"
-            ro = dataclasses.replace(ro, prompt_index=torch.tensor([slot_prompt[req.slots[i]] for i in ro.prompt_index]))
-            t1 = time.perf_counter()
-            vocoded = None
-            if token2wav is not None:  # one noise seed per group: decoder noise is shared inside a group
-                vocoded = token2wav(
-                    ro.codes(policy.special.ats), [voices[int(k)] for k in ro.prompt_index],
-                    [step_seed(cfg.train.seed, 0, int(g)) for g in ro.group_ids], batch_size=cfg.vocoder.batch_size,
-                )
+            if plan.generations == 0 and pending is not None:  # generated during the previous step
+                gen, pending = pending, None
+                for slot, k in zip(req.slots, gen.rollout.prompt_index[::group_size].tolist()):
+                    slot_prompt[slot] = k
+            else:
+                if req.fresh:
+                    for slot, k in zip(req.slots, stream.take(len(req.slots))):
+                        slot_prompt[slot] = k
+                gen = generate([slot_prompt[s] for s in req.slots], new_group_ids(len(req.slots)), params,
+                               step_seed(cfg.train.seed, step, plan.generations + 1))
+                t_rollout, t_vocode = t_rollout + gen.seconds, t_vocode + gen.vocode_seconds
+            ro = gen.rollout
+            gids = ro.group_ids[::group_size].tolist()
+            prefetch = None
+            if prefetcher is not None and plan.generations == 0:
+                # overlap this round's scoring with the next step's first round (one step off-policy); the last
+                # step prefetches too, into the final checkpoint, so that a run extended by --resume is exact
+                nxt = stream.take(cfg.data.prompts_per_step)
+                prefetch = prefetcher.submit(generate, nxt, new_group_ids(len(nxt)), sampling_params(step + 1),
+                                             step_seed(cfg.train.seed, step + 1, 1))
             t2 = time.perf_counter()
-            samples = samples_from_rollout(ro, records, policy.special.ats, vocoded,
-                                           prompt_audio.get(ro.prompt_index) if vocoded else None)
-            sc = score(scorers, samples, vocoded.reasons if vocoded else None)
-            t3 = time.perf_counter()
-            t_rollout, t_vocode, t_score = t_rollout + t1 - t0, t_vocode + t2 - t1, t_score + t3 - t2
+            samples = samples_from_rollout(ro, records, policy.special.ats, gen.vocoded,
+                                           prompt_audio.get(ro.prompt_index) if gen.vocoded else None)
+            sc = score(scorers, samples, gen.vocoded.reasons if gen.vocoded else None)
+            t_score += time.perf_counter() - t2
+            if prefetch is not None:
+                t3 = time.perf_counter()
+                pending = dataclasses.replace(prefetch.result(), lag=1)  # joined before the model is used again
+                # the part of the next round's generation hidden behind this round's scoring
+                t_prefetch += max(0.0, pending.seconds + pending.vocode_seconds - (time.perf_counter() - t3))
             info = informative_groups(sc.values, ro.group_ids, weights, derived.dynamic_sampling_keys,
                                       min_std=cfg.dynamic_sampling.min_std, std_ddof=cfg.advantage.std_ddof)
             plan.record([GroupResult(slot=s, group_id=g, informative=info[g]) for s, g in zip(req.slots, gids)])
             parts.append(ro)
             part_scores.append(sc)
+            part_lag.append(torch.full((ro.num_rows,), gen.lag))
         chosen = {r.group_id for r in plan.selected()}
         all_rows = Rollout.cat(parts)
         rows = [i for i, g in enumerate(all_rows.group_ids.tolist()) if g in chosen]
         batch = all_rows.select(rows)
         scores = select_scores(cat_scores(part_scores), rows)
+        lag = torch.cat(part_lag)[rows]
+        for k, r in cfg.rewards.items():  # a reward that mostly fails stops the run (configurable per reward)
+            frac = float((~scores.results[k].valid).mean()) if batch.num_rows else 0.0
+            if frac > r.max_invalid_frac:
+                raise RewardFailure(k, frac, r.max_invalid_frac, scores.results[k].reasons, step + 1)
 
         # ---- 2. advantages --------------------------------------------------------------------------------------
         adv = normalize_fuse_normalize(
@@ -273,6 +355,8 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
             "reward/fused/mean": fused_reward_mean(adv.stats, weights),
             "time/rollout_s": t_rollout, "time/vocode_s": t_vocode, "time/score_s": t_score,
             "time/update_s": t_update,
+            "time/prefetch_hidden_s": t_prefetch,
+            "pipeline/offpolicy_frac": float((lag > 0).float().mean()), "pipeline/lag_steps": int(lag.max()),
         }
         for k, res in scores.results.items():
             metrics[f"reward/{k}/mean"] = adv.stats[f"reward/{k}/mean"]
@@ -285,6 +369,8 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
             for sub, v in res.sub_scores.items():
                 ok = res.valid & ~torch.isnan(torch.from_numpy(v)).numpy()
                 metrics[f"reward/{k}/{sub}"] = float(v[ok].mean()) if ok.any() else float("nan")
+            for key, v in scores.service.get(k, {}).items():
+                metrics[f"service/{k}/{key}"] = v
         logger.log(state.step, metrics)
         if bar is not None:
             bar.update(1)
@@ -292,11 +378,15 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
                             len=f"{metrics['len/mean']:.0f}")
         last = state.step == cfg.train.steps
         if last or (cfg.train.save_every and state.step % cfg.train.save_every == 0):
+            state.pending = rollout_meta(pending.rollout) if pending is not None else None
             save_checkpoint(
                 out, state.step, policy_state=policy.state_for_checkpoint(),
                 optimizer_state=optimizer.state_dict(), trainer_state=dataclasses.asdict(state),
                 config_yaml=config_yaml, keep_last=cfg.train.keep_last,
+                pending=rollout_tensors(pending.rollout) if pending is not None else None,
             )
+    if prefetcher is not None:
+        prefetcher.shutdown()
     if bar is not None:
         bar.close()
     logger.close()

@@ -61,3 +61,35 @@ def audio_sample(text="今天天气很好", seconds=1.0, rate=24000, seed=0, emo
     )
     defaults.update(kw)
     return Sample(**defaults)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """A uvicorn server for `app` on 127.0.0.1 in a background thread (a real socket, real HTTP)."""
+
+    def __init__(self, app):
+        import threading
+        import time
+
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.02)
+        assert self.server.started, "server did not start"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

@@ -48,3 +48,21 @@ class AudioSeconds:
             reasons.append(None if ok else "no audio")
             values.append(len(s.audio) / s.sample_rate if ok else 0.0)
         return ScoreResult.build(values, reasons)
+
+
+class Slow:
+    """Sleeps, then scores like Longer: a service that is too slow for its client's timeout."""
+
+    def __init__(self, seconds: float = 1.0):
+        self.seconds = seconds
+
+    def __call__(self, samples):
+        import time
+
+        time.sleep(self.seconds)
+        return Longer()(samples)
+
+
+class Broken:
+    def __call__(self, samples):
+        raise RuntimeError("model server lost its GPU")

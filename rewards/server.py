@@ -1,0 +1,93 @@
+"""Serve any scorer over HTTP: `ttsrl serve-reward --scorer NAME [--config FILE] [--host 127.0.0.1] [--port N]`.
+
+    POST /score    a batch in the wire format (rewards/wire.py) -> values, validity, reasons, sub-scores
+    GET  /health   the scorer, its class and model arguments, readiness and counters
+
+Binds to 127.0.0.1 unless told otherwise. With a token (--token, or the TTSRL_REWARD_TOKEN environment variable)
+every request needs `Authorization: Bearer <token>` (401 otherwise). Requests larger than `max_request_mb` get
+413, more than `max_batch` samples 413, malformed JSON 400, a malformed batch 422 naming the sample and the field;
+a scorer that raises gives 500 with the error. One batch is scored at a time (models are not re-entrant);
+requests queue.
+"""
+
+
+import json
+import threading
+import time
+
+from rewards.base import Scorer
+from rewards.wire import WireError, decode_request, encode_result
+
+
+def create_app(scorer: Scorer, name: str, *, describe: dict | None = None, token: str | None = None,
+               max_request_mb: float = 256.0, max_batch: int = 1024):
+    from fastapi import FastAPI, Request
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import JSONResponse
+
+    app = FastAPI(title=f"ttsrl reward service: {name}", docs_url=None, redoc_url=None, openapi_url=None)
+    lock = threading.Lock()
+    stats = {"requests": 0, "samples": 0, "errors": 0, "busy_s": 0.0, "started": time.time()}
+    limit = int(max_request_mb * 1024 * 1024)
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    def authorised(request: Request) -> bool:
+        return token is None or request.headers.get("authorization") == f"Bearer {token}"
+
+    @app.get("/health")
+    async def health(request: Request):
+        if not authorised(request):
+            return error(401, "missing or wrong bearer token")
+        return {"scorer": name, **(describe or {}), "ready": True, "max_batch": max_batch,
+                "max_request_mb": max_request_mb, **{k: v for k, v in stats.items() if k != "started"},
+                "uptime_s": time.time() - stats["started"]}
+
+    @app.post("/score")
+    async def score(request: Request):
+        if not authorised(request):
+            return error(401, "missing or wrong bearer token")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return error(413, f"request of {int(declared)} bytes exceeds the limit of {limit} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                return error(413, f"request exceeds the limit of {limit} bytes")
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            return error(400, f"the body is not valid JSON: {e}")
+        try:
+            samples = decode_request(payload, max_batch)
+        except WireError as e:
+            return error(413 if str(e).startswith("too many samples") else 422, str(e))
+
+        def run():
+            with lock:
+                t0 = time.perf_counter()
+                try:
+                    return scorer(samples)
+                finally:
+                    stats["busy_s"] += time.perf_counter() - t0
+
+        try:
+            res = await run_in_threadpool(run)
+            if res.values.shape != (len(samples),):
+                raise ValueError(f"the scorer returned {res.values.shape[0]} values for {len(samples)} samples")
+        except Exception as e:  # noqa: BLE001 - report, do not crash the server
+            stats["errors"] += 1
+            return error(500, f"scorer error: {type(e).__name__}: {e}")
+        stats["requests"] += 1
+        stats["samples"] += len(samples)
+        return encode_result(res)
+
+    return app
+
+
+def serve(scorer: Scorer, name: str, *, host: str = "127.0.0.1", port: int = 8000, **kw) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(scorer, name, **kw), host=host, port=port, log_level="warning")

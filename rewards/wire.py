@@ -1,0 +1,159 @@
+"""The JSON wire format of the reward service (`POST /score`), shared by the server and the client.
+
+Request:
+    {"samples": [{"uttid": str, "group_id": int, "target_text": str, "prompt_text": str,
+                  "codes": [int], "finished": bool, "prompt_codes": [int], "emotion": int | null,
+                  "audio": AUDIO | null, "prompt_audio_ref": str | null}, ...],
+     "prompt_audio": {ref: AUDIO}}                       # each voice prompt once, however many samples use it
+    AUDIO = {"encoding": "float32" | "pcm16", "sample_rate": int, "data": base64 of little-endian samples}
+Response:
+    {"values": [float | null], "valid": [bool], "reasons": [str | null], "sub_scores": {name: [float | null]}}
+
+float32 audio is exact (remote scores equal local ones); pcm16 halves the bytes and rounds to 16 bits.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import math
+
+import numpy as np
+
+from rewards.base import Sample, ScoreResult
+
+ENCODINGS = ("float32", "pcm16")
+
+
+class WireError(ValueError):
+    """A request or response does not follow the wire format; the message names the sample and the field."""
+
+
+def encode_audio(wav: np.ndarray, rate: int, encoding: str) -> dict:
+    if encoding == "float32":
+        data = np.ascontiguousarray(wav, dtype="<f4").tobytes()
+    elif encoding == "pcm16":
+        data = (np.clip(np.asarray(wav, np.float64), -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+    else:
+        raise WireError(f"audio encoding must be one of {ENCODINGS}, got {encoding!r}")
+    return {"encoding": encoding, "sample_rate": int(rate), "data": base64.b64encode(data).decode("ascii")}
+
+
+def decode_audio(obj, where: str) -> tuple[np.ndarray, int]:
+    if not isinstance(obj, dict):
+        raise WireError(f"{where}: expected an audio object {{encoding, sample_rate, data}}")
+    enc, rate, data = obj.get("encoding"), obj.get("sample_rate"), obj.get("data")
+    if enc not in ENCODINGS:
+        raise WireError(f"{where}.encoding: must be one of {ENCODINGS}, got {enc!r}")
+    if isinstance(rate, bool) or not isinstance(rate, int) or rate <= 0:
+        raise WireError(f"{where}.sample_rate: must be a positive integer, got {rate!r}")
+    if not isinstance(data, str):
+        raise WireError(f"{where}.data: must be a base64 string")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (ValueError, base64.binascii.Error) as e:
+        raise WireError(f"{where}.data: not valid base64 ({e})") from None
+    width = 4 if enc == "float32" else 2
+    if len(raw) % width:
+        raise WireError(f"{where}.data: {len(raw)} bytes is not a whole number of {enc} samples")
+    if enc == "float32":
+        return np.frombuffer(raw, dtype="<f4").astype(np.float32), rate
+    return (np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32767.0), rate
+
+
+def encode_request(samples: list[Sample], encoding: str = "float32") -> dict:
+    prompts: dict[str, dict] = {}
+    out = []
+    for s in samples:
+        ref = None
+        if s.prompt_audio is not None:
+            ref = hashlib.blake2b(np.ascontiguousarray(s.prompt_audio).tobytes(), digest_size=12).hexdigest()
+            if ref not in prompts:
+                prompts[ref] = encode_audio(s.prompt_audio, s.prompt_sample_rate or 0, encoding)
+        out.append({
+            "uttid": s.uttid, "group_id": int(s.group_id), "target_text": s.target_text,
+            "prompt_text": s.prompt_text, "codes": [int(c) for c in s.codes], "finished": bool(s.finished),
+            "prompt_codes": [int(c) for c in s.prompt_codes], "emotion": s.emotion,
+            "audio": None if s.audio is None else encode_audio(s.audio, s.sample_rate or 0, encoding),
+            "prompt_audio_ref": ref,
+        })
+    return {"samples": out, "prompt_audio": prompts}
+
+
+def decode_request(obj, max_samples: int) -> list[Sample]:
+    if not isinstance(obj, dict) or not isinstance(obj.get("samples"), list):
+        raise WireError("the body must be a JSON object with a 'samples' list")
+    items = obj["samples"]
+    if len(items) > max_samples:
+        raise WireError(f"too many samples: {len(items)} (this server takes at most {max_samples} per request)")
+    prompts_in = obj.get("prompt_audio") or {}
+    if not isinstance(prompts_in, dict):
+        raise WireError("'prompt_audio' must map references to audio objects")
+    prompts = {ref: decode_audio(a, f"prompt_audio[{ref!r}]") for ref, a in prompts_in.items()}
+    samples = []
+    for i, it in enumerate(items):
+        where = f"samples[{i}]"
+        if not isinstance(it, dict):
+            raise WireError(f"{where}: expected an object")
+
+        def field(name, types, required=True, default=None):
+            if name not in it or it[name] is None:
+                if required:
+                    raise WireError(f"{where}.{name}: missing")
+                return default
+            v = it[name]
+            if not isinstance(v, types) or (isinstance(v, bool) and types is not bool):  # JSON true is not an int
+                raise WireError(f"{where}.{name}: expected {types.__name__}, got {type(v).__name__}")
+            return v
+
+        codes = field("codes", list, required=False, default=[])
+        prompt_codes = field("prompt_codes", list, required=False, default=[])
+        for name, arr in (("codes", codes), ("prompt_codes", prompt_codes)):
+            if not all(isinstance(c, int) and not isinstance(c, bool) for c in arr):
+                raise WireError(f"{where}.{name}: must be a list of integers")
+        audio = it.get("audio")
+        wav, rate = decode_audio(audio, f"{where}.audio") if audio is not None else (None, None)
+        ref = it.get("prompt_audio_ref")
+        if ref is not None and ref not in prompts:
+            raise WireError(f"{where}.prompt_audio_ref: {ref!r} is not in prompt_audio")
+        pwav, prate = prompts[ref] if ref is not None else (None, None)
+        emotion = it.get("emotion")
+        if emotion is not None and (isinstance(emotion, bool) or not isinstance(emotion, int)):
+            raise WireError(f"{where}.emotion: must be an integer or null")
+        samples.append(Sample(
+            uttid=field("uttid", str), group_id=field("group_id", int, required=False, default=0),
+            target_text=field("target_text", str), prompt_text=field("prompt_text", str, required=False, default=""),
+            codes=np.asarray(codes, dtype=np.int64), finished=bool(field("finished", bool, required=False, default=True)),
+            prompt_codes=np.asarray(prompt_codes, dtype=np.int64), emotion=emotion, audio=wav, sample_rate=rate,
+            prompt_audio=pwav, prompt_sample_rate=prate,
+        ))
+    return samples
+
+
+def _num(x: float):
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(x)
+
+
+def encode_result(res: ScoreResult) -> dict:
+    n = len(res.values)
+    return {
+        "values": [_num(v) if ok else None for v, ok in zip(res.values.tolist(), res.valid.tolist())],
+        "valid": [bool(v) for v in res.valid],
+        "reasons": list(res.reasons) if res.reasons else [None] * n,
+        "sub_scores": {k: [_num(x) for x in v.tolist()] for k, v in res.sub_scores.items()},
+    }
+
+
+def decode_result(obj, n: int) -> ScoreResult:
+    try:
+        values = np.array([np.nan if v is None else float(v) for v in obj["values"]], dtype=np.float64)
+        valid = np.array([bool(v) for v in obj["valid"]], dtype=bool)
+        reasons = list(obj.get("reasons") or [None] * n)
+        subs = {k: np.array([np.nan if x is None else float(x) for x in v], dtype=np.float64)
+                for k, v in (obj.get("sub_scores") or {}).items()}
+    except (KeyError, TypeError, ValueError) as e:
+        raise WireError(f"malformed response: {e}") from None
+    if values.shape != (n,) or valid.shape != (n,) or len(reasons) != n or any(v.shape != (n,) for v in subs.values()):
+        raise WireError(f"the response does not hold {n} results")
+    values[~valid] = np.nan
+    return ScoreResult(values, valid, subs, reasons)
