@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 run: $(STAMP)
 	$(BIN)/ttsrl train
+	$(BIN)/ttsrl plot runs/tiny
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from policies.sampling import SamplingParams, behaviour_logprob, sample_step, step_distribution
+from policies.sampling import SamplingParams, behaviour_logprob, row_keys, sample_step, step_distribution
 from policies.tokenizer import GLMTokenizer, RemoteCodeTokenizer, TokenizerError
 from rollouts.types import PromptRecord, Rollout
 
@@ -200,6 +200,7 @@ class GLMTTSPolicy:
 
         Row r belongs to prompt r // group_size and carries group_ids[r // group_size]. Stop is masked before
         int(min_ratio * text_len) tokens; a row is truncated at min(int(max_ratio * text_len), max_new_tokens).
+        Row j of group g draws from the random stream (seed, g, j), whatever else is in the batch.
         """
         if len(group_ids) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts need {len(prompts)} group ids, got {len(group_ids)}")
@@ -217,7 +218,8 @@ class GLMTTSPolicy:
         min_len = torch.minimum((text_len.double() * min_ratio).long(), max_len)
         steps = int(max_len.max())
 
-        gen = torch.Generator(device=device).manual_seed(seed)
+        keys = row_keys(seed, torch.tensor(group_ids).repeat_interleave(group_size),
+                        torch.arange(group_size).repeat(len(prompts))).to(device)
         tokens = torch.full((n, steps), self.special.pad, dtype=torch.long)
         logp_b = torch.zeros((n, steps), dtype=torch.float32)
         tmask = torch.zeros((n, steps), dtype=torch.bool)
@@ -239,7 +241,7 @@ class GLMTTSPolicy:
             active = ~(finished | truncated)
             logits = self.restricted_logits(hidden)
             dist = step_distribution(logits, min_len_d <= t, params)
-            idx = sample_step(dist, history if params.ras else None, params, gen)
+            idx = sample_step(dist, history if params.ras else None, params, keys, t)
             lp = behaviour_logprob(dist, idx, history if params.ras else None, params)
             idx_c, lp_c, act = idx.cpu(), lp.float().cpu(), active
             tokens[act, t] = self.restricted_to_ids(idx_c)[act]

@@ -160,28 +160,66 @@ def sample_step(
     dist: StepDist,
     history: torch.Tensor | None,  # [M, W]
     params: SamplingParams,
-    generator: torch.Generator | None,
+    row_keys: torch.Tensor,  # [M] int64: each row's random stream (see row_keys)
+    step: int,  # position in the sequence
 ) -> torch.Tensor:
-    """Draw one token per row. [M] restricted ids. Always draws both candidates with RAS (fixed RNG use)."""
+    """Draw one token per row. [M] restricted ids. A row's draws depend only on its key and the step, never on
+    the other rows of the batch: the same sample comes out batched, alone, or on another process."""
+    u = uniforms(row_keys, 2 * step)
     if dist.support is not None:  # draw among the K candidates of S
-        k = draw(dist.scaled.gather(1, dist.support).masked_fill(~dist.support_ok, NEG_INF), generator)
+        k = draw(dist.scaled.gather(1, dist.support).masked_fill(~dist.support_ok, NEG_INF), u)
         y = dist.support.gather(1, k[:, None]).squeeze(1)
     elif dist.threshold is not None:
-        y = draw(dist.scaled.masked_fill(dist.scaled < dist.threshold, NEG_INF), generator)
+        y = draw(dist.scaled.masked_fill(dist.scaled < dist.threshold, NEG_INF), u)
     else:
-        y = draw(dist.scaled, generator)
+        y = draw(dist.scaled, u)
     if not params.ras:
         return y
     assert history is not None
-    y_full = draw(dist.scaled, generator)
+    y_full = draw(dist.scaled, uniforms(row_keys, 2 * step + 1))
     return torch.where(in_window(y, history, params.ras_threshold), y_full, y)
 
 
-def draw(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Exact inverse-CDF sampling from softmax(logits), one uniform per row: [M, V] -> [M] indices.
+def draw(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Exact inverse-CDF sampling from softmax(logits) with one uniform u in [0, 1) per row: [M, V] -> [M].
     Zero-probability entries are never drawn (the first index whose cumulative mass exceeds u * total)."""
     w = torch.exp(logits.double() - logits.double().max(dim=-1, keepdim=True).values)
     cdf = torch.cumsum(w, dim=-1)
-    u = torch.rand(logits.shape[0], 1, generator=generator, device=logits.device, dtype=torch.float64)
-    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+    idx = torch.searchsorted(cdf, u.to(cdf.device, torch.float64)[:, None] * cdf[:, -1:], right=True).squeeze(1)
     return idx.clamp(max=logits.shape[-1] - 1)
+
+
+# --- counter-based random numbers (splitmix64 on int64 tensors) ------------------------------------------------
+
+def _u64(x: int) -> int:
+    """A 64-bit constant as the signed int64 torch stores."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_GOLDEN, _MIX1, _MIX2 = _u64(0x9E3779B97F4A7C15), _u64(0xBF58476D1CE4E5B9), _u64(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """Bijective 64-bit mixing (int64 arithmetic wraps modulo 2^64)."""
+    z = x + _GOLDEN
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    return z ^ _shr(z, 31)
+
+
+def row_keys(seed: int, group_ids: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
+    """[M] int64 keys: row j of group g draws from stream (seed, g, j)."""
+    k = splitmix64(torch.full_like(group_ids, _u64(seed % (1 << 64)), dtype=torch.int64))
+    k = splitmix64(k ^ group_ids.to(torch.int64))
+    return splitmix64(k ^ member.to(torch.int64))
+
+
+def uniforms(keys: torch.Tensor, counter: int) -> torch.Tensor:
+    """[M] float64 uniforms in [0, 1), one per key, for this counter value."""
+    z = splitmix64(keys ^ _u64(counter % (1 << 64)))
+    return _shr(z, 11).to(torch.float64) * (1.0 / (1 << 53))

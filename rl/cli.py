@@ -106,6 +106,14 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from rl.plots import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ttsrl", description="GRPO alignment for text-to-speech speech language models."
@@ -131,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=1024, help="samples per request at most")
     p.add_argument("--max-request-mb", type=float, default=256.0, help="request body size limit")
     p.set_defaults(func=cmd_serve_reward)
+
+    p = sub.add_parser("plot", help="write PNG reward/length/clip/loss curves of a run (RUN_DIR/plots/)")
+    p.add_argument("run_dir", help="a training run's output directory (holds metrics.jsonl)")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("config", help="show, check or list experiment configs")
     csub = p.add_subparsers(dest="action", required=True)

@@ -142,6 +142,8 @@ class TrainConfig:
     save_every: int = opt(100, "write a checkpoint every this many steps (0 = only at the end)")
     keep_last: int = opt(3, "checkpoints kept on disk")
     mixed_precision: Literal["no", "bf16", "fp16"] = opt("no", "autocast for forward passes (GPU)")
+    samples_every: int = opt(10, "every this many steps, save a few samples (wav, samples.jsonl, wandb audio table); 0 = off")
+    samples_per_step: int = opt(4, "samples saved per logged step (one per group)")
     pipeline: bool = opt(False, "sample the next step's first round while this one is scored (one step off-policy)")
 
 
@@ -206,6 +208,8 @@ def _validate(cfg: Config) -> None:
         (cfg.train.steps >= 1, "train.steps must be >= 1"),
         (cfg.vocoder.n_timesteps >= 1 and cfg.vocoder.batch_size >= 0, "vocoder.n_timesteps >= 1, batch_size >= 0"),
         (cfg.train.save_every >= 0 and cfg.train.keep_last >= 1, "train.save_every >= 0 and train.keep_last >= 1"),
+        (cfg.train.samples_every >= 0 and cfg.train.samples_per_step >= 1,
+         "train.samples_every >= 0 and train.samples_per_step >= 1"),
         (not cfg.policy.lora.enabled or cfg.policy.lora.r >= 1, "policy.lora.r must be >= 1"),
     ]
     for ok, msg in checks:

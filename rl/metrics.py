@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 
@@ -35,15 +36,15 @@ class MetricsLogger:
             mode = wandb_cfg.mode
             if mode == "auto":
                 mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-            run = wandb.init(
-                project=wandb_cfg.project,
-                name=wandb_cfg.run_name or Path(output_dir).name,
-                config=config,
-                dir=str(output_dir),
-                mode=mode,
-                id=wandb_id,
-                resume="allow" if wandb_id else None,
-            )
+            kw = dict(project=wandb_cfg.project, name=wandb_cfg.run_name or Path(output_dir).name, config=config,
+                      dir=str(output_dir), mode=mode)
+            try:
+                run = wandb.init(**kw, id=wandb_id, resume="allow" if wandb_id else None)
+            except Exception as e:  # noqa: BLE001 - e.g. "run ID ... is in use" right after a killed run
+                if wandb_id is None:
+                    raise
+                print(f"ttsrl: wandb could not resume run {wandb_id} ({e}); logging to a new run", file=sys.stderr)
+                run = wandb.init(**kw)
             self.wandb = run
             self.wandb_id = run.id
 
@@ -53,6 +54,21 @@ class MetricsLogger:
         self._file.flush()
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in metrics.items() if v is not None}, step=step)
+
+    def log_samples(self, step: int, samples: list[dict], audio: list, sample_rate: int) -> None:
+        """A wandb table of the step's samples: audio, texts, every reward, the advantage (JSONL/wav: rl/samples.py)."""
+        if self.wandb is None:
+            return
+        import wandb
+
+        names = sorted({k for s in samples for k in s["rewards"]})
+        table = wandb.Table(columns=["step", "uttid", "group", "audio", "target_text", "seconds", "finished",
+                                     "advantage", *names])
+        for s, wav in zip(samples, audio):
+            clip = wandb.Audio(wav, sample_rate=sample_rate) if wav is not None else None
+            table.add_data(step, s["uttid"], s["group_id"], clip, s["target_text"], s["seconds"], s["finished"],
+                           s["advantage"], *[s["rewards"].get(k) for k in names])
+        self.wandb.log({"samples": table}, step=step)
 
     def close(self) -> None:
         self._file.close()

@@ -33,9 +33,11 @@ from rl.advantages import fused_reward_mean, normalize_fuse_normalize
 from rl.checkpoint import clean_partial, find_checkpoint, load_checkpoint, save_checkpoint
 from rl.config import Config, Derived, dump
 from rl.configlib import to_dict
+from rl.distributed import Dist
 from rl.dynamic_sampling import DynamicSampling, GroupResult, informative_groups
 from rl.losses import policy_loss
 from rl.metrics import MetricsLogger
+from rl.samples import pick_rows, write_samples
 from rollouts.audio import read_wav
 from rollouts.manifest import ManifestError, PromptStream, read_manifest
 from rollouts.token2wav import Token2Wav, VoicePrompt
@@ -62,6 +64,15 @@ class Generated:
     lag: int = 0  # optimizer steps between the policy that sampled it and the one it trains
 
 
+@dataclass
+class PendingRound:
+    """train.pipeline: the next step's first round, sampled ahead (global prompts and group ids, this rank's part)."""
+
+    prompt_idx: list[int]
+    gids: list[int]
+    gen: Generated | None
+
+
 class RewardFailure(RuntimeError):
     """Too many samples of a step have no valid value for one reward (rewards.<name>.max_invalid_frac)."""
 
@@ -82,13 +93,8 @@ def rollout_tensors(ro: Rollout) -> dict[str, torch.Tensor]:
     return {k: getattr(ro, k).contiguous() for k in _ROLLOUT_TENSORS}
 
 
-def rollout_meta(ro: Rollout) -> dict:
-    return {"params": dataclasses.asdict(ro.params), "pad_id": ro.pad_id}
-
-
-def rollout_from_state(tensors: dict[str, torch.Tensor], meta: dict) -> Rollout:
-    return Rollout(**{k: tensors[k] for k in _ROLLOUT_TENSORS}, params=SamplingParams(**meta["params"]),
-                   pad_id=int(meta["pad_id"]))
+def rollout_from_state(tensors: dict[str, torch.Tensor], meta: dict, pad_id: int) -> Rollout:
+    return Rollout(**{k: tensors[k] for k in _ROLLOUT_TENSORS}, params=SamplingParams(**meta["params"]), pad_id=pad_id)
 
 
 def step_seed(seed: int, step: int, salt: int = 0) -> int:
@@ -97,27 +103,31 @@ def step_seed(seed: int, step: int, salt: int = 0) -> int:
 
 
 def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress: bool = True) -> dict:
-    """Run the configured training. Returns the last step's metrics."""
+    """Run the configured training (one process, or one rank of `accelerate launch`). Returns the last metrics."""
     from accelerate import Accelerator
 
     out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision)
+    dist = Dist(accelerator)
+    say = print if dist.main else (lambda *a, **k: None)
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
 
-    # ---- setup: data, policy, scorers, optimizer ----------------------------------------------------------------
+    # ---- setup: data, policy, vocoder, scorers, optimizer ------------------------------------------------------
     records = read_manifest(cfg.data.manifest, cfg.data.root or None)
     ckpt_dir = Path(cfg.policy.ckpt_dir)
-    if cfg.policy.build_tiny:
+    if cfg.policy.build_tiny and dist.main:
         from policies.tiny import write_tiny_checkpoint
         from rollouts.tiny_vocoder import write_tiny_vocoder
 
         if not (ckpt_dir / "llm").exists():
             write_tiny_checkpoint(ckpt_dir, [t for r in records for t in (r.prompt_text, r.target_text)],
                                   seed=cfg.train.seed)
-            print(f"ttsrl: wrote a tiny random GLM-TTS speech LM to {ckpt_dir}")
+            say(f"ttsrl: wrote a tiny random GLM-TTS speech LM to {ckpt_dir}")
         if cfg.vocoder.enabled and not (ckpt_dir / "flow").exists():
             write_tiny_vocoder(ckpt_dir, seed=cfg.train.seed)
-            print(f"ttsrl: wrote a tiny random flow + HiFT vocoder to {ckpt_dir}")
+            say(f"ttsrl: wrote a tiny random flow + HiFT vocoder to {ckpt_dir}")
+    dist.barrier()
     policy = GLMTTSPolicy.from_pretrained(
         ckpt_dir, dtype=DTYPES[cfg.policy.dtype], device=accelerator.device,
         lora=cfg.policy.lora, trust_remote_code=cfg.policy.trust_remote_code,
@@ -141,6 +151,7 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
     )
     stream = PromptStream(len(records), seed=cfg.train.seed, shuffle=cfg.data.shuffle)
     state = TrainState()
+    ckpt = None
     if resume:
         ckpt = load_checkpoint(find_checkpoint(resume))
         policy.load_checkpoint_state(ckpt["policy"])
@@ -148,20 +159,23 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
         torch.set_rng_state(ckpt["rng"]["cpu"])
         state = TrainState(**ckpt["trainer_state"])
         stream.load_state(state.stream)
-        print(f"ttsrl: resumed from {find_checkpoint(resume)} at step {state.step}")
-    clean_partial(out)
+        say(f"ttsrl: resumed from {find_checkpoint(resume)} at step {state.step}")
     config_yaml = dump(cfg)
-    (out / "config.yaml").write_text(config_yaml)
-    logger = MetricsLogger(out, config=to_dict(cfg), wandb_cfg=cfg.wandb,
-                           resume_step=state.step if resume else None, wandb_id=state.wandb_id)
-    state.wandb_id = logger.wandb_id
-    print(f"ttsrl: metrics -> {logger.path}" + (f" and wandb run {logger.wandb_id}" if logger.wandb else ""))
+    logger = None
+    if dist.main:
+        clean_partial(out)
+        (out / "config.yaml").write_text(config_yaml)
+        logger = MetricsLogger(out, config=to_dict(cfg), wandb_cfg=cfg.wandb,
+                               resume_step=state.step if resume else None, wandb_id=state.wandb_id)
+        state.wandb_id = logger.wandb_id
+        say(f"ttsrl: metrics -> {logger.path}" + (f" and wandb run {logger.wandb_id}" if logger.wandb else "")
+            + (f"; {dist.world} processes" if dist.world > 1 else ""))
 
     weights = derived.weights
     group_size = cfg.sampling.group_size
     metrics: dict = {}
     bar = None
-    if progress:
+    if progress and dist.main:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.train.steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
@@ -172,19 +186,6 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
             ras=cfg.sampling.ras, ras_window=cfg.sampling.ras_window, ras_tau=cfg.sampling.ras_tau,
         )
 
-    def generate(prompt_idx: list[int], gids: list[int], params: SamplingParams, seed: int) -> Generated:
-        """Sample one group per prompt (manifest indices) and vocode it."""
-        t0 = time.perf_counter()
-        ro = policy.sample_groups(
-            [prompts[k] for k in prompt_idx], group_size, params, group_ids=gids, seed=seed,
-            min_ratio=cfg.sampling.min_token_text_ratio, max_ratio=cfg.sampling.max_token_text_ratio,
-            max_new_tokens=cfg.sampling.max_new_tokens,
-        )
-        ro = dataclasses.replace(ro, prompt_index=torch.tensor([prompt_idx[int(i)] for i in ro.prompt_index]))
-        t1 = time.perf_counter()
-        vocoded = vocode(ro)
-        return Generated(ro, vocoded, t1 - t0, time.perf_counter() - t1)
-
     def vocode(ro: Rollout):
         if token2wav is None:
             return None
@@ -192,14 +193,39 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
         return token2wav(ro.codes(policy.special.ats), [voices[int(k)] for k in ro.prompt_index],
                          [step_seed(cfg.train.seed, 0, int(g)) for g in ro.group_ids], batch_size=cfg.vocoder.batch_size)
 
+    def generate(prompt_idx: list[int], gids: list[int], params: SamplingParams, seed: int) -> Generated | None:
+        """This rank's share of a generation round: one group per prompt (manifest indices), sampled and vocoded.
+        None when the round has no slot for this rank."""
+        mine = dist.shard(len(gids))
+        if not mine:
+            return None
+        t0 = time.perf_counter()
+        ro = policy.sample_groups(
+            [prompts[prompt_idx[i]] for i in mine], group_size, params, group_ids=[gids[i] for i in mine], seed=seed,
+            min_ratio=cfg.sampling.min_token_text_ratio, max_ratio=cfg.sampling.max_token_text_ratio,
+            max_new_tokens=cfg.sampling.max_new_tokens,
+        )
+        ro = dataclasses.replace(ro, prompt_index=torch.tensor([prompt_idx[mine[int(i)]] for i in ro.prompt_index]))
+        t1 = time.perf_counter()
+        vocoded = vocode(ro)
+        return Generated(ro, vocoded, t1 - t0, time.perf_counter() - t1)
+
     def new_group_ids(n: int) -> list[int]:
         state.next_group_id += n
         return list(range(state.next_group_id - n, state.next_group_id))
 
-    pending: Generated | None = None  # with train.pipeline: the next step's first round, generated in advance
-    if resume and ckpt["pending"] is not None:
-        ro = rollout_from_state(ckpt["pending"], state.pending)
-        pending = Generated(ro, vocode(ro), 0.0, lag=1)
+    # with train.pipeline: the next step's first round (its prompts, group ids and this rank's rollouts)
+    pending: PendingRound | None = None
+    if ckpt is not None and state.pending is not None:
+        if state.pending["world"] != dist.world:
+            raise RuntimeError(f"{resume}: this pipelined run was saved by {state.pending['world']} processes; "
+                               f"resume it with as many (got {dist.world})")
+        part = {k[len(f"rank{dist.rank}."):]: v for k, v in ckpt["pending"].items() if k.startswith(f"rank{dist.rank}.")}
+        gen = None
+        if part:
+            ro = rollout_from_state(part, state.pending, policy.special.pad)
+            gen = Generated(ro, vocode(ro), 0.0, lag=1)
+        pending = PendingRound(state.pending["prompt_idx"], state.pending["gids"], gen)
     prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") if cfg.train.pipeline else None
 
     for step in range(state.step, cfg.train.steps):
@@ -208,7 +234,7 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
         eps_low, eps_high = cfg.loss.eps_low(step), cfg.loss.eps_high(step)
         params = sampling_params(step)
 
-        # ---- 1. rollouts, scoring and dynamic resampling ------------------------------------------------------
+        # ---- 1. rollouts, scoring and dynamic resampling (every rank runs the same plan on its share) --------------
         t_rollout = t_vocode = t_score = t_prefetch = 0.0
         plan = DynamicSampling(
             cfg.dynamic_sampling.mode, cfg.data.prompts_per_step, max_tries=cfg.dynamic_sampling.max_tries,
@@ -216,79 +242,104 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
         )
         slot_prompt: dict[int, int] = {}
         parts: list[Rollout] = []
-        part_scores, part_lag = [], []
+        part_scores, part_lag, part_audio = [], [], []
         while (req := plan.next_request()) is not None:
-            if plan.generations == 0 and pending is not None:  # generated during the previous step
-                gen, pending = pending, None
-                for slot, k in zip(req.slots, gen.rollout.prompt_index[::group_size].tolist()):
-                    slot_prompt[slot] = k
+            if plan.generations == 0 and pending is not None:  # sampled during the previous step
+                prompt_idx, gids, gen = pending.prompt_idx, pending.gids, pending.gen
+                pending = None
             else:
                 if req.fresh:
                     for slot, k in zip(req.slots, stream.take(len(req.slots))):
                         slot_prompt[slot] = k
-                gen = generate([slot_prompt[s] for s in req.slots], new_group_ids(len(req.slots)), params,
-                               step_seed(cfg.train.seed, step, plan.generations + 1))
-                t_rollout, t_vocode = t_rollout + gen.seconds, t_vocode + gen.vocode_seconds
-            ro = gen.rollout
-            gids = ro.group_ids[::group_size].tolist()
+                prompt_idx, gids = [slot_prompt[s] for s in req.slots], new_group_ids(len(req.slots))
+                gen = generate(prompt_idx, gids, params, step_seed(cfg.train.seed, step, plan.generations + 1))
+                if gen is not None:
+                    t_rollout, t_vocode = t_rollout + gen.seconds, t_vocode + gen.vocode_seconds
+            slot_prompt.update(zip(req.slots, prompt_idx))
             prefetch = None
             if prefetcher is not None and plan.generations == 0:
                 # overlap this round's scoring with the next step's first round (one step off-policy); the last
                 # step prefetches too, into the final checkpoint, so that a run extended by --resume is exact
-                nxt = stream.take(cfg.data.prompts_per_step)
-                prefetch = prefetcher.submit(generate, nxt, new_group_ids(len(nxt)), sampling_params(step + 1),
-                                             step_seed(cfg.train.seed, step + 1, 1))
-            t2 = time.perf_counter()
-            samples = samples_from_rollout(ro, records, policy.special.ats, gen.vocoded,
-                                           prompt_audio.get(ro.prompt_index) if gen.vocoded else None)
-            sc = score(scorers, samples, gen.vocoded.reasons if gen.vocoded else None)
-            t_score += time.perf_counter() - t2
+                nxt, ngids = stream.take(cfg.data.prompts_per_step), new_group_ids(cfg.data.prompts_per_step)
+                prefetch = (nxt, ngids, prefetcher.submit(generate, nxt, ngids, sampling_params(step + 1),
+                                                          step_seed(cfg.train.seed, step + 1, 1)))
+            results = []
+            if gen is not None:
+                ro = gen.rollout
+                t2 = time.perf_counter()
+                samples = samples_from_rollout(ro, records, policy.special.ats, gen.vocoded,
+                                               prompt_audio.get(ro.prompt_index) if gen.vocoded else None)
+                sc = score(scorers, samples, gen.vocoded.reasons if gen.vocoded else None)
+                t_score += time.perf_counter() - t2
+                info = informative_groups(sc.values, ro.group_ids, weights, derived.dynamic_sampling_keys,
+                                          min_std=cfg.dynamic_sampling.min_std, std_ddof=cfg.advantage.std_ddof)
+                mine = dist.shard(len(gids))
+                results = [GroupResult(slot=req.slots[i], group_id=gids[i], informative=info[gids[i]]) for i in mine]
+                parts.append(ro)
+                part_scores.append(sc)
+                part_lag.append(torch.full((ro.num_rows,), gen.lag))
+                part_audio += gen.vocoded.audio if gen.vocoded else [None] * ro.num_rows
             if prefetch is not None:
                 t3 = time.perf_counter()
-                pending = dataclasses.replace(prefetch.result(), lag=1)  # joined before the model is used again
-                # the part of the next round's generation hidden behind this round's scoring
-                t_prefetch += max(0.0, pending.seconds + pending.vocode_seconds - (time.perf_counter() - t3))
-            info = informative_groups(sc.values, ro.group_ids, weights, derived.dynamic_sampling_keys,
-                                      min_std=cfg.dynamic_sampling.min_std, std_ddof=cfg.advantage.std_ddof)
-            plan.record([GroupResult(slot=s, group_id=g, informative=info[g]) for s, g in zip(req.slots, gids)])
-            parts.append(ro)
-            part_scores.append(sc)
-            part_lag.append(torch.full((ro.num_rows,), gen.lag))
-        chosen = {r.group_id for r in plan.selected()}
-        all_rows = Rollout.cat(parts)
-        rows = [i for i, g in enumerate(all_rows.group_ids.tolist()) if g in chosen]
-        batch = all_rows.select(rows)
-        scores = select_scores(cat_scores(part_scores), rows)
-        lag = torch.cat(part_lag)[rows]
-        for k, r in cfg.rewards.items():  # a reward that mostly fails stops the run (configurable per reward)
-            frac = float((~scores.results[k].valid).mean()) if batch.num_rows else 0.0
-            if frac > r.max_invalid_frac:
-                raise RewardFailure(k, frac, r.max_invalid_frac, scores.results[k].reasons, step + 1)
+                ahead = prefetch[2].result()  # joined before the model is used again
+                pending = PendingRound(prefetch[0], prefetch[1], dataclasses.replace(ahead, lag=1) if ahead else None)
+                if ahead is not None:  # the part of the next round's generation hidden behind this round's scoring
+                    t_prefetch += max(0.0, ahead.seconds + ahead.vocode_seconds - (time.perf_counter() - t3))
+            plan.record([r for rank_results in dist.gather(results) for r in rank_results])
 
-        # ---- 2. advantages --------------------------------------------------------------------------------------
+        # this rank's rows of the chosen groups, in slot order
+        slot_of = {r.group_id: r.slot for r in plan.selected()}
+        all_rows = Rollout.cat(parts) if parts else None
+        row_gids = all_rows.group_ids.tolist() if all_rows is not None else []
+        rows = sorted((i for i, g in enumerate(row_gids) if g in slot_of), key=lambda i: (slot_of[row_gids[i]], i))
+        batch = all_rows.select(rows) if rows else None
+        scores = select_scores(cat_scores(part_scores), rows) if rows else None
+        lag = torch.cat(part_lag)[rows] if rows else torch.zeros(0, dtype=torch.long)
+        audio = [part_audio[i] for i in rows]
+        # the whole step's rows (every rank's, in rank order) for the advantages and the statistics
+        everyone = dist.gather(None if batch is None else (batch.group_ids, batch.lengths, batch.truncated, lag, scores))
+        offset = sum(x[0].shape[0] for x in everyone[: dist.rank] if x is not None)  # where this rank's rows start
+        shared = [x for x in everyone if x is not None]
+        g_gids, g_lengths, g_trunc, g_lag = (torch.cat([x[i] for x in shared]) for i in range(4))
+        g_scores = cat_scores([x[4] for x in shared])
+        n_all = g_gids.shape[0]
+        for k, r in cfg.rewards.items():  # a reward that mostly fails stops the run (configurable per reward)
+            frac = float((~g_scores.results[k].valid).mean()) if n_all else 0.0
+            if frac > r.max_invalid_frac:
+                raise RewardFailure(k, frac, r.max_invalid_frac, g_scores.results[k].reasons, step + 1)
+
+        # ---- 2. advantages, over the whole step --------------------------------------------------------------------
         adv = normalize_fuse_normalize(
-            scores.values, batch.group_ids, weights, std_ddof=cfg.advantage.std_ddof, eps=cfg.advantage.eps,
+            g_scores.values, g_gids, weights, std_ddof=cfg.advantage.std_ddof, eps=cfg.advantage.eps,
             min_std=cfg.advantage.min_std, second_norm=cfg.advantage.second_norm,
         )
-        scored = torch.stack([~torch.isnan(scores.values[k]) for k in weights if weights[k] != 0]).any(0)  # [N]
-        train_mask = batch.token_mask & scored[:, None]  # samples without any valid reward do not train
+        n = 0 if batch is None else batch.num_rows
+        device = policy.device
+        advantages = adv.advantages[offset: offset + n].to(device)
+        if n:
+            scored = torch.stack([~torch.isnan(scores.values[k]) for k in weights if weights[k] != 0]).any(0)  # [n]
+            train_mask = batch.token_mask & scored[:, None]  # samples without any valid reward do not train
+        else:
+            train_mask = torch.zeros(0, 1, dtype=torch.bool)
 
-        # ---- 3. update ------------------------------------------------------------------------------------------
+        # ---- 3. update (loss denominators over all ranks; gradients summed over ranks) ---------------------------
         t0 = time.perf_counter()
         policy.model.train()
-        n = batch.num_rows
-        device = policy.device
-        advantages = adv.advantages.to(device)
         upd = {"loss": [], "pg_loss": [], "kl": [], "clip/low_frac": [], "clip/high_frac": [], "grad_norm": [],
                "ratio/mean": [], "ratio/min": [], "ratio/max": []}
         entropy_sum = entropy_tokens = 0.0
         for epoch in range(cfg.optim.ppo_epochs):
+            # minibatches partition the whole step's rows (every rank draws the same permutation of all n_all
+            # rows); each rank trains on the rows of each minibatch that it holds
             g = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, 1000 + epoch))
-            order = torch.randperm(n, generator=g) if cfg.optim.ppo_epochs * cfg.optim.minibatches > 1 else torch.arange(n)
-            for mb in torch.tensor_split(order, cfg.optim.minibatches):
-                mb_tokens = float(train_mask[mb].sum())
-                mb_seqs = float(train_mask[mb].any(-1).sum())
-                micro = cfg.optim.micro_batch_size or len(mb)
+            shuffled = cfg.optim.ppo_epochs * cfg.optim.minibatches > 1
+            order = torch.randperm(n_all, generator=g) if shuffled else torch.arange(n_all)
+            for global_mb in torch.tensor_split(order, cfg.optim.minibatches):
+                mb = global_mb[(global_mb >= offset) & (global_mb < offset + n)] - offset
+                mb_tokens = dist.sum(float(train_mask[mb].sum()) if n else 0.0)
+                mb_seqs = dist.sum(float(train_mask[mb].any(-1).sum()) if n else 0.0)
+                mb_rows = len(global_mb)
+                micro = cfg.optim.micro_batch_size or max(len(mb), 1)
                 optimizer.zero_grad(set_to_none=True)
                 sums = {k: 0.0 for k in ("loss", "pg_loss", "kl", "clip/low_frac", "clip/high_frac", "ratio/mean")}
                 rmin, rmax = math.inf, -math.inf
@@ -313,7 +364,7 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
                     # weight each micro-batch by its share of the minibatch's denominator (exact accumulation)
                     w_tok = m_tokens / max(mb_tokens, 1.0)
                     w_pg = {"token_mean": w_tok, "seq_mean": m_seqs / max(mb_seqs, 1.0),
-                            "seq_sum_const": len(mic) / len(mb)}[cfg.loss.agg]
+                            "seq_sum_const": len(mic) / max(mb_rows, 1.0)}[cfg.loss.agg]
                     total = res.pg * w_pg + cfg.loss.kl_coef * res.kl * w_tok
                     accelerator.backward(total)
                     sums["loss"] += float(total.detach())
@@ -326,17 +377,19 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
                         seen = mask & ~torch.isnan(ent)
                         entropy_sum += float(ent[seen].sum())
                         entropy_tokens += float(seen.sum())
+                dist.sum_grads(policy.trainable_parameters())
                 # grad_clip 0 = no clipping (an infinite bound still reports the norm)
                 grad_norm = accelerator.clip_grad_norm_(policy.trainable_parameters(), cfg.optim.grad_clip or math.inf)
                 optimizer.step()
                 for k, v in sums.items():
-                    upd[k].append(v)
-                upd["ratio/min"].append(rmin)
-                upd["ratio/max"].append(rmax)
+                    upd[k].append(dist.sum(v))
+                upd["ratio/min"].append(dist.min(rmin))
+                upd["ratio/max"].append(dist.max(rmax))
                 upd["grad_norm"].append(float(grad_norm))
         t_update = time.perf_counter() - t0
+        entropy_sum, entropy_tokens = dist.sum(entropy_sum), dist.sum(entropy_tokens)
 
-        # ---- 4. metrics and checkpoints ------------------------------------------------------------------------
+        # ---- 4. metrics, samples and checkpoints (rank 0) -----------------------------------------------------------
         state.step = step + 1
         state.stream = stream.state()
         metrics = {
@@ -347,50 +400,69 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
             "ratio/mean": _mean(upd["ratio/mean"]), "ratio/min": min(upd["ratio/min"], default=float("nan")),
             "ratio/max": max(upd["ratio/max"], default=float("nan")),
             "grad_norm": _mean(upd["grad_norm"]), "lr": optimizer.param_groups[0]["lr"],
-            "len/mean": float(batch.lengths.float().mean()),
-            "len/truncated_frac": float(batch.truncated.float().mean()),
+            "len/mean": float(g_lengths.float().mean()), "len/truncated_frac": float(g_trunc.float().mean()),
             "resample/tries": plan.generations, "resample/discarded_groups": plan.discarded,
             "adv/frac_uninformative": adv.stats["adv/frac_uninformative"],
             "adv/mean": adv.stats["adv/mean"], "adv/std": adv.stats["adv/std"],
             "reward/fused/mean": fused_reward_mean(adv.stats, weights),
             "time/rollout_s": t_rollout, "time/vocode_s": t_vocode, "time/score_s": t_score,
-            "time/update_s": t_update,
-            "time/prefetch_hidden_s": t_prefetch,
-            "pipeline/offpolicy_frac": float((lag > 0).float().mean()), "pipeline/lag_steps": int(lag.max()),
+            "time/update_s": t_update, "time/prefetch_hidden_s": t_prefetch,
+            "pipeline/offpolicy_frac": float((g_lag > 0).float().mean()), "pipeline/lag_steps": int(g_lag.max()),
         }
-        for k, res in scores.results.items():
+        for k, res in g_scores.results.items():
             metrics[f"reward/{k}/mean"] = adv.stats[f"reward/{k}/mean"]
             metrics[f"reward/{k}/std"] = adv.stats[f"reward/{k}/std"]
-            metrics[f"reward/{k}/invalid_frac"] = adv.stats[f"reward/{k}/invalid"] / max(n, 1)
-            metrics[f"reward/{k}/errors"] = scores.errors.get(k, 0)
+            metrics[f"reward/{k}/invalid_frac"] = adv.stats[f"reward/{k}/invalid"] / max(n_all, 1)
+            metrics[f"reward/{k}/errors"] = g_scores.errors.get(k, 0)
             if f"reward/{k}/norm_mean" in adv.stats:
                 metrics[f"reward/{k}/norm_mean"] = adv.stats[f"reward/{k}/norm_mean"]
                 metrics[f"reward/{k}/norm_std"] = adv.stats[f"reward/{k}/norm_std"]
             for sub, v in res.sub_scores.items():
                 ok = res.valid & ~torch.isnan(torch.from_numpy(v)).numpy()
                 metrics[f"reward/{k}/{sub}"] = float(v[ok].mean()) if ok.any() else float("nan")
-            for key, v in scores.service.get(k, {}).items():
+            for key, v in g_scores.service.get(k, {}).items():
                 metrics[f"service/{k}/{key}"] = v
-        logger.log(state.step, metrics)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(reward=f"{metrics['reward/fused/mean']:.3f}", loss=f"{metrics['loss']:.3f}",
-                            len=f"{metrics['len/mean']:.0f}")
-        last = state.step == cfg.train.steps
-        if last or (cfg.train.save_every and state.step % cfg.train.save_every == 0):
-            state.pending = rollout_meta(pending.rollout) if pending is not None else None
-            save_checkpoint(
-                out, state.step, policy_state=policy.state_for_checkpoint(),
-                optimizer_state=optimizer.state_dict(), trainer_state=dataclasses.asdict(state),
-                config_yaml=config_yaml, keep_last=cfg.train.keep_last,
-                pending=rollout_tensors(pending.rollout) if pending is not None else None,
-            )
+        pend = dist.gather(None if pending is None or pending.gen is None else rollout_tensors(pending.gen.rollout))
+        if dist.main:
+            logger.log(state.step, metrics)
+            if cfg.train.samples_every and state.step % cfg.train.samples_every == 0 and n:
+                pick = pick_rows(batch.group_ids.tolist(), cfg.train.samples_per_step)
+                recs = []
+                for i in pick:
+                    rec = records[int(batch.prompt_index[i])]
+                    recs.append({
+                        "uttid": rec.uttid, "group_id": int(batch.group_ids[i]), "target_text": rec.target_text,
+                        "prompt_text": rec.prompt_text, "finished": bool(batch.finished[i]),
+                        "advantage": float(advantages[i]),
+                        "rewards": {k: float(r.values[i]) for k, r in scores.results.items()},
+                        "invalid": {k: r.reasons[i] for k, r in scores.results.items() if r.reasons and r.reasons[i]},
+                    })
+                written = write_samples(out, state.step, recs, [audio[i] for i in pick], 24000)
+                logger.log_samples(state.step, written, [audio[i] for i in pick], 24000)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward/fused/mean']:.3f}", loss=f"{metrics['loss']:.3f}",
+                                len=f"{metrics['len/mean']:.0f}")
+            last = state.step == cfg.train.steps
+            if last or (cfg.train.save_every and state.step % cfg.train.save_every == 0):
+                state.pending = None if pending is None else {  # sampled with the next step's parameters
+                    "prompt_idx": pending.prompt_idx, "gids": pending.gids, "world": dist.world,
+                    "params": dataclasses.asdict(sampling_params(state.step)),
+                }
+                tensors = {f"rank{r}.{k}": v for r, t in enumerate(pend) if t is not None for k, v in t.items()}
+                save_checkpoint(
+                    out, state.step, policy_state=policy.state_for_checkpoint(),
+                    optimizer_state=optimizer.state_dict(), trainer_state=dataclasses.asdict(state),
+                    config_yaml=config_yaml, keep_last=cfg.train.keep_last, pending=tensors or None,
+                )
+        dist.barrier()
     if prefetcher is not None:
         prefetcher.shutdown()
     if bar is not None:
         bar.close()
-    logger.close()
-    print(f"ttsrl: done; metrics in {logger.path}, checkpoints in {out / 'checkpoints'}")
+    if logger is not None:
+        logger.close()
+        say(f"ttsrl: done; metrics in {logger.path}, checkpoints in {out / 'checkpoints'}")
     return metrics
 
 

@@ -33,6 +33,8 @@ def run_config(tmp_path: Path, ckpt: Path, *extra: str) -> list[str]:
         f"train.output_dir={tmp_path / 'run'}",
         "sampling.max_token_text_ratio=4",
         "sampling.max_new_tokens=48",
+        "wandb.enabled=false",
+        "train.samples_every=0",
         *extra,
     ]
 

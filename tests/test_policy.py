@@ -207,3 +207,12 @@ def test_vocab_must_cover_special_ids(tiny_ckpt, tmp_path):
     (bad / "llm" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(Exception):
         GLMTTSPolicy.from_pretrained(bad)
+
+
+def test_a_row_samples_the_same_alone_or_in_a_batch(policy, tiny_records):
+    prompts = inputs(policy, tiny_records, 3)
+    params = SamplingParams(top_k=25, top_p=0.8, ras=True)
+    batch = policy.sample_groups(prompts, 3, params, group_ids=[4, 5, 6], seed=9, max_ratio=4)
+    alone = policy.sample_groups(prompts[1:2], 3, params, group_ids=[5], seed=9, max_ratio=4)
+    n = alone.tokens.shape[1]
+    assert torch.equal(batch.tokens[3:6, :n], alone.tokens) and torch.equal(batch.lengths[3:6], alone.lengths)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from policies.sampling import SamplingParams, behaviour_logprob, sample_step, step_distribution
+from policies.sampling import SamplingParams, behaviour_logprob, row_keys, sample_step, splitmix64, step_distribution, uniforms
 
 LOGITS = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))  # last index is "stop"
 ALL = torch.arange(5)[None]
@@ -63,8 +63,8 @@ def test_recorded_logprob_is_the_sampling_frequency():
     history = torch.tensor([[2, 5, 2, 7]])  # threshold 2: token 2 is "repeated"
     n = 200_000
     d = step_distribution(logits.expand(n, -1).clone(), torch.ones(n, dtype=torch.bool), params)
-    g = torch.Generator().manual_seed(1)
-    ys = sample_step(d, history.expand(n, -1), params, g)
+    keys = row_keys(1, torch.zeros(n, dtype=torch.long), torch.arange(n))
+    ys = sample_step(d, history.expand(n, -1), params, keys, step=3)
     freq = torch.bincount(ys, minlength=12).double() / n
     d1 = step_distribution(logits.clone(), torch.tensor([True]), params)
     exact = torch.stack([behaviour_logprob(d1, torch.tensor([y]), history, params).exp()[0] for y in range(12)])
@@ -82,3 +82,14 @@ def test_gradients_are_finite_when_the_token_left_the_support():
     lp.sum().backward()
     assert torch.isfinite(logits.grad).all()
     assert lp.item() <= -1e3  # effectively zero probability (floored, not -inf)
+
+
+def test_counter_based_uniforms_are_uniform_and_independent_of_the_batch():
+    keys = row_keys(7, torch.arange(2000) // 4, torch.arange(2000) % 4)
+    u = uniforms(keys, 5)
+    assert u.min() >= 0 and u.max() < 1 and abs(float(u.mean()) - 0.5) < 0.02
+    assert abs(float(torch.corrcoef(torch.stack([u, uniforms(keys, 6)]))[0, 1])) < 0.1
+    assert torch.equal(uniforms(keys[[5, 17]], 5), u[[5, 17]])  # a row's draw does not depend on its neighbours
+    assert len(set(keys.tolist())) == 2000
+    # splitmix64 reference values (unsigned): mix(0) = 0xE220A8397B1DCDAF
+    assert splitmix64(torch.tensor([0])).item() % (1 << 64) == 0xE220A8397B1DCDAF

@@ -1,0 +1,84 @@
+"""`ttsrl plot RUN_DIR`: PNG curves from metrics.jsonl, for people without wandb.
+
+    <run>/plots/rewards.png   every reward's mean (raw) and the fused reward, with a moving average
+    <run>/plots/length.png    mean generated length and the truncated fraction
+    <run>/plots/clip.png      clip fractions (low, high) and the eps_low / eps_high / temperature schedules
+    <run>/plots/loss.png      loss, KL, entropy, grad norm
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a ttsrl run directory?)")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not rows:
+        raise ValueError(f"{path} is empty")
+    return rows
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for r in rows:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            xs.append(r["step"])
+            ys.append(float(v))
+    return xs, ys
+
+
+def _smooth(ys: list[float], k: int) -> list[float]:
+    out, acc = [], []
+    for y in ys:
+        acc.append(y)
+        if len(acc) > k:
+            acc.pop(0)
+        out.append(sum(acc) / len(acc))
+    return out
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    out_dir = run_dir / "plots"
+    out_dir.mkdir(exist_ok=True)
+    k = max(1, len(rows) // 20)
+    rewards = sorted({key.split("/")[1] for r in rows for key in r if key.startswith("reward/") and key.endswith("/mean")})
+    panels = {
+        "rewards.png": [(f"reward/{name}/mean", name) for name in rewards],
+        "length.png": [("len/mean", "mean length (tokens)"), ("len/truncated_frac", "truncated fraction")],
+        "clip.png": [("clip/low_frac", "clip low fraction"), ("clip/high_frac", "clip high fraction"),
+                     ("clip/eps_low", "eps_low"), ("clip/eps_high", "eps_high"), ("sampling/temperature", "temperature")],
+        "loss.png": [("loss", "loss"), ("kl", "KL"), ("entropy", "entropy"), ("grad_norm", "grad norm")],
+    }
+    written = []
+    for fname, curves in panels.items():
+        curves = [(key, label) for key, label in curves if _series(rows, key)[0]]
+        if not curves:
+            continue
+        fig, axes = plt.subplots(len(curves), 1, figsize=(8, 2.2 * len(curves)), sharex=True, squeeze=False)
+        for ax, (key, label) in zip(axes[:, 0], curves):
+            xs, ys = _series(rows, key)
+            ax.plot(xs, ys, alpha=0.35, lw=1)
+            ax.plot(xs, _smooth(ys, k), lw=2)
+            ax.set_ylabel(label, fontsize=8)
+            ax.grid(alpha=0.3)
+        axes[-1, 0].set_xlabel("step")
+        fig.suptitle(f"{run_dir.name}: {fname[:-4]}")
+        fig.tight_layout()
+        path = out_dir / fname
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
