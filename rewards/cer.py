@@ -46,8 +46,9 @@ def normalize(text: str, lang: str) -> str:
     raise ValueError(f"lang must be 'zh' or 'en', got {lang!r}")
 
 
-def error_rate(ref: str, hyp: str, lang: str) -> float:
-    """CER (zh) or WER (en) of `hyp` against `ref`, exactly as seed-tts-eval computes it (module docstring)."""
+def edit_counts(ref: str, hyp: str, lang: str) -> tuple[int, int]:
+    """(edits, reference tokens) of `hyp` against `ref` after seed-tts-eval's text path (module docstring):
+    the rate is edits / reference tokens, and summing both over a corpus gives the corpus-level rate."""
     import jiwer
 
     if lang == "zh":
@@ -55,11 +56,19 @@ def error_rate(ref: str, hyp: str, lang: str) -> float:
 
         hyp = zhconv.convert(hyp, "zh-cn")
     truth, hypo = normalize(ref, lang), normalize(hyp, lang)
-    if not truth.split():
+    n_ref = len(truth.split())
+    if not n_ref:
         raise ValueError(f"the reference is empty after normalisation: {ref!r}")
     if not hypo.split():
-        return 1.0  # everything deleted
-    return float(jiwer.process_words(truth, hypo).wer)
+        return n_ref, n_ref  # everything deleted
+    out = jiwer.process_words(truth, hypo)
+    return out.substitutions + out.deletions + out.insertions, n_ref
+
+
+def error_rate(ref: str, hyp: str, lang: str) -> float:
+    """CER (zh) or WER (en) of `hyp` against `ref`, exactly as seed-tts-eval computes it (module docstring)."""
+    edits, n_ref = edit_counts(ref, hyp, lang)
+    return edits / n_ref
 
 
 def detect_lang(text: str) -> str:
@@ -124,4 +133,4 @@ class CERScorer:
         return ScoreResult.build(values, reasons, {"cer": rates})
 
 
-__all__ = ["ASR_RATE", "CERScorer", "error_rate", "normalize", "detect_lang"]
+__all__ = ["ASR_RATE", "CERScorer", "edit_counts", "error_rate", "normalize", "detect_lang"]

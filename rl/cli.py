@@ -106,6 +106,48 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rl.evaluate import EvalModels, compare_table, evaluate, load_report, read_meta, tiny_models
+
+    def models() -> EvalModels:
+        if args.tiny_models:
+            return tiny_models(args.lang, read_meta(args.meta))
+        if not args.frontend:
+            raise ConfigError("ttsrl eval needs --frontend DIR (speech_tokenizer/ and frontend/campplus.onnx) "
+                              "or --tiny-models")
+        return EvalModels(frontend_dir=args.frontend, asr_dir=args.asr, sim_checkpoint=args.sim,
+                          emotion_dir=args.emotion)
+
+    def run(ckpt: str, out: str | None) -> dict:
+        if not args.meta or not args.lang:
+            raise ConfigError("evaluating a checkpoint needs --meta META.lst and --lang zh|en")
+        from pathlib import Path
+
+        out = out or str(Path("runs") / "eval" / f"{Path(ckpt).resolve().name}-{Path(args.meta).stem}")
+        report = evaluate(ckpt, args.meta, args.lang, out, models(), device=args.device, seed=args.seed,
+                          batch_size=args.batch_size, flow_steps=args.flow_steps)
+        print((Path(out) / "eval.md").read_text(), end="")
+        print(f"ttsrl: wrote {out}/eval.json, {out}/eval.md and {report['metrics']['synthesised']} wavs")
+        return report
+
+    from policies.glmtts import CheckpointError
+    from rl.evaluate import MetaError
+    from rollouts.prepare import PrepareError
+
+    try:
+        if args.compare:
+            reports = [load_report(path) or run(path, None) for path in args.compare]
+            print(compare_table(*reports), end="")
+            return 0
+        if not args.ckpt:
+            raise ConfigError("ttsrl eval needs --ckpt DIR (or --compare A B)")
+        report = run(args.ckpt, args.out)
+    except (MetaError, PrepareError, CheckpointError, FileNotFoundError) as e:
+        print(f"ttsrl eval: {e}", file=sys.stderr)
+        return 2
+    return 1 if report["metrics"]["synthesised"] == 0 else 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from rl.plots import plot_run
 
@@ -139,6 +181,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=1024, help="samples per request at most")
     p.add_argument("--max-request-mb", type=float, default=256.0, help="request body size limit")
     p.set_defaults(func=cmd_serve_reward)
+
+    from rollouts.prepare import add_prepare_parser
+
+    add_prepare_parser(sub)
+
+    p = sub.add_parser("eval", help="synthesise a seed-tts-eval meta file; report CER/WER, SIM, emotion accuracy")
+    p.add_argument("--ckpt", help="a GLM-TTS checkpoint dir (llm/, flow/, hift/ ...) or a ttsrl run/checkpoint dir")
+    p.add_argument("--meta", help="seed-tts-eval meta file: utt|prompt_text|prompt_wav|target_text[|emotion]")
+    p.add_argument("--lang", choices=["zh", "en"], help="zh: CER with Paraformer; en: WER with Whisper")
+    p.add_argument("--out", help="output dir (default runs/eval/<ckpt name>-<meta name>)")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                   help="side-by-side table of two evaluations (eval output dirs, or checkpoints evaluated first)")
+    p.add_argument("--frontend", help="dir with speech_tokenizer/ and frontend/campplus.onnx (upstream layout)")
+    p.add_argument("--asr", help="local Paraformer (zh) or Whisper (en) model dir; without it no CER/WER")
+    p.add_argument("--sim", help="local wavlm_large_finetune.pth; without it no SIM")
+    p.add_argument("--emotion", help="local emotion2vec+ dir; without it no emotion accuracy")
+    p.add_argument("--tiny-models", action="store_true",
+                   help="tiny random front end and scorers (built on first use in .cache/): tries the pipeline")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="sampling and flow-noise seed")
+    p.add_argument("--batch-size", type=int, default=16, help="items synthesised per batch")
+    p.add_argument("--flow-steps", type=int, default=10, help="flow-matching Euler steps (upstream 10)")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("plot", help="write PNG reward/length/clip/loss curves of a run (RUN_DIR/plots/)")
     p.add_argument("run_dir", help="a training run's output directory (holds metrics.jsonl)")

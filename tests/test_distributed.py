@@ -1,4 +1,5 @@
-"""Data-parallel training: 2 processes on CPU (gloo) give the single-process run with the same global batch."""
+"""Data-parallel training: 2 processes under `accelerate launch` on CPU (gloo) give the single-process run with the
+same global batch."""
 
 import json
 import os
@@ -20,7 +21,9 @@ def launch(tmp, ckpt, procs, *overrides):
               "sampling.group_size=2", "sampling.max_token_text_ratio=4", "sampling.max_new_tokens=48",
               "wandb.enabled=false", "train.samples_every=0", "vocoder.n_timesteps=2", *overrides):
         args += ["--set", o]
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", "-m", "rl.cli"]
+    # `accelerate launch --multi_gpu` starts the processes through torch.distributed; without a GPU they use gloo
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={procs}",
+                "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "-m", "rl.cli"]
     cmd = launcher + args if procs > 1 else [sys.executable, "-m", "rl.cli"] + args
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})

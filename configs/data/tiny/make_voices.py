@@ -2,7 +2,9 @@
 
 Writes four synthetic voice prompts (voices/*.wav: harmonic, speech-like signals at 24 kHz; their log-mel via the
 same front end the flow uses; random speech codes, two mel frames each; a random 192-d speaker embedding) and
-manifest.jsonl in the upstream GRPO format, pairing every sentence of sentences.txt with a voice of its language.
+manifest.jsonl in the upstream GRPO format, pairing every sentence of sentences.txt with a voice of its language,
+and the same pairs as seed-tts-eval meta files for `ttsrl eval` (meta_zh.lst, meta_en.lst:
+utt|prompt_text|prompt_wav|target_text, plus the target emotion of the laughing lines).
 The codes and embeddings are placeholders (no speech tokenizer or CAMPPlus model runs here): they have the real
 shapes and ranges, which is what the tiny random models need.
 """
@@ -57,7 +59,7 @@ def main() -> None:
         emb = rng.standard_normal(192).astype(np.float32)
         np.save(voices_dir / f"{name}_emb.npy", emb)
         by_lang[lang].append(name)
-    lines = []
+    lines, meta = [], {"zh": [], "en": []}
     for i, row in enumerate((HERE / "sentences.txt").read_text(encoding="utf-8").splitlines()):
         lang, text = row.split("\t")
         name = by_lang[lang][i % 2]
@@ -72,9 +74,13 @@ def main() -> None:
             "syn_text": text,
             "emotion": emotion,
         })
+        label = "|happy" if emotion == 3 else ""
+        meta[lang].append(f"tiny_{i:03d}|{VOICES[name][1]}|voices/{name}.wav|{text}{label}")
     with open(HERE / "manifest.jsonl", "w", encoding="utf-8") as f:
         for obj in lines:
             f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    for lang, rows in meta.items():
+        (HERE / f"meta_{lang}.lst").write_text("\n".join(rows) + "\n", encoding="utf-8")
     print(f"wrote {len(VOICES)} voices and {len(lines)} manifest lines to {HERE}")
 
 

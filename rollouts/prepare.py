@@ -1,0 +1,351 @@
+"""`ttsrl prepare`: turn a list of (prompt wav, prompt text, target text, emotion) items into a training manifest.
+
+Input list, paths relative to the list file:
+    .jsonl  one object per line: prompt_wav (or prompt_speech), prompt_text, target_text (or syn_text),
+            optional emotion, optional id
+    other   one item per line: prompt_wav|prompt_text|target_text[|emotion]
+Empty lines and lines starting with '#' (text lists only) are skipped. `emotion` is an emotion2vec label index
+(0..8, -1 or empty = none) or a label name (`happy`, `开心` or `开心/happy`; see rewards/emotion.py).
+
+Front-end directory (upstream layout): speech_tokenizer/ (config.json, preprocessor_config.json,
+model*.safetensors) and frontend/campplus.onnx.
+
+Output directory: manifest.jsonl in the upstream GRPO layout that rollouts/manifest.py reads, one line per item:
+    {"uttid": "<prompt stem>--<item id>", "prompt_text", "prompt_speech" (the wav, relative to the output dir),
+     "prompt_speech_token": "prompt_speech_token/<stem>.npy",   int64 [N]       speech tokens, 25 per second
+     "embedding": "embedding/<stem>.npy",                       float32 [192]   CAMPPlus speaker embedding
+     "prompt_speech_feat": "prompt_speech_feat/<stem>.npy",     float32 [T, 80] 24 kHz prompt log-mel
+     "syn_text", "emotion": int (-1 = none)}
+Feature files are keyed by the prompt wav's stem and computed once per prompt however many items use it. The item
+id is the jsonl `id` field, else the line number. Texts are stored raw (the trainer normalises them when loading).
+
+Each prompt goes through the front end alone, as upstream does (tokens depend on the batch layout):
+    tokens      rollouts.speech_tokenizer on channel 0 at 16 kHz
+    embedding   rollouts.speaker_embedding on the channel mean at 16 kHz
+    prompt mel  rollouts.audio.mel_spectrogram on the channel mean at 24 kHz, [T = floor(N24 / 480), 80]
+Resampling is scipy polyphase (rollouts.audio.resample); upstream uses torchaudio's sinc resampler, so prompts
+that are not already at 16 / 24 kHz can give slightly different features than upstream's front end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rollouts.audio import HOP, N_FFT, SAMPLE_RATE as MEL_RATE, mel_spectrogram, resample
+from rollouts.speaker_embedding import MIN_SAMPLES, SAMPLE_RATE as EMB_RATE, SpeakerEmbedder, SpeakerEmbeddingError
+from rollouts.speech_tokenizer import SpeechTokenizer, SpeechTokenizerError
+
+TOKENIZER_DIR = "speech_tokenizer"
+CAMPPLUS_PATH = "frontend/campplus.onnx"
+MANIFEST = "manifest.jsonl"
+KINDS = ("prompt_speech_token", "embedding", "prompt_speech_feat")
+# emotion2vec+ labels, in rewards.emotion.LABELS order (tests check they agree), with their Chinese names
+EMOTIONS = ["angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised", "<unk>"]
+EMOTIONS_ZH = ["生气", "厌恶", "恐惧", "开心", "中立", "其他", "难过", "吃惊", "<unk>"]
+MEL_MIN_SAMPLES = (N_FFT - HOP) // 2 + 1  # the reflect pad needs more samples than it pads
+
+
+class PrepareError(ValueError):
+    """A bad item list, item or front-end directory; the message names the file, line and field."""
+
+
+class PromptAudioError(ValueError):
+    """A prompt wav that cannot be read or is too short for the front end."""
+
+
+@dataclass(frozen=True)
+class Item:
+    where: str  # "list file:line"
+    item_id: str
+    prompt_wav: Path
+    prompt_text: str
+    target_text: str
+    emotion: int  # emotion2vec label index; -1 = none
+
+
+@dataclass(frozen=True)
+class PromptFeatures:
+    tokens: np.ndarray  # [N] int64 speech tokens
+    feat: np.ndarray  # [T, 80] float32 24 kHz log-mel
+    embedding: np.ndarray  # [192] float32 CAMPPlus embedding
+
+
+def parse_emotion(value, where: str) -> int:
+    """An index (int or digit string; -1, None or '' = none) or a label name -> label index, -1 for none."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return -1
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise PrepareError(f"{where}: field 'emotion' must be a label index or name, got {value!r}")
+    if isinstance(value, str):
+        v = value.strip()
+        if v.lstrip("-").isdigit():
+            value = int(v)
+        else:
+            for name in (v.lower(), v.split("/")[-1].strip().lower(), v.split("/")[0].strip()):
+                if name in EMOTIONS:
+                    return EMOTIONS.index(name)
+                if name in EMOTIONS_ZH:
+                    return EMOTIONS_ZH.index(name)
+            raise PrepareError(
+                f"{where}: field 'emotion': unknown label {value!r}; expected one of {', '.join(EMOTIONS)} "
+                f"(or an index 0..{len(EMOTIONS) - 1}, -1 = none)"
+            )
+    if not -1 <= value < len(EMOTIONS):
+        raise PrepareError(f"{where}: field 'emotion': index {value} is not in -1..{len(EMOTIONS) - 1}")
+    return value
+
+
+def _text(value, name: str, where: str) -> str:
+    if value is None:
+        raise PrepareError(f"{where}: field '{name}' is missing")
+    if not isinstance(value, str):
+        raise PrepareError(f"{where}: field '{name}' must be a string, got {value!r}")
+    if not value.strip():
+        raise PrepareError(f"{where}: field '{name}' is empty")
+    return value.strip()
+
+
+def _item(fields: dict, base: Path, where: str, lineno: int) -> Item:
+    wav = _text(fields.get("prompt_wav"), "prompt_wav", where)
+    path = Path(wav) if Path(wav).is_absolute() else base / wav
+    if not path.is_file():
+        raise PrepareError(f"{where}: field 'prompt_wav': file not found: {path}")
+    item_id = fields.get("id", lineno)
+    if isinstance(item_id, bool) or not isinstance(item_id, (str, int)) or not str(item_id).strip():
+        raise PrepareError(f"{where}: field 'id' must be a non-empty string or integer, got {item_id!r}")
+    return Item(
+        where=where, item_id=str(item_id).strip(), prompt_wav=path,
+        prompt_text=_text(fields.get("prompt_text"), "prompt_text", where),
+        target_text=_text(fields.get("target_text"), "target_text", where),
+        emotion=parse_emotion(fields.get("emotion"), where),
+    )
+
+
+def read_items(path: str | Path) -> list[Item]:
+    """Parse and check an item list (see the module docstring); every bad line is a PrepareError."""
+    path = Path(path)
+    if not path.is_file():
+        raise PrepareError(f"item list not found: {path}")
+    jsonl = path.suffix.lower() == ".jsonl"
+    items: list[Item] = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or (not jsonl and line.lstrip().startswith("#")):
+            continue
+        where = f"{path}:{lineno}"
+        if jsonl:
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PrepareError(f"{where}: not valid JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise PrepareError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            fields = dict(obj)
+            for alias, name in (("prompt_speech", "prompt_wav"), ("syn_text", "target_text")):
+                if fields.get(name) is None and alias in fields:
+                    fields[name] = fields[alias]
+        else:
+            parts = line.split("|")
+            if len(parts) not in (3, 4):
+                raise PrepareError(
+                    f"{where}: expected 3 or 4 '|'-separated fields (prompt_wav|prompt_text|target_text[|emotion]), "
+                    f"got {len(parts)}"
+                )
+            fields = dict(zip(("prompt_wav", "prompt_text", "target_text", "emotion"), parts))
+        items.append(_item(fields, path.parent, where, lineno))
+    if not items:
+        raise PrepareError(f"{path}: no items")
+    return items
+
+
+def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
+    """[C, N] float32 in [-1, 1] and the sample rate; PromptAudioError if it cannot be read or is empty."""
+    import soundfile as sf
+
+    try:
+        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except (RuntimeError, OSError, ValueError) as e:  # soundfile.LibsndfileError is a RuntimeError
+        raise PromptAudioError(f"cannot read {path} as audio: {e}") from None
+    if data.shape[0] == 0:
+        raise PromptAudioError(f"{path} holds no audio samples")
+    return np.ascontiguousarray(data.T), int(sr)
+
+
+def prompt_mel(wav: np.ndarray, sr: int) -> np.ndarray:
+    """[N] mono at `sr` -> [floor(N24 / 480), 80] float32 24 kHz log-mel (the flow's prompt condition)."""
+    y = resample(np.asarray(wav, dtype=np.float32), sr, MEL_RATE)
+    if len(y) < MEL_MIN_SAMPLES:
+        raise PromptAudioError(f"audio too short for the prompt mel: {len(y)} samples at 24 kHz, "
+                               f"needs at least {MEL_MIN_SAMPLES}")
+    with torch.inference_mode():
+        mel = mel_spectrogram(torch.from_numpy(y)[None])  # [1, 80, T]
+    return mel[0].T.contiguous().numpy().astype(np.float32)
+
+
+class PromptFrontend:
+    """Voice prompt -> PromptFeatures (speech tokens, 24 kHz mel, speaker embedding), as upstream's front end."""
+
+    def __init__(self, tokenizer: SpeechTokenizer, embedder: SpeakerEmbedder):
+        self.tokenizer = tokenizer
+        self.embedder = embedder
+
+    @classmethod
+    def from_dir(
+        cls, frontend_dir: str | Path | None, device: str = "cpu", *,
+        speech_tokenizer_dir: str | Path | None = None, campplus_path: str | Path | None = None,
+    ) -> "PromptFrontend":
+        """frontend_dir in the upstream layout; either model may be given on its own instead."""
+        if frontend_dir is None and (speech_tokenizer_dir is None or campplus_path is None):
+            raise PrepareError("front end: give a front-end directory, or both the speech tokenizer and campplus.onnx")
+        if frontend_dir is not None and not Path(frontend_dir).is_dir():
+            raise PrepareError(f"front end: directory not found: {frontend_dir}")
+        tok_dir = Path(speech_tokenizer_dir) if speech_tokenizer_dir else Path(frontend_dir) / TOKENIZER_DIR
+        onnx_path = Path(campplus_path) if campplus_path else Path(frontend_dir) / CAMPPLUS_PATH
+        if not tok_dir.is_dir():
+            raise PrepareError(f"front end: speech tokenizer directory not found: {tok_dir}")
+        if not onnx_path.is_file():
+            raise PrepareError(f"front end: speaker embedding model not found: {onnx_path}")
+        tokenizer = SpeechTokenizer.from_pretrained(tok_dir, device=device)
+        return cls(tokenizer, SpeakerEmbedder.from_onnx(onnx_path, device))
+
+    def __call__(self, prompt: str | Path | tuple[np.ndarray, int]) -> PromptFeatures:
+        """prompt: a wav path, or (waveform [N] or [C, N] float in [-1, 1], sample rate)."""
+        if isinstance(prompt, tuple):
+            wav, sr = np.asarray(prompt[0], dtype=np.float32), int(prompt[1])
+            wav = wav[None] if wav.ndim == 1 else wav
+        else:
+            wav, sr = read_audio(prompt)
+        if wav.ndim != 2 or wav.shape[1] == 0:
+            raise PromptAudioError(f"expected a non-empty waveform [N] or [C, N], got shape {wav.shape}")
+        if not np.isfinite(wav).all():
+            raise PromptAudioError("waveform contains NaN or inf")
+        seconds = wav.shape[1] / sr
+        need = max(MIN_SAMPLES / EMB_RATE, MEL_MIN_SAMPLES / MEL_RATE)
+        if seconds < need:
+            raise PromptAudioError(f"audio too short: {seconds:.4f} s; the front end needs at least {need:.4f} s")
+        mono = wav.mean(axis=0)
+        tokens = self.tokenizer([(wav[0], sr)])[0]  # channel 0, alone in its batch (upstream)
+        return PromptFeatures(tokens=tokens, feat=prompt_mel(mono, sr), embedding=self.embedder(mono, sr))
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    manifest: Path
+    items: int
+    prompts: int
+
+
+def prepare(
+    items_path: str | Path,
+    frontend_dir: str | Path | None,
+    out_dir: str | Path,
+    *,
+    device: str = "cpu",
+    overwrite: bool = False,
+    frontend: PromptFrontend | None = None,
+    speech_tokenizer_dir: str | Path | None = None,
+    campplus_path: str | Path | None = None,
+    progress: bool = False,
+) -> PrepareResult:
+    """Write out_dir/manifest.jsonl and its feature files (see the module docstring). `frontend`: an already
+    loaded front end (then frontend_dir is not read)."""
+    items = read_items(items_path)
+    out = Path(out_dir)
+    manifest = out / MANIFEST
+    if manifest.exists() and not overwrite:
+        raise PrepareError(f"{manifest} already exists (overwrite it with --overwrite)")
+
+    prompts: dict[Path, Item] = {}  # resolved wav -> first item using it
+    stems: dict[str, Path] = {}
+    uttids: dict[str, str] = {}
+    for it in items:
+        wav = it.prompt_wav.resolve()
+        stem = wav.stem
+        if stems.setdefault(stem, wav) != wav:
+            first = prompts[stems[stem]]
+            raise PrepareError(
+                f"{it.where}: field 'prompt_wav': {it.prompt_wav} has the same file stem '{stem}' as "
+                f"{first.prompt_wav} ({first.where}); feature files are keyed by stem"
+            )
+        prompts.setdefault(wav, it)
+        uttid = f"{stem}--{it.item_id}"
+        if uttid in uttids:
+            raise PrepareError(f"{it.where}: field 'id': uttid '{uttid}' already used at {uttids[uttid]}")
+        uttids[uttid] = it.where
+
+    if frontend is None:
+        frontend = PromptFrontend.from_dir(frontend_dir, device, speech_tokenizer_dir=speech_tokenizer_dir,
+                                           campplus_path=campplus_path)
+    for kind in KINDS:
+        (out / kind).mkdir(parents=True, exist_ok=True)
+    todo = list(prompts.items())
+    if progress:
+        from tqdm import tqdm
+
+        todo = tqdm(todo, desc="prompts", unit="wav")
+    for wav, first in todo:
+        try:
+            pf = frontend(wav)
+        except ValueError as e:
+            raise PrepareError(f"{first.where}: field 'prompt_wav': {e}") from None
+        for kind, arr in zip(KINDS, (pf.tokens.astype(np.int64), pf.embedding.astype(np.float32),
+                                     pf.feat.astype(np.float32))):
+            np.save(out / kind / f"{wav.stem}.npy", arr)
+
+    tmp = manifest.with_name(MANIFEST + ".tmp")
+    out_abs = out.resolve()
+    with open(tmp, "w", encoding="utf-8") as f:
+        for it in items:
+            stem = it.prompt_wav.resolve().stem
+            line = {
+                "uttid": f"{stem}--{it.item_id}",
+                "prompt_text": it.prompt_text,
+                "prompt_speech": os.path.relpath(it.prompt_wav.resolve(), out_abs),
+                "prompt_speech_token": f"prompt_speech_token/{stem}.npy",
+                "embedding": f"embedding/{stem}.npy",
+                "prompt_speech_feat": f"prompt_speech_feat/{stem}.npy",
+                "syn_text": it.target_text,
+                "emotion": it.emotion,
+            }
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    os.replace(tmp, manifest)
+    return PrepareResult(manifest=manifest, items=len(items), prompts=len(prompts))
+
+
+def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
+    """`ttsrl prepare LIST --frontend DIR --out DIR [--device cpu]`."""
+    p = subparsers.add_parser(
+        "prepare", help="build a training manifest (speech tokens, prompt mel, speaker embedding) from an item list"
+    )
+    p.add_argument("items", metavar="LIST",
+                   help="items: .jsonl (prompt_wav, prompt_text, target_text[, emotion, id]) or "
+                        "'prompt_wav|prompt_text|target_text[|emotion]' lines; paths relative to the list")
+    p.add_argument("--frontend", metavar="DIR",
+                   help="front-end dir in the upstream layout: speech_tokenizer/ and frontend/campplus.onnx")
+    p.add_argument("--speech-tokenizer", metavar="DIR", help="speech tokenizer dir (default DIR/speech_tokenizer)")
+    p.add_argument("--campplus", metavar="FILE", help="CAMPPlus ONNX model (default DIR/frontend/campplus.onnx)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output dir: manifest.jsonl and the .npy features")
+    p.add_argument("--device", default="cpu", help="speech tokenizer device; cuda also runs CAMPPlus on the GPU")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/manifest.jsonl")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare)
+    return p
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    try:
+        res = prepare(args.items, args.frontend, args.out, device=args.device, overwrite=args.overwrite,
+                      speech_tokenizer_dir=args.speech_tokenizer, campplus_path=args.campplus,
+                      progress=not args.no_progress)
+    except (PrepareError, SpeechTokenizerError, SpeakerEmbeddingError) as e:
+        print(f"ttsrl prepare: {e}", file=sys.stderr)
+        return 2
+    print(f"ttsrl: wrote {res.manifest} ({res.items} items, {res.prompts} prompts)")
+    return 0
