@@ -138,6 +138,10 @@ class GLMTTSPolicy:
         except TokenizerError as e:
             raise CheckpointError(str(e)) from None
         special = find_special_tokens(tokenizer.encode, str(tok_dir))
+        vocab = int(cfg.get("vocab_size", 0))
+        if vocab <= max(special.ate, special.eoa, special.boa, special.pad):
+            raise CheckpointError(f"{llm_dir}/config.json: vocab_size {vocab} does not cover the tokenizer's special "
+                                  f"ids (up to {max(special.ate, special.eoa, special.boa, special.pad)})")
         model = LlamaForCausalLM.from_pretrained(
             str(llm_dir), dtype=dtype, local_files_only=True, use_safetensors=True
         )

@@ -5,7 +5,8 @@ Text path (`error_rate`), after the ASR:
     every character of zhon's Chinese punctuation + ASCII punctuation, except the ASCII apostrophe, is deleted
     (not replaced by a space) from both texts; double spaces become single (one pass)
     zh: every remaining character is a token (no lowercasing); en: lowercased, whitespace-separated words
-    rate = word edit distance / reference tokens (jiwer), which can exceed 1; empty hypothesis -> 1.0
+    rate = word edit distance / reference tokens, both as jiwer counts them (tokens split on " " only), which can
+    exceed 1; empty hypothesis -> 1.0
 An empty reference after normalisation is a ValueError (the sample cannot be scored: the scorer marks it invalid).
 
 Reward: exp(-k * rate), k = 2.5 (upstream GLM-TTS).
@@ -56,10 +57,12 @@ def edit_counts(ref: str, hyp: str, lang: str) -> tuple[int, int]:
 
         hyp = zhconv.convert(hyp, "zh-cn")
     truth, hypo = normalize(ref, lang), normalize(hyp, lang)
-    n_ref = len(truth.split())
+    # tokens as jiwer counts them (collapse spaces, strip, split on " " only: a tab or a no-break space is no
+    # word boundary), which is the denominator of seed-tts-eval's jiwer WER
+    n_ref = len(jiwer.wer_default(truth)[0])
     if not n_ref:
         raise ValueError(f"the reference is empty after normalisation: {ref!r}")
-    if not hypo.split():
+    if not jiwer.wer_default(hypo)[0]:
         return n_ref, n_ref  # everything deleted
     out = jiwer.process_words(truth, hypo)
     return out.substitutions + out.deletions + out.insertions, n_ref

@@ -45,18 +45,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = ckpt.parent.parent
         saved = yaml.safe_load(load_checkpoint(ckpt)["config_yaml"])
         out = args.output_dir or str(run_dir)
+        where = str(ckpt / "config.yaml")
+        prev, _ = config_from_data(saved, where, [f"train.output_dir={out}"])
         if args.config:
             cfg, derived = load_config(args.config, overrides + [f"train.output_dir={out}"])
-            prev, _ = config_from_data(saved, str(ckpt / "config.yaml"), [f"train.output_dir={out}"])
-            changed = _diff(to_dict(prev), to_dict(cfg))
-            changed = [k for k in changed if not k.startswith(RESUME_FREE)]
-            if changed:
-                raise ConfigError(
-                    f"{args.config} differs from the config of {ckpt} in {', '.join(changed)}; a resumed run must "
-                    f"keep its settings (only train.steps, train.save_every, train.keep_last and wandb.* may change)"
-                )
         else:
-            cfg, derived = config_from_data(saved, str(ckpt / "config.yaml"), overrides + [f"train.output_dir={out}"])
+            cfg, derived = config_from_data(saved, where, overrides + [f"train.output_dir={out}"])
+        changed = [k for k in _diff(to_dict(prev), to_dict(cfg)) if not k.startswith(RESUME_FREE)]
+        if changed:
+            what = args.config or "--set"
+            raise ConfigError(
+                f"{what} changes {', '.join(changed)} of the run saved in {ckpt}; a resumed run must keep its "
+                f"settings (only train.steps, train.save_every, train.keep_last and wandb.* may change)"
+            )
     else:
         path = args.config or DEFAULT_CONFIG
         if args.output_dir:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from pathlib import Path
@@ -34,8 +35,8 @@ def opt(default: Any, help: str, *, path: bool = False) -> Any:
 
 
 def resolve_paths(obj: Any, data: dict, base: Path) -> Any:
-    """Make the relative path fields that `data` (a YAML mapping) sets relative to `base` (its directory)."""
-    import os
+    """Make the relative path fields that `data` (a YAML mapping) sets relative to `base` (its directory), as
+    absolute paths: the resolved config (saved in every checkpoint) then means the same from any directory."""
 
     changes = {}
     for f in dataclasses.fields(obj):
@@ -45,7 +46,7 @@ def resolve_paths(obj: Any, data: dict, base: Path) -> Any:
         if dataclasses.is_dataclass(value) and isinstance(data[f.name], dict):
             changes[f.name] = resolve_paths(value, data[f.name], base)
         elif f.metadata.get("path") and isinstance(value, str) and value and not Path(value).is_absolute():
-            changes[f.name] = os.path.normpath(base / value)
+            changes[f.name] = os.path.abspath(base / value)
     return dataclasses.replace(obj, **changes) if changes else obj
 
 
@@ -235,6 +236,9 @@ def _set_path(obj: Any, keys: list[str], raw: str, where: str) -> Any:
     current = getattr(obj, key)
     if not rest:
         new = convert(_cli_value(raw, tp), tp, path, from_cli=True)
+        field = next(f for f in dataclasses.fields(obj) if f.name == key)
+        if field.metadata.get("path") and isinstance(new, str) and new:
+            new = os.path.abspath(new)  # relative to the current directory
     elif dataclasses.is_dataclass(current):
         new = _set_path(current, rest, raw, path)
     elif isinstance(current, dict):

@@ -158,6 +158,8 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
         policy.load_checkpoint_state(ckpt["policy"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["cpu"])
+        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(list(ckpt["rng"]["cuda"]))
         state = TrainState(**ckpt["trainer_state"])
         stream.load_state(state.stream)
         say(f"ttsrl: resumed from {find_checkpoint(resume)} at step {state.step}")

@@ -26,6 +26,8 @@ from rewards.cer import CERScorer, error_rate, normalize
         ("a", "a b c", "en", 2.0),  # insertions: the rate can exceed 1
         ("今天天气很好", "", "zh", 1.0),  # empty hypothesis: all deletions
         ("the cat", "  the   cat  ", "en", 0.0),  # whitespace runs collapse
+        ("hello\tworld", "hello world", "en", 2.0),  # jiwer splits on " " only: one reference word, 1 sub + 1 ins
+        ("a\u00a0b c", "a b c", "en", 1.0),  # a no-break space joins words too: 2 reference words, 1 sub + 1 ins
     ],
 )
 def test_error_rate_matches_seed_tts_eval(ref, hyp, lang, expected):
@@ -85,6 +87,8 @@ def test_missing_model_directory_is_a_clear_error(tmp_path):
         CERScorer(paraformer_dir=str(tmp_path / "half"))
     with pytest.raises(ValueError, match="needs paraformer_dir"):
         CERScorer()
+    with pytest.raises(ModelDirError, match="whisper: model directory not found"):
+        CERScorer(whisper_dir=str(tmp_path / "no-whisper"), lang="en")
 
 
 def test_other_sample_rates_are_resampled(reward_models):

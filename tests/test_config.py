@@ -1,6 +1,7 @@
 import dataclasses
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -70,7 +71,8 @@ def test_cli_overrides_convert_and_validate(tmp_path):
     assert cfg.dynamic_sampling.keys == ["duration"]
     assert cfg.loss.eps_high(10) == pytest.approx(0.5)
     assert cfg.rewards["cer"].weight == 0.5 and cfg.rewards["cer"].kwargs == {"tolerance": 2.5}
-    assert cfg.policy.ckpt_dir == "123"  # str fields keep the text as written
+    assert cfg.policy.ckpt_dir == str(Path.cwd() / "123")  # a path given with --set: relative to the current dir
+    assert Path(cfg.data.manifest).is_absolute()  # a path written in a file: relative to the file, made absolute
     assert d.weights == {"duration": 1.0, "cer": 0.5}
     for bad, msg in [
         ("optim.lrr=1", "did you mean 'optim.lr'"),

@@ -142,7 +142,7 @@ def test_ratio_is_one_before_any_update(policy64, tiny_records, params):
 
 def test_ratio_one_in_float32(policy, tiny_records):
     prompts = inputs(policy, tiny_records, 3)
-    for params in (SamplingParams(top_k=25, top_p=0.8, ras=True), SamplingParams(temperature=0.7)):
+    for params in SETTINGS:
         ro = policy.sample_groups(prompts, 4, params, group_ids=[0, 1, 2], seed=5, max_ratio=6)
         with torch.no_grad():
             logp, _ = policy.token_logprobs(ro)
@@ -205,7 +205,7 @@ def test_vocab_must_cover_special_ids(tiny_ckpt, tmp_path):
     cfg = json.loads((bad / "llm" / "config.json").read_text())
     cfg["vocab_size"] = 1000
     (bad / "llm" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(Exception):
+    with pytest.raises(CheckpointError, match="vocab_size 1000 does not cover"):
         GLMTTSPolicy.from_pretrained(bad)
 
 

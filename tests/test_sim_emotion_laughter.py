@@ -143,3 +143,12 @@ def test_tiny_ast_detector_runs_end_to_end(reward_models):
     assert res.valid[0] and res.values[0] in (0.0, 1.0) and not res.valid[1]
     with pytest.raises(ValueError, match="needs ast_dir"):
         LaughterScorer(paraformer_dir=reward_models["paraformer_dir"])
+
+
+def test_laughter_detector_errors_name_the_directory_and_the_label(reward_models, tmp_path):
+    from rewards.laughter import ASTLaughterDetector
+
+    with pytest.raises(ModelDirError, match="laughter: model directory not found"):
+        ASTLaughterDetector(str(tmp_path / "no-ast"))
+    with pytest.raises(ValueError, match="has no class named 'Giggle'"):
+        ASTLaughterDetector(reward_models["ast_dir"], label="Giggle")

@@ -83,9 +83,17 @@ def test_tiny_layout_round_trips_and_mismatches_are_listed(vocoder_dir, tmp_path
     (bad / "flow" / "config.yaml").write_text("flow: !new:flow.flow.Flow\n    mel_dimm: 80\n")
     with pytest.raises(VocoderCheckpointError, match="has no argument"):
         Token2Wav.from_pretrained(bad)
-    shutil.rmtree(bad / "hift")
     (bad / "flow" / "config.yaml").write_text((vocoder_dir / "flow" / "config.yaml").read_text())
     shutil.copy(vocoder_dir / "flow" / "flow.pt", bad / "flow" / "flow.pt")
+    hift = torch.load(bad / "hift" / "hift.pt", weights_only=True)
+    first = next(iter(hift))
+    del hift[first]
+    hift["f0_predictor.extra.bias"] = torch.zeros(2)
+    torch.save(hift, bad / "hift" / "hift.pt")
+    with pytest.raises(VocoderCheckpointError) as e:
+        Token2Wav.from_pretrained(bad)
+    assert f"missing keys (1): {first}" in str(e.value) and "unexpected keys (1): f0_predictor.extra.bias" in str(e.value)
+    shutil.rmtree(bad / "hift")
     with pytest.raises(VocoderCheckpointError, match="hift.pt: file not found"):
         Token2Wav.from_pretrained(bad)
 

@@ -90,25 +90,74 @@ def test_killed_run_resumes_from_last_complete_checkpoint(tmp_path, tiny_ckpt):
     assert target.exists(), "the run never reached its third checkpoint"
     assert not (killed / "run" / "checkpoints" / "step-000006").exists()
 
-    out = subprocess.run([sys.executable, "-m", "rl.cli", "train", "--resume", str(killed / "run"), "--no-progress"],
-                         cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    out = cli("train", "--resume", str(killed / "run"), "--no-progress")
     assert out.returncode == 0, out.stderr[-2000:]
     a, b = weights(tmp_path / "ref" / "run", 6), weights(killed / "run", 6)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in rows(killed / "run")] == [1, 2, 3, 4, 5, 6]  # redone steps are not logged twice
 
 
+def cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "rl.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
 def test_resume_refuses_a_changed_config(tmp_path, tiny_ckpt):
     cfg, d = load_config(DEFAULT_CONFIG, run_config(tmp_path, tiny_ckpt, "train.steps=1", "data.prompts_per_step=1",
                                                      "sampling.group_size=2"))
     train(cfg, d, progress=False)
-    args = [sys.executable, "-m", "rl.cli", "train", str(DEFAULT_CONFIG), "--resume", str(tmp_path / "run"),
-            "--no-progress"]
+    args = ["train", str(DEFAULT_CONFIG), "--resume", str(tmp_path / "run"), "--no-progress"]
     for o in run_config(tmp_path, tiny_ckpt, "train.steps=2", "data.prompts_per_step=1", "sampling.group_size=2",
                         "optim.lr=1e-3"):
         args += ["--set", o]
-    out = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    out = cli(*args)
     assert out.returncode == 2 and "optim.lr" in out.stderr
+    # without a config file, --set on a resumed run may change the run length only
+    out = cli("train", "--resume", str(tmp_path / "run"), "--no-progress", "--set", "optim.lr=1e-3",
+              "--set", "loss.agg=seq_mean")
+    assert out.returncode == 2 and "optim.lr" in out.stderr and "loss.agg" in out.stderr
+
+
+def test_a_run_from_a_relative_config_path_resumes_from_anywhere(tmp_path, tiny_ckpt):
+    # configs/tiny.yaml's own relative paths (manifest, ...) resolve against the file; the saved config holds
+    # them as absolute paths, so --resume works from another directory
+    run = tmp_path / "run"
+    small = ["--set", f"policy.ckpt_dir={tiny_ckpt}", "--set", "data.prompts_per_step=1", "--set",
+             "sampling.group_size=2", "--set", "sampling.max_new_tokens=24", "--set", "wandb.enabled=false",
+             "--set", "train.samples_every=0"]
+    out = cli("train", "configs/tiny.yaml", "--output-dir", str(run), "--no-progress", "--set", "train.steps=1", *small)
+    assert out.returncode == 0, out.stderr[-2000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = cli("train", "--resume", str(run), "--no-progress", "--set", "train.steps=2", cwd=elsewhere)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert [r["step"] for r in rows(run)] == [1, 2]
+
+
+def test_train_without_a_config_runs_the_embedded_default_and_builds_the_tiny_models(tmp_path):
+    ckpt = tmp_path / "fresh-tiny"  # absent: the embedded default writes the tiny LM and vocoder first
+    out = cli("train", "--output-dir", str(tmp_path / "run"), "--no-progress", "--set", f"policy.ckpt_dir={ckpt}",
+              "--set", "train.steps=1", "--set", "data.prompts_per_step=1", "--set", "sampling.max_new_tokens=24",
+              "--set", "wandb.enabled=false", "--set", "train.samples_every=0")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "wrote a tiny random GLM-TTS speech LM" in out.stdout and "wrote a tiny random flow + HiFT" in out.stdout
+    assert (ckpt / "llm" / "config.json").is_file() and (ckpt / "flow" / "flow.pt").is_file()
+    assert (ckpt / "hift" / "hift.pt").is_file()
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "duration" in saved and rows(tmp_path / "run")[0]["step"] == 1  # configs/tiny.yaml's reward
+
+
+def test_old_anchor_clip_binds_in_later_minibatches(tmp_path, tiny_ckpt):
+    # ratio against the behaviour policy: the first minibatch sees ratio 1, later ones (and the second epoch) see
+    # the updated policy, so the ratio moves and the clip range can bind
+    cfg, d = load_config(DEFAULT_CONFIG, run_config(
+        tmp_path, tiny_ckpt, "train.steps=1", "data.prompts_per_step=2", "sampling.group_size=4",
+        "loss.ratio_anchor=old", "optim.minibatches=2", "optim.ppo_epochs=2", "optim.lr=3e-2",
+        "loss.eps_low=0.05", "loss.eps_high=0.05", "dynamic_sampling.mode=off", "train.save_every=0",
+    ))
+    m = train(cfg, d, progress=False)
+    assert m["ratio/max"] > 1.05 or m["ratio/min"] < 0.95, m
+    assert m["clip/low_frac"] + m["clip/high_frac"] > 0, m
 
 
 def test_lora_with_reference_anchor_and_kl(tmp_path, tiny_ckpt):
@@ -169,13 +218,25 @@ def test_wandb_runs_offline_without_an_api_key(tmp_path, tiny_ckpt, monkeypatch)
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
 
 
-def test_rollouts_are_vocoded_and_scorers_get_audio(tmp_path, tiny_ckpt):
+def test_rollouts_are_vocoded_and_scorers_get_audio(tmp_path, tiny_ckpt, monkeypatch):
+    from rollouts.token2wav import Token2Wav
+
+    calls = []
+    real = Token2Wav.__call__
+
+    def spy(self, codes, prompts, seeds, **kw):
+        calls.append(list(seeds))
+        return real(self, codes, prompts, seeds, **kw)
+
+    monkeypatch.setattr(Token2Wav, "__call__", spy)
     cfg, d = load_config(DEFAULT_CONFIG, run_config(
         tmp_path, tiny_ckpt, "train.steps=1", "data.prompts_per_step=2", "sampling.group_size=2",
         "rewards.audio.scorer=scorers_for_tests:AudioSeconds", "vocoder.n_timesteps=2",
     ))
     m = train(cfg, d, progress=False)
     assert m["reward/audio/invalid_frac"] == 0.0
+    # decoder noise is seeded per group: the rows of a group (consecutive) share a seed, groups do not
+    assert calls and all(len(c) == 4 and c[0] == c[1] and c[2] == c[3] and c[0] != c[2] for c in calls)
     # 2 mel frames per code (within one frame): audio seconds track code seconds
     assert abs(m["reward/audio/mean"] - m["reward/duration/seconds"]) < 0.05
     assert m["time/vocode_s"] > 0
