@@ -7,12 +7,14 @@ Binds to 127.0.0.1 unless told otherwise. With a token (--token, or the TTSRL_RE
 every request needs `Authorization: Bearer <token>` (401 otherwise). Requests larger than `max_request_mb` get
 413, more than `max_batch` samples 413, malformed JSON 400, a malformed batch 422 naming the sample and the field;
 a scorer that raises gives 500 with the error. One batch is scored at a time (models are not re-entrant);
-requests queue.
+requests queue, and a request whose client has gone away (timed out) while it was queued is dropped unscored
+(counted as `abandoned`), so a client's retry never waits behind its own abandoned attempt.
 """
 
 
+import asyncio
+import hmac
 import json
-import threading
 import time
 
 from rewards.base import Scorer
@@ -26,15 +28,18 @@ def create_app(scorer: Scorer, name: str, *, describe: dict | None = None, token
     from fastapi.responses import JSONResponse
 
     app = FastAPI(title=f"ttsrl reward service: {name}", docs_url=None, redoc_url=None, openapi_url=None)
-    lock = threading.Lock()
-    stats = {"requests": 0, "samples": 0, "errors": 0, "busy_s": 0.0, "started": time.time()}
+    lock = asyncio.Lock()  # one batch at a time, in arrival order
+    stats = {"requests": 0, "samples": 0, "errors": 0, "abandoned": 0, "busy_s": 0.0, "started": time.time()}
     limit = int(max_request_mb * 1024 * 1024)
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
 
     def authorised(request: Request) -> bool:
-        return token is None or request.headers.get("authorization") == f"Bearer {token}"
+        if token is None:
+            return True
+        given = request.headers.get("authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
 
     @app.get("/health")
     async def health(request: Request):
@@ -64,22 +69,27 @@ def create_app(scorer: Scorer, name: str, *, describe: dict | None = None, token
             samples = decode_request(payload, max_batch)
         except WireError as e:
             return error(413 if str(e).startswith("too many samples") else 422, str(e))
+        except (TypeError, ValueError, KeyError, OverflowError) as e:  # a shape decode_request does not name
+            return error(422, f"malformed batch: {type(e).__name__}: {e}")
 
         def run():
-            with lock:
-                t0 = time.perf_counter()
-                try:
-                    return scorer(samples)
-                finally:
-                    stats["busy_s"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            try:
+                return scorer(samples)
+            finally:
+                stats["busy_s"] += time.perf_counter() - t0
 
-        try:
-            res = await run_in_threadpool(run)
-            if res.values.shape != (len(samples),):
-                raise ValueError(f"the scorer returned {res.values.shape[0]} values for {len(samples)} samples")
-        except Exception as e:  # noqa: BLE001 - report, do not crash the server
-            stats["errors"] += 1
-            return error(500, f"scorer error: {type(e).__name__}: {e}")
+        async with lock:
+            if await request.is_disconnected():  # the client timed out while this request was queued
+                stats["abandoned"] += 1
+                return error(499, "the client went away while the request was queued; not scored")
+            try:
+                res = await run_in_threadpool(run)
+                if res.values.shape != (len(samples),):
+                    raise ValueError(f"the scorer returned {res.values.shape[0]} values for {len(samples)} samples")
+            except Exception as e:  # noqa: BLE001 - report, do not crash the server
+                stats["errors"] += 1
+                return error(500, f"scorer error: {type(e).__name__}: {e}")
         stats["requests"] += 1
         stats["samples"] += len(samples)
         return encode_result(res)

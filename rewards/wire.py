@@ -109,11 +109,13 @@ def decode_request(obj, max_samples: int) -> list[Sample]:
         codes = field("codes", list, required=False, default=[])
         prompt_codes = field("prompt_codes", list, required=False, default=[])
         for name, arr in (("codes", codes), ("prompt_codes", prompt_codes)):
-            if not all(isinstance(c, int) and not isinstance(c, bool) for c in arr):
-                raise WireError(f"{where}.{name}: must be a list of integers")
+            if not all(isinstance(c, int) and not isinstance(c, bool) and -2**63 <= c < 2**63 for c in arr):
+                raise WireError(f"{where}.{name}: must be a list of 64-bit integers")
         audio = it.get("audio")
         wav, rate = decode_audio(audio, f"{where}.audio") if audio is not None else (None, None)
         ref = it.get("prompt_audio_ref")
+        if ref is not None and not isinstance(ref, str):
+            raise WireError(f"{where}.prompt_audio_ref: expected str, got {type(ref).__name__}")
         if ref is not None and ref not in prompts:
             raise WireError(f"{where}.prompt_audio_ref: {ref!r} is not in prompt_audio")
         pwav, prate = prompts[ref] if ref is not None else (None, None)

@@ -119,12 +119,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return EvalModels(frontend_dir=args.frontend, asr_dir=args.asr, sim_checkpoint=args.sim,
                           emotion_dir=args.emotion)
 
+    from pathlib import Path
+
+    def default_out(ckpt: str, suffix: str = "") -> str:
+        return str(Path("runs") / "eval" / f"{Path(ckpt).resolve().name}{suffix}-{Path(args.meta or '').stem}")
+
     def run(ckpt: str, out: str | None) -> dict:
         if not args.meta or not args.lang:
             raise ConfigError("evaluating a checkpoint needs --meta META.lst and --lang zh|en")
-        from pathlib import Path
-
-        out = out or str(Path("runs") / "eval" / f"{Path(ckpt).resolve().name}-{Path(args.meta).stem}")
+        out = out or default_out(ckpt)
         report = evaluate(ckpt, args.meta, args.lang, out, models(), device=args.device, seed=args.seed,
                           batch_size=args.batch_size, flow_steps=args.flow_steps)
         print((Path(out) / "eval.md").read_text(), end="")
@@ -137,7 +140,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     try:
         if args.compare:
-            reports = [load_report(path) or run(path, None) for path in args.compare]
+            a, b = args.compare
+            same = default_out(a) == default_out(b)  # two checkpoints of the same name: keep their outputs apart
+            reports = [load_report(path) or run(path, default_out(path, f"-{tag}") if same else None)
+                       for path, tag in ((a, "A"), (b, "B"))]
             print(compare_table(*reports), end="")
             return 0
         if not args.ckpt:

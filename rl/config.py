@@ -141,7 +141,7 @@ class TrainConfig:
     output_dir: str = opt("runs/default", "metrics, samples and checkpoints go here", path=True)
     save_every: int = opt(100, "write a checkpoint every this many steps (0 = only at the end)")
     keep_last: int = opt(3, "checkpoints kept on disk")
-    mixed_precision: Literal["no", "bf16", "fp16"] = opt("no", "autocast for forward passes (GPU)")
+    mixed_precision: Literal["no", "bf16"] = opt("no", "bf16 autocast for forward passes (GPU); fp32 master weights")
     samples_every: int = opt(10, "every this many steps, save a few samples (wav, samples.jsonl, wandb audio table); 0 = off")
     samples_per_step: int = opt(4, "samples saved per logged step (one per group)")
     pipeline: bool = opt(False, "sample the next step's first round while this one is scored (one step off-policy)")

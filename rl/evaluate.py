@@ -1,8 +1,10 @@
 """`ttsrl eval`: synthesise a seed-tts-eval meta file with a checkpoint and report CER/WER, SIM and emotion accuracy.
 
 Meta file (seed-tts-eval): one item per line, `utt|prompt_text|prompt_wav|target_text`, paths relative to the
-file; an optional fifth field gives the target emotion (an emotion2vec label name such as `happy`, or its index)
-for the emotion accuracy. Lines that are empty or start with `#` are skipped.
+file. Optional fields after those: seed-tts-eval's ground-truth wav (`...|target_text|gt_wav`, recognised by its
+audio file extension; kept in the report, not used by any metric) and the target emotion (an emotion2vec label
+name such as `happy`, or its index) for the emotion accuracy: `...|target_text|happy` or `...|gt.wav|happy`.
+Lines that are empty or start with `#` are skipped.
 
 For every item: the voice prompt goes through the GLM-TTS front end (speech tokenizer, CAMPPlus embedding, 24 kHz
 prompt mel; `rollouts/prepare.py`), the policy samples one utterance (the upstream inference sampler: RAS,
@@ -49,6 +51,23 @@ class MetaItem:
     target_text: str
     emotion: int | None  # emotion2vec label index; None = no target
     where: str  # "file:line"
+    gt_wav: str | None = None  # seed-tts-eval's ground-truth recording (not used by any metric)
+
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a")
+
+
+def _emotion(value: str, where: str) -> int:
+    e = value.strip().lower()
+    if e.lstrip("-").isdigit():
+        emotion = int(e)
+    elif e in LABELS:
+        emotion = LABELS.index(e)
+    else:
+        raise MetaError(f"{where}: field 'emotion': unknown label {e!r}; expected one of {LABELS[:-1]}")
+    if not 0 <= emotion < len(LABELS) - 1:
+        raise MetaError(f"{where}: field 'emotion': label index {emotion} is not in 0..{len(LABELS) - 2}")
+    return emotion
 
 
 def read_meta(path: str | Path) -> list[MetaItem]:
@@ -61,8 +80,9 @@ def read_meta(path: str | Path) -> list[MetaItem]:
             continue
         where = f"{path}:{n}"
         parts = line.rstrip("\n").split("|")
-        if len(parts) not in (4, 5):
-            raise MetaError(f"{where}: expected utt|prompt_text|prompt_wav|target_text[|emotion], got {len(parts)} fields")
+        if len(parts) not in (4, 5, 6):
+            raise MetaError(f"{where}: expected utt|prompt_text|prompt_wav|target_text[|gt_wav][|emotion], "
+                            f"got {len(parts)} fields")
         utt, prompt_text, wav, target = (p.strip() for p in parts[:4])
         for name, value in (("utt", utt), ("prompt_text", prompt_text), ("prompt_wav", wav), ("target_text", target)):
             if not value:
@@ -73,18 +93,16 @@ def read_meta(path: str | Path) -> list[MetaItem]:
         wav_path = Path(wav) if Path(wav).is_absolute() else path.parent / wav
         if not wav_path.is_file():
             raise MetaError(f"{where}: field 'prompt_wav': file not found: {wav_path}")
-        emotion = None
-        if len(parts) == 5 and parts[4].strip():
-            e = parts[4].strip().lower()
-            if e.lstrip("-").isdigit():
-                emotion = int(e)
-            elif e in LABELS:
-                emotion = LABELS.index(e)
-            else:
-                raise MetaError(f"{where}: field 'emotion': unknown label {e!r}; expected one of {LABELS[:-1]}")
-            if not 0 <= emotion < len(LABELS) - 1:
-                raise MetaError(f"{where}: field 'emotion': label index {emotion} is not in 0..{len(LABELS) - 2}")
-        items.append(MetaItem(utt, prompt_text, wav_path, target, emotion, where))
+        extra = [p.strip() for p in parts[4:]]
+        gt_wav = emotion = None
+        if extra and extra[0].lower().endswith(AUDIO_SUFFIXES):
+            gt_wav = extra.pop(0)
+        if len(extra) > 1 or (len(parts) == 6 and gt_wav is None):
+            raise MetaError(f"{where}: field 'gt_wav': a 6-field line is utt|prompt_text|prompt_wav|target_text|"
+                            f"gt_wav|emotion, with an audio file in field 5 (got {parts[4].strip()!r})")
+        if extra and extra[0]:
+            emotion = _emotion(extra[0], where)
+        items.append(MetaItem(utt, prompt_text, wav_path, target, emotion, where, gt_wav))
     if not items:
         raise MetaError(f"{path}: no items")
     return items
@@ -165,6 +183,7 @@ def load_for_eval(path: str | Path, device: str = "cpu", dtype: str = "float32")
 class ItemResult:
     utt: str
     target_text: str
+    gt_wav: str | None = None  # the meta file's ground-truth recording, when it names one
     wav: str | None = None
     seconds: float | None = None  # generated audio duration
     truncated: bool | None = None  # hit the length limit without the stop token
@@ -205,10 +224,10 @@ def evaluate(
     if lang not in ("zh", "en"):
         raise ValueError(f"--lang must be zh or en, got {lang!r}")
     t_start = time.perf_counter()
+    items = read_meta(meta)  # before anything is written
     out = Path(out_dir)
     (out / "wavs").mkdir(parents=True, exist_ok=True)
-    items = read_meta(meta)
-    results = {it.utt: ItemResult(it.utt, it.target_text) for it in items}
+    results = {it.utt: ItemResult(it.utt, it.target_text, it.gt_wav) for it in items}
     for it in items:
         if it.emotion is not None:
             results[it.utt].emotion_target = LABELS[it.emotion]
@@ -238,17 +257,30 @@ def evaluate(
     from rollouts.types import PromptRecord
 
     for start in range(0, len(todo), batch_size):
-        chunk = todo[start: start + batch_size]
-        recs = []
-        for k in chunk:
+        chunk, recs, inputs = [], [], []
+        for k in todo[start: start + batch_size]:
             it, pf = items[k], prompt_feats[items[k].prompt_wav]
-            recs.append(PromptRecord(it.utt, it.prompt_text, it.target_text, pf.tokens, pf.feat, pf.embedding,
-                                     str(it.prompt_wav), it.emotion, it.where))
-        with torch.no_grad():
-            ro = policy.sample_groups([policy.prompt_input(r) for r in recs], 1, params, group_ids=chunk,
-                                      seed=seed)
-        voc = token2wav(ro.codes(policy.special.ats), [VoicePrompt(r.prompt_speech_tokens, r.prompt_feat, r.embedding)
-                                                      for r in recs], [seed * 1_000_003 + k for k in chunk])
+            rec = PromptRecord(it.utt, it.prompt_text, it.target_text, pf.tokens, pf.feat, pf.embedding,
+                               str(it.prompt_wav), it.emotion, it.where)
+            try:
+                inputs.append(policy.prompt_input(rec))
+            except ValueError as e:  # e.g. a target text that encodes to no tokens
+                results[it.utt].failed["synthesis"] = str(e)
+                continue
+            chunk.append(k)
+            recs.append(rec)
+        if not chunk:
+            continue
+        try:
+            with torch.no_grad():
+                ro = policy.sample_groups(inputs, 1, params, group_ids=chunk, seed=seed)
+            voc = token2wav(ro.codes(policy.special.ats),
+                            [VoicePrompt(r.prompt_speech_tokens, r.prompt_feat, r.embedding) for r in recs],
+                            [seed * 1_000_003 + k for k in chunk])
+        except (ValueError, RuntimeError) as e:  # the whole batch failed: list its items, go on with the rest
+            for k in chunk:
+                results[items[k].utt].failed["synthesis"] = f"{type(e).__name__}: {e}"
+            continue
         for j, k in enumerate(chunk):
             res = results[items[k].utt]
             res.truncated = bool(ro.truncated[j])
@@ -308,8 +340,13 @@ def evaluate(
 
         measured["emotion"] = True
         scorer = EmotionScorer(models.emotion_dir, device=device)
-        probs = scorer.probabilities([resample(s.audio, s.sample_rate, EMO_RATE) for s in emo_samples])
-        for s, p in zip(emo_samples, probs):
+        try:
+            probs = scorer.probabilities([resample(s.audio, s.sample_rate, EMO_RATE) for s in emo_samples])
+        except (ValueError, RuntimeError) as e:
+            probs = None
+            for s in emo_samples:
+                results[s.uttid].failed["emotion"] = f"{type(e).__name__}: {e}"
+        for s, p in zip(emo_samples, [] if probs is None else probs):
             results[s.uttid].emotion_pred = LABELS[int(np.argmax(p))]
 
     # 4. report

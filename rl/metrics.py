@@ -62,12 +62,12 @@ class MetricsLogger:
         import wandb
 
         names = sorted({k for s in samples for k in s["rewards"]})
-        table = wandb.Table(columns=["step", "uttid", "group", "audio", "target_text", "seconds", "finished",
-                                     "advantage", *names])
+        table = wandb.Table(columns=["step", "uttid", "group", "audio", "target_text", "prompt_text", "seconds",
+                                     "finished", "advantage", *names])
         for s, wav in zip(samples, audio):
             clip = wandb.Audio(wav, sample_rate=sample_rate) if wav is not None else None
-            table.add_data(step, s["uttid"], s["group_id"], clip, s["target_text"], s["seconds"], s["finished"],
-                           s["advantage"], *[s["rewards"].get(k) for k in names])
+            table.add_data(step, s["uttid"], s["group_id"], clip, s["target_text"], s["prompt_text"], s["seconds"],
+                           s["finished"], s["advantage"], *[s["rewards"].get(k) for k in names])
         self.wandb.log({"samples": table}, step=step)
 
     def close(self) -> None:

@@ -139,6 +139,39 @@ def test_every_shipped_config_loads_and_validates():
     for f in files:
         cfg, d = load_config(f)
         assert cfg.rewards and d.rows_per_step >= 2, f
+        header = []
+        for line in f.read_text(encoding="utf-8").splitlines():
+            if not line.startswith("#"):
+                break
+            header.append(line)
+        assert any(f"ttsrl train {f.relative_to(CONFIG_DIR.parent)}" in h or (f.name == "tiny.yaml" and "`ttsrl train`" in h)
+                   for h in header), f"{f}: the opening comment must give its launch command"
+
+
+def test_ablation_configs_hold_the_reports_settings():
+    abl = CONFIG_DIR / "ablations"
+    recipe, _ = load_config(CONFIG_DIR / "glmtts_grpo.yaml")
+    assert recipe.sampling.group_size == 8 and recipe.optim.lr == 1e-6 and recipe.dynamic_sampling.max_tries == 3
+    assert {k: r.weight for k, r in recipe.rewards.items()} == {"cer": 1.0, "sim": 0.1}
+    assert (recipe.loss.eps_low(0), recipe.loss.eps_high(0), recipe.loss.eps_low(1000), recipe.loss.eps_high(1000)) \
+        == pytest.approx((0.2, 0.3, 0.3, 0.5))
+    table4 = {"no_clip_higher": (0.2, 0.2, "off"), "clip_higher": (0.2, 0.3, "off"), "dynamic_sampling": (0.2, 0.2, "reroll")}
+    for name, (low, high, mode) in table4.items():
+        cfg, _ = load_config(abl / f"{name}.yaml")
+        for step in (0, 500, 1000):
+            assert (cfg.loss.eps_low(step), cfg.loss.eps_high(step)) == pytest.approx((low, high)), name
+        assert cfg.dynamic_sampling.mode == mode, name
+    table5 = {"schedule_frozen": (1.0, 0.3, 0.2), "schedule_T1.5_eh0.5_el0.4": (1.5, 0.5, 0.4),
+              "schedule_T2_eh1.0_el0.4": (2.0, 1.0, 0.4), "schedule_T3_eh1.0_el0.4": (3.0, 1.0, 0.4)}
+    for name, end in table5.items():  # from T 1, eps_high 0.3, eps_low 0.2 to these at the last step
+        cfg, _ = load_config(abl / f"{name}.yaml")
+        s = cfg.train.steps
+        assert (cfg.sampling.temperature(0), cfg.loss.eps_high(0), cfg.loss.eps_low(0)) == pytest.approx((1.0, 0.3, 0.2))
+        assert (cfg.sampling.temperature(s), cfg.loss.eps_high(s), cfg.loss.eps_low(s)) == pytest.approx(end), name
+    for w in (2, 5, 10):  # table 6
+        cfg, _ = load_config(abl / f"laughter_w{w}.yaml")
+        assert cfg.rewards["laughter"].weight == w and cfg.rewards["laughter"].scorer == "laughter"
+        assert cfg.rewards["cer"].weight == 1.0 and cfg.rewards["sim"].weight == 0.1
 
 
 def test_base_chains_resolve_paths_per_file_and_refuse_cycles(tmp_path):

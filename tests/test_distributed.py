@@ -28,6 +28,7 @@ def launch(tmp, ckpt, procs, *overrides):
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
+    assert (f"; {procs} processes" in out.stdout) == (procs > 1), out.stdout[-2000:]  # really data-parallel
     return [json.loads(line) for line in (tmp / "metrics.jsonl").read_text().splitlines()]
 
 

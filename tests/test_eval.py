@@ -29,6 +29,10 @@ def test_meta_parsing_and_errors_name_line_and_field(tmp_path):
     assert [i.utt for i in items] == ["a", "b", "c"]
     assert items[0].prompt_wav == tmp_path / "p.wav" and items[0].emotion is None
     assert items[1].emotion == 3 and items[2].emotion == 4
+    # seed-tts-eval's own 5-field lines end with the ground-truth wav; an emotion may follow it
+    items = read_meta(_meta(tmp_path, ["d|hi|p.wav|x|wavs/d.wav", "e|hi|p.wav|x|gt/e.flac|sad"]))
+    assert (items[0].gt_wav, items[0].emotion) == ("wavs/d.wav", None)
+    assert (items[1].gt_wav, items[1].emotion) == ("gt/e.flac", 6)
     cases = [
         (["a|你好|p.wav"], ":1: expected utt|prompt_text"),
         (["a|你好|missing.wav|好"], ":1: field 'prompt_wav': file not found"),
@@ -36,6 +40,8 @@ def test_meta_parsing_and_errors_name_line_and_field(tmp_path):
         (["a|你|p.wav|好", "a|你|p.wav|好"], ":2: field 'utt': 'a' is already used on line 1"),
         (["a|你|p.wav|好|joyful"], ":1: field 'emotion': unknown label 'joyful'"),
         (["a|你|p.wav|好|9"], ":1: field 'emotion': label index 9"),
+        (["a|你|p.wav|好|happy|sad"], ":1: field 'gt_wav': a 6-field line"),
+        (["a|你|p.wav|好|x.wav|sad|1"], ":1: expected utt|prompt_text"),
     ]
     for lines, msg in cases:
         with pytest.raises(MetaError, match=msg.replace("|", r"\|")):
@@ -152,6 +158,34 @@ def test_eval_loads_a_ttsrl_checkpoint_and_compares_from_the_cli(tmp_path, tiny_
     a = json.loads((tmp_path / "A" / "eval.json").read_text())
     assert [r["seconds"] for r in a["items"]] != [r["seconds"] for r in b["items"]] or \
         [r["hyp"] for r in a["items"]] != [r["hyp"] for r in b["items"]]
+
+
+def test_a_batch_that_fails_to_synthesise_is_listed_and_the_rest_go_on(tmp_path, tiny_ckpt, eval_models,
+                                                                       monkeypatch):
+    from policies.glmtts import GLMTTSPolicy
+    from rl.evaluate import EvalModels, evaluate
+    from rollouts.tiny_vocoder import write_tiny_vocoder
+
+    if not (tiny_ckpt / "flow").exists():
+        write_tiny_vocoder(tiny_ckpt, seed=0)
+    voices = REPO / "configs" / "data" / "tiny" / "voices"
+    meta = tmp_path / "meta.lst"
+    meta.write_text("\n".join(line.replace("voices/", f"{voices}/")
+                              for line in TINY_META.read_text(encoding="utf-8").splitlines()[:3]) + "\n")
+    real = GLMTTSPolicy.sample_groups
+
+    def flaky(self, prompts, group_size, params, *, group_ids, **kw):
+        if 1 in group_ids:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(self, prompts, group_size, params, group_ids=group_ids, **kw)
+
+    monkeypatch.setattr(GLMTTSPolicy, "sample_groups", flaky)
+    report = evaluate(tiny_ckpt, meta, "zh", tmp_path / "out", EvalModels(frontend_dir=eval_models.frontend_dir),
+                      flow_steps=2, batch_size=1)
+    second = read_meta(meta)[1].utt
+    assert report["metrics"]["synthesised"] == 2 and report["metrics"]["failed"] == 1
+    assert report["failed"] == [{"utt": second, "stage": "synthesis",
+                                 "reason": "RuntimeError: CUDA error: an illegal memory access was encountered"}]
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):

@@ -73,6 +73,10 @@ def test_bad_payloads_get_clear_4xx_and_the_server_stays_up():
         assert r.status_code == 413 and "too many samples" in r.json()["error"]
         r = post(content=b"x" * 60_000, headers={"content-type": "application/json"})
         assert r.status_code == 413
+        r = post(json={"samples": [{"uttid": "a", "target_text": "x", "codes": [10**30]}]})
+        assert r.status_code == 422 and "samples[0].codes: must be a list of 64-bit integers" in r.json()["error"]
+        r = post(json={"prompt_audio": {}, "samples": [{"uttid": "a", "target_text": "x", "prompt_audio_ref": [1]}]})
+        assert r.status_code == 422 and "samples[0].prompt_audio_ref: expected str" in r.json()["error"]
         r = post(json={"samples": [{"uttid": "a", "target_text": "今天", "codes": [1, 2, 3]}]})
         assert r.status_code == 200 and r.json()["valid"] == [True]
     finally:
@@ -104,6 +108,11 @@ def test_slow_service_times_out_then_samples_are_invalid(samples):
         assert "Timeout" in res.reasons[0]
         stats = remote.pop_stats()
         assert stats["requests"] == 2 and stats["errors"] == 2 and stats["failed_requests"] == 1
+        # the retry queued behind the first attempt; its client left, so the server drops it unscored
+        deadline = time.time() + 10
+        while (h := remote.health())["abandoned"] < 1 and time.time() < deadline:
+            time.sleep(0.1)
+        assert h["abandoned"] == 1 and h["requests"] == 1
     finally:
         srv.stop()
 
@@ -174,6 +183,24 @@ def test_concurrent_scoring_equals_sequential(samples, reward_models):
     b = score(scorers, samples, concurrent=False)
     for k in scorers:
         same(a.results[k], b.results[k])
+
+
+def test_scorers_waiting_on_services_overlap(samples):
+    # two services that each take 0.6 s: scored concurrently, a step waits for the slower one, not the sum
+    servers = [ServerThread(create_app(Slow(0.6), f"s{i}")) for i in range(2)]
+    try:
+        scorers = {f"s{i}": RemoteScorer(srv.url, timeout_s=10) for i, srv in enumerate(servers)}
+        t0 = time.perf_counter()
+        res = score(scorers, samples[:3], concurrent=True)
+        together = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        score(scorers, samples[:3], concurrent=False)
+        apart = time.perf_counter() - t0
+        assert all(r.valid.all() for r in res.results.values())
+        assert apart > 1.2 and together < 0.75 * apart, (together, apart)
+    finally:
+        for srv in servers:
+            srv.stop()
 
 
 def test_serve_reward_cli_errors_name_the_problem(tmp_path, capsys):

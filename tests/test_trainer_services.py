@@ -132,3 +132,15 @@ def test_pipelined_rollouts_are_one_step_off_policy_and_resume_exactly(tmp_path,
     wa = load_file(str(ck / "step-000004" / "policy.safetensors"))
     wb = load_file(str(tmp_path / "b" / "run" / "checkpoints" / "step-000004" / "policy.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_pipelining_hides_generation_behind_scoring(tmp_path, tiny_ckpt):
+    # a reward service that takes 0.8 s per step: the next round's generation runs meanwhile
+    cfg, d = load_config(DEFAULT_CONFIG, run_config(
+        tmp_path, tiny_ckpt, "train.steps=2", "data.prompts_per_step=2", "sampling.group_size=2",
+        "vocoder.n_timesteps=2", "train.pipeline=true", "dynamic_sampling.mode=off", "train.save_every=0",
+        "rewards.wait.scorer=scorers_for_tests:Slow", "rewards.wait.weight=0", "rewards.wait.kwargs.seconds=0.8",
+    ))
+    train(cfg, d, progress=False)
+    log = rows(tmp_path / "run")
+    assert all(r["time/prefetch_hidden_s"] > 0 for r in log), [r["time/prefetch_hidden_s"] for r in log]
