@@ -83,7 +83,9 @@ class RemoteScorer:
         import httpx
 
         sem = asyncio.Semaphore(self.max_concurrency)
-        async with httpx.AsyncClient(timeout=self.timeout_s, headers=self._headers()) as client:
+        # the server drops a request that waited in its queue longer than this client waits for an answer
+        headers = {**self._headers(), "X-Client-Timeout": f"{self.timeout_s:g}"}
+        async with httpx.AsyncClient(timeout=self.timeout_s, headers=headers) as client:
             async def one(chunk):
                 async with sem:
                     return await self._score_chunk(client, chunk)

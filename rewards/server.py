@@ -7,8 +7,9 @@ Binds to 127.0.0.1 unless told otherwise. With a token (--token, or the TTSRL_RE
 every request needs `Authorization: Bearer <token>` (401 otherwise). Requests larger than `max_request_mb` get
 413, more than `max_batch` samples 413, malformed JSON 400, a malformed batch 422 naming the sample and the field;
 a scorer that raises gives 500 with the error. One batch is scored at a time (models are not re-entrant);
-requests queue, and a request whose client has gone away (timed out) while it was queued is dropped unscored
-(counted as `abandoned`), so a client's retry never waits behind its own abandoned attempt.
+requests queue, and a request whose client has given up while it was queued (its connection closed, or longer
+queued than the `X-Client-Timeout` seconds the client sent) is dropped unscored (counted as `abandoned`), so a
+client's retry never waits behind its own abandoned attempt.
 """
 
 
@@ -51,6 +52,11 @@ def create_app(scorer: Scorer, name: str, *, describe: dict | None = None, token
 
     @app.post("/score")
     async def score(request: Request):
+        arrived = time.monotonic()
+        try:
+            patience = float(request.headers.get("x-client-timeout", "inf"))
+        except ValueError:
+            return error(400, "X-Client-Timeout must be a number of seconds")
         if not authorised(request):
             return error(401, "missing or wrong bearer token")
         declared = request.headers.get("content-length")
@@ -80,7 +86,7 @@ def create_app(scorer: Scorer, name: str, *, describe: dict | None = None, token
                 stats["busy_s"] += time.perf_counter() - t0
 
         async with lock:
-            if await request.is_disconnected():  # the client timed out while this request was queued
+            if time.monotonic() - arrived > patience or await request.is_disconnected():  # the client gave up
                 stats["abandoned"] += 1
                 return error(499, "the client went away while the request was queued; not scored")
             try:

@@ -132,6 +132,8 @@ class OptimConfig:
     ppo_epochs: int = opt(1, "passes over each rollout batch")
     minibatches: int = opt(1, "optimizer steps per pass; > 1 (or ppo_epochs > 1) lets an old-policy clip bind")
     micro_batch_size: int = opt(0, "rows per forward pass inside a minibatch (0 = the whole minibatch)")
+    zero_stage: int = opt(0, "2 = ZeRO-2: AdamW state and reduced gradients partitioned across ranks (rl/zero.py); "
+                             "0 = every rank holds all of them")
 
 
 @dataclass(frozen=True)
@@ -205,6 +207,11 @@ def _validate(cfg: Config) -> None:
         (o.grad_clip >= 0 and o.weight_decay >= 0, "optim.grad_clip and optim.weight_decay must be >= 0"),
         (o.ppo_epochs >= 1 and o.minibatches >= 1, "optim.ppo_epochs and optim.minibatches must be >= 1"),
         (o.micro_batch_size >= 0, "optim.micro_batch_size must be >= 0"),
+        (o.zero_stage in (0, 2), "optim.zero_stage must be 0 (no sharding) or 2 (ZeRO-2)"),
+        (cfg.policy.dtype == "float32" or (cfg.policy.lora.enabled and not cfg.policy.lora.modules_to_save),
+         f"policy.dtype {cfg.policy.dtype} would train {cfg.policy.dtype} weights, where AdamW updates smaller than "
+         f"the weights' resolution (lr 1e-6 is) are lost: keep policy.dtype float32 and set "
+         f"train.mixed_precision bf16 for bf16 compute, or train LoRA adapters with lora.modules_to_save: []"),
         (cfg.train.steps >= 1, "train.steps must be >= 1"),
         (cfg.vocoder.n_timesteps >= 1 and cfg.vocoder.batch_size >= 0, "vocoder.n_timesteps >= 1, batch_size >= 0"),
         (cfg.train.save_every >= 0 and cfg.train.keep_last >= 1, "train.save_every >= 0 and train.keep_last >= 1"),

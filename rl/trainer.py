@@ -37,6 +37,7 @@ from rl.distributed import Dist
 from rl.dynamic_sampling import DynamicSampling, GroupResult, informative_groups
 from rl.losses import policy_loss
 from rl.metrics import MetricsLogger
+from rl.zero import ShardedAdamW
 from rl.samples import pick_rows, write_samples
 from rollouts.audio import read_wav
 from rollouts.manifest import ManifestError, PromptStream, read_manifest
@@ -105,9 +106,13 @@ def step_seed(seed: int, step: int, salt: int = 0) -> int:
 def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress: bool = True) -> dict:
     """Run the configured training (one process, or one rank of `accelerate launch`). Returns the last metrics."""
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType
 
     out = Path(cfg.train.output_dir)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision)
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        raise RuntimeError(f"launched with {accelerator.distributed_type.value}: ttsrl does its own data parallelism; "
+                           f"use `accelerate launch --multi_gpu` and optim.zero_stage=2 for ZeRO-2 sharding")
     dist = Dist(accelerator)
     say = print if dist.main else (lambda *a, **k: None)
     if dist.main:
@@ -145,11 +150,12 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
     voices = [VoicePrompt(r.prompt_speech_tokens, r.prompt_feat, r.embedding) for r in records]
     prompt_audio = PromptAudio(records)
     scorers = build_scorers(cfg.rewards)
-    optimizer = torch.optim.AdamW(
-        policy.trainable_parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-        weight_decay=cfg.optim.weight_decay,
-        fused=accelerator.device.type in ("cpu", "cuda") or None,  # one kernel over all parameters (4x on CPU)
-    )
+    adamw = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
+                 fused=accelerator.device.type in ("cpu", "cuda") or None)  # one kernel over all parameters
+    if cfg.optim.zero_stage == 2:  # AdamW state and reduced gradients partitioned across ranks (rl/zero.py)
+        optimizer = ShardedAdamW(policy.trainable_parameters(), dist.rank, dist.world, **adamw)
+    else:
+        optimizer = torch.optim.AdamW(policy.trainable_parameters(), **adamw)
     stream = PromptStream(len(records), seed=cfg.train.seed, shuffle=cfg.data.shuffle)
     state = TrainState()
     ckpt = None
@@ -203,11 +209,12 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
         if not mine:
             return None
         t0 = time.perf_counter()
-        ro = policy.sample_groups(
-            [prompts[prompt_idx[i]] for i in mine], group_size, params, group_ids=[gids[i] for i in mine], seed=seed,
-            min_ratio=cfg.sampling.min_token_text_ratio, max_ratio=cfg.sampling.max_token_text_ratio,
-            max_new_tokens=cfg.sampling.max_new_tokens,
-        )
+        with accelerator.autocast():  # the precision the update's forward passes run in (autocast is per thread)
+            ro = policy.sample_groups(
+                [prompts[prompt_idx[i]] for i in mine], group_size, params, group_ids=[gids[i] for i in mine],
+                seed=seed, min_ratio=cfg.sampling.min_token_text_ratio, max_ratio=cfg.sampling.max_token_text_ratio,
+                max_new_tokens=cfg.sampling.max_new_tokens,
+            )
         ro = dataclasses.replace(ro, prompt_index=torch.tensor([prompt_idx[mine[int(i)]] for i in ro.prompt_index]))
         t1 = time.perf_counter()
         vocoded = vocode(ro)
@@ -380,10 +387,14 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
                         seen = mask & ~torch.isnan(ent)
                         entropy_sum += float(ent[seen].sum())
                         entropy_tokens += float(seen.sum())
-                dist.sum_grads(policy.trainable_parameters())
                 # grad_clip 0 = no clipping (an infinite bound still reports the norm)
-                grad_norm = accelerator.clip_grad_norm_(policy.trainable_parameters(), cfg.optim.grad_clip or math.inf)
-                optimizer.step()
+                if cfg.optim.zero_stage == 2:  # each gradient summed onto its owner rank, which steps its parameters
+                    grad_norm = optimizer.reduce_clip_step(cfg.optim.grad_clip or math.inf)
+                else:  # every rank sums every gradient and steps the whole model
+                    dist.sum_grads(policy.trainable_parameters())
+                    grad_norm = accelerator.clip_grad_norm_(policy.trainable_parameters(),
+                                                            cfg.optim.grad_clip or math.inf)
+                    optimizer.step()
                 for k, v in sums.items():
                     upd[k].append(dist.sum(v))
                 upd["ratio/min"].append(dist.min(rmin))
@@ -426,6 +437,8 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
             for key, v in g_scores.service.get(k, {}).items():
                 metrics[f"service/{k}/{key}"] = v
         pend = dist.gather(None if pending is None or pending.gen is None else rollout_tensors(pending.gen.rollout))
+        save = state.step == cfg.train.steps or bool(cfg.train.save_every and state.step % cfg.train.save_every == 0)
+        optimizer_state = optimizer.state_dict() if save else None  # with zero_stage 2: gathered onto rank 0
         if dist.main:
             logger.log(state.step, metrics)
             if cfg.train.samples_every and state.step % cfg.train.samples_every == 0 and n:
@@ -446,8 +459,7 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward/fused/mean']:.3f}", loss=f"{metrics['loss']:.3f}",
                                 len=f"{metrics['len/mean']:.0f}")
-            last = state.step == cfg.train.steps
-            if last or (cfg.train.save_every and state.step % cfg.train.save_every == 0):
+            if save:
                 state.pending = None if pending is None else {  # sampled with the next step's parameters
                     "prompt_idx": pending.prompt_idx, "gids": pending.gids, "world": dist.world,
                     "params": dataclasses.asdict(sampling_params(state.step)),
@@ -455,7 +467,7 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
                 tensors = {f"rank{r}.{k}": v for r, t in enumerate(pend) if t is not None for k, v in t.items()}
                 save_checkpoint(
                     out, state.step, policy_state=policy.state_for_checkpoint(),
-                    optimizer_state=optimizer.state_dict(), trainer_state=dataclasses.asdict(state),
+                    optimizer_state=optimizer_state, trainer_state=dataclasses.asdict(state),
                     config_yaml=config_yaml, keep_last=cfg.train.keep_last, pending=tensors or None,
                 )
         dist.barrier()

@@ -32,21 +32,38 @@ def launch(tmp, ckpt, procs, *overrides):
     return [json.loads(line) for line in (tmp / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, tiny_ckpt):
-    # tiny.yaml: dynamic re-rolls, 2 minibatches per step (so the global minibatch partition matters)
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, tiny_ckpt):
+    """One process, plain AdamW: the run every data-parallel variant must reproduce."""
+    tmp = tmp_path_factory.mktemp("single")
     # two steps: step 2 samples from the updated weights. Further on, weights that differ by float summation order
     # (gradients summed over ranks) can flip a sampled token that sits on a tie, and the runs drift apart
-    one = launch(tmp_path / "one", tiny_ckpt, 1, "train.steps=2")
-    two = launch(tmp_path / "two", tiny_ckpt, 2, "train.steps=2")
+    return tmp, launch(tmp, tiny_ckpt, 1, "train.steps=2")
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2], ids=["allreduce", "zero2"])
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, tiny_ckpt, single, zero_stage):
+    # tiny.yaml: dynamic re-rolls, 2 minibatches per step (so the global minibatch partition matters)
+    one_dir, one = single
+    two = launch(tmp_path / "two", tiny_ckpt, 2, "train.steps=2", f"optim.zero_stage={zero_stage}")
     assert len(one) == len(two) == 2
     for a, b in zip(one, two):
         for key in ("reward/duration/mean", "len/mean", "resample/tries", "adv/frac_uninformative"):
             assert a[key] == b[key], key  # the same samples, the same resampling decisions
         for key in ("loss", "grad_norm", "clip/high_frac", "entropy"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
-    wa = load_file(str(tmp_path / "one" / "checkpoints" / "step-000002" / "policy.safetensors"))
-    wb = load_file(str(tmp_path / "two" / "checkpoints" / "step-000002" / "policy.safetensors"))
+    ck_one, ck_two = one_dir / "checkpoints" / "step-000002", tmp_path / "two" / "checkpoints" / "step-000002"
+    wa = load_file(str(ck_one / "policy.safetensors"))
+    wb = load_file(str(ck_two / "policy.safetensors"))
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5  # float summation order only
+    # the optimizer state is whole in the checkpoint (with ZeRO-2: gathered from both ranks' shards)
+    oa = torch.load(ck_one / "optimizer.pt", weights_only=True)
+    ob = torch.load(ck_two / "optimizer.pt", weights_only=True)
+    assert sorted(oa["state"]) == sorted(ob["state"]) == list(range(len(wa)))
+    for i in oa["state"]:
+        for k in ("exp_avg", "exp_avg_sq"):
+            x, y = oa["state"][i][k], ob["state"][i][k]
+            assert float((x - y).abs().max()) <= 1e-4 * float(x.abs().max()) + 1e-12, (i, k)
 
 
 def test_pipelined_run_on_two_processes_resumes_only_with_two(tmp_path, tiny_ckpt):

@@ -63,6 +63,8 @@ def test_bad_payloads_get_clear_4xx_and_the_server_stays_up():
         post = lambda **kw: httpx.post(f"{srv.url}/score", timeout=10, **kw)  # noqa: E731
         r = post(content=b"{not json")
         assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+        r = post(json={"samples": []}, headers={"X-Client-Timeout": "soon"})
+        assert r.status_code == 400 and "X-Client-Timeout" in r.json()["error"]
         r = post(json={"samples": [{"uttid": "a"}]})
         assert r.status_code == 422 and "samples[0].target_text: missing" in r.json()["error"]
         r = post(json={"samples": [{"uttid": "a", "target_text": "x", "audio": {"encoding": "mp3", "sample_rate": 1, "data": ""}}]})
@@ -108,11 +110,12 @@ def test_slow_service_times_out_then_samples_are_invalid(samples):
         assert "Timeout" in res.reasons[0]
         stats = remote.pop_stats()
         assert stats["requests"] == 2 and stats["errors"] == 2 and stats["failed_requests"] == 1
-        # the retry queued behind the first attempt; its client left, so the server drops it unscored
+        # the retry queued behind the first attempt; its client left, so the server drops it unscored (on a busy
+        # machine the first attempt may already have been given up on before it reached the scorer)
         deadline = time.time() + 10
-        while (h := remote.health())["abandoned"] < 1 and time.time() < deadline:
+        while (h := remote.health())["abandoned"] + h["requests"] < 2 and time.time() < deadline:
             time.sleep(0.1)
-        assert h["abandoned"] == 1 and h["requests"] == 1
+        assert h["abandoned"] + h["requests"] == 2 and h["abandoned"] >= 1, h
     finally:
         srv.stop()
 

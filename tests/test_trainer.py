@@ -53,8 +53,10 @@ def test_short_run_learns_and_logs_every_metric(tmp_path, tiny_ckpt):
     assert any(not torch.equal(start[k], end[k]) for k in start)
 
 
-def test_resume_is_exact(tmp_path, tiny_ckpt):
-    base = ("data.prompts_per_step=2", "sampling.group_size=3", "train.save_every=2", "optim.minibatches=2")
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_resume_is_exact(tmp_path, tiny_ckpt, zero_stage):
+    base = ("data.prompts_per_step=2", "sampling.group_size=3", "train.save_every=2", "optim.minibatches=2",
+            f"optim.zero_stage={zero_stage}")
     cfg, d = load_config(DEFAULT_CONFIG, run_config(tmp_path / "a", tiny_ckpt, "train.steps=4", *base))
     train(cfg, d, progress=False)
     cfg, d = load_config(DEFAULT_CONFIG, run_config(tmp_path / "b", tiny_ckpt, "train.steps=2", *base))

@@ -1,0 +1,151 @@
+"""Group rollouts with vLLM (`sampling.backend: vllm`; GPU, optional: needs `pip install vllm`).
+
+The GLM-TTS LM is a plain HF Llama, so vLLM serves `<ckpt>/llm/` as it is, inside each training process
+(`distributed_executor_backend="external_launcher"`, no tokenizer). Every row is one request with its own seed,
+derived from (seed, group id, member) like the built-in sampler's streams; the rows of a group share their prompt
+through vLLM's prefix cache. Per row:
+
+    allowed_token_ids  the 32768 speech tokens + stop        (the built-in sampler's restricted vocabulary)
+    min_tokens         int(min_ratio x target-text tokens)   (stop masked before it)
+    max_tokens         min(int(max_ratio x text tokens), max_new_tokens)
+    temperature, top_k, top_p as configured; logprobs_mode "processed_logprobs", so each sampled token's log-prob
+    is taken after temperature, top-k and top-p: log q(y) of policies/sampling.py
+
+RAS is not one of vLLM's samplers: `sampling.ras` must be false with this backend. vLLM's kernels round differently
+from the trainer's, so its log-probs match the trainer's only to bf16/fp32 kernel precision; the trainer therefore
+recomputes the anchor log-probs with its own model (`vllm/logp_abs_diff` logs the gap). After every optimizer
+step, `sync_weights` loads the policy's current weights into vLLM (LoRA adapters merged) and clears its prefix
+cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from policies.sampling import SamplingParams, row_keys
+from rollouts.types import Rollout
+
+
+class VLLMRolloutError(RuntimeError):
+    """vLLM returned something the rollout record cannot hold (the message names the row)."""
+
+
+def hf_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The policy's current weights under their HF Llama names (what vLLM's Llama `load_weights` takes). With LoRA
+    the adapters are merged into their base weights for the duration of the iteration, then unmerged."""
+    if not hasattr(model, "merge_adapter"):
+        yield from model.state_dict().items()
+        return
+    model.merge_adapter()
+    try:
+        for name, t in model.get_base_model().state_dict().items():
+            if "lora_" in name or ".original_module." in name:
+                continue
+            yield name.replace(".base_layer.", ".").replace(".modules_to_save.default.", "."), t
+    finally:
+        model.unmerge_adapter()
+
+
+def row_seeds(seed: int, group_ids: list[int], group_size: int) -> list[int]:
+    """One non-negative 63-bit seed per row: row j of group g gets the stream (seed, g, j)."""
+    keys = row_keys(seed, torch.tensor(group_ids).repeat_interleave(group_size),
+                    torch.arange(group_size).repeat(len(group_ids)))
+    return [int(k) & ((1 << 63) - 1) for k in keys]
+
+
+class VLLMSampler:
+    """`sample_groups` with the built-in sampler's signature and Rollout record, on a vLLM engine."""
+
+    def __init__(self, policy, *, gpu_memory_utilization: float = 0.3, dtype: str = "auto",
+                 max_model_len: int | None = None, seed: int = 0):
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise ImportError("sampling.backend: vllm needs the vllm package (pip install vllm), on a GPU") from e
+        self.policy = policy
+        llm_dir = Path(policy.ckpt_dir) / "llm"
+        self.llm = LLM(
+            model=str(llm_dir), skip_tokenizer_init=True, dtype=dtype, seed=seed,
+            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+            enable_prefix_caching=True, logprobs_mode="processed_logprobs",
+            distributed_executor_backend="external_launcher",
+        )
+        s = policy.special
+        self.allowed = list(range(s.ats, s.ate + 1)) + [s.eoa]
+
+    def sync_weights(self) -> None:
+        """Load the policy's current weights into the engine (call after every optimizer step)."""
+        model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+        with torch.no_grad():
+            for name, t in hf_weights(self.policy.model):
+                model.load_weights([(name, t)])
+        self.llm.reset_prefix_cache()
+
+    def sample_groups(self, prompts, group_size: int, params: SamplingParams, *, group_ids: list[int], seed: int,
+                      min_ratio: float = 2.0, max_ratio: float = 20.0, max_new_tokens: int = 1000) -> Rollout:
+        from vllm import SamplingParams as VParams
+
+        if params.ras:
+            raise ValueError("sampling.backend vllm has no repetition-aware sampling: set sampling.ras false")
+        if len(group_ids) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts need {len(prompts)} group ids, got {len(group_ids)}")
+        rows = self.policy.row_batch(prompts, group_size, min_ratio=min_ratio, max_ratio=max_ratio,
+                                     max_new_tokens=max_new_tokens)
+        seeds = row_seeds(seed, group_ids, group_size)
+        requests, sampling = [], []
+        for r in range(rows.num_rows):
+            requests.append({"prompt_token_ids": prompts[r // group_size].ids})
+            sampling.append(VParams(
+                n=1, temperature=params.temperature, top_k=params.top_k if params.top_k > 0 else -1,
+                top_p=params.top_p, min_tokens=int(rows.min_len[r]), max_tokens=int(rows.max_len[r]),
+                stop_token_ids=[self.policy.special.eoa], allowed_token_ids=self.allowed, logprobs=0,
+                seed=seeds[r], detokenize=False,
+            ))
+        outputs = self.llm.generate(requests, sampling_params=sampling, use_tqdm=False)
+        return rollout_from_outputs(self.policy.special, rows, outputs, group_ids, group_size, params)
+
+
+def rollout_from_outputs(special, rows, outputs, group_ids: list[int], group_size: int,
+                         params: SamplingParams) -> Rollout:
+    """vLLM RequestOutputs (one per row, in row order) -> a Rollout with the built-in sampler's conventions: speech
+    tokens, then the stop token for a finished row (trained on); a row that reached max_tokens without stopping is
+    truncated."""
+    n = rows.num_rows
+    if len(outputs) != n:
+        raise VLLMRolloutError(f"vLLM returned {len(outputs)} outputs for {n} rows")
+    seqs, lps = [], []
+    for r, out in enumerate(outputs):
+        comp = out.outputs[0]
+        ids = list(comp.token_ids)
+        if comp.logprobs is None or len(comp.logprobs) != len(ids):
+            raise VLLMRolloutError(f"row {r}: vLLM returned no log-prob for every token (logprobs=0 was asked)")
+        lp = [float(step[tok].logprob) for step, tok in zip(comp.logprobs, ids)]
+        bad = [t for t in ids[:-1] if not special.ats <= t <= special.ate] + \
+              ([ids[-1]] if ids and not (special.ats <= ids[-1] <= special.ate or ids[-1] == special.eoa) else [])
+        if bad:
+            raise VLLMRolloutError(f"row {r}: tokens outside the speech tokens + stop: {bad[:5]}")
+        if comp.finish_reason == "stop" and (not ids or ids[-1] != special.eoa):
+            raise VLLMRolloutError(f"row {r}: vLLM stopped without returning the stop token {special.eoa}")
+        seqs.append(ids)
+        lps.append(lp)
+    width = max((len(s) for s in seqs), default=0)
+    tokens = torch.full((n, max(width, 1)), special.pad, dtype=torch.long)
+    logp = torch.zeros((n, max(width, 1)), dtype=torch.float32)
+    mask = torch.zeros((n, max(width, 1)), dtype=torch.bool)
+    finished = torch.zeros(n, dtype=torch.bool)
+    for r, (ids, lp) in enumerate(zip(seqs, lps)):
+        tokens[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        logp[r, : len(ids)] = torch.tensor(lp, dtype=torch.float32)
+        mask[r, : len(ids)] = True
+        finished[r] = bool(ids) and ids[-1] == special.eoa
+    lengths = mask.sum(-1) - finished.long()
+    return Rollout(
+        prompt_ids=rows.prompt_ids, prompt_mask=rows.prompt_mask, tokens=tokens[:, :width], token_mask=mask[:, :width],
+        behaviour_logp=logp[:, :width], group_ids=torch.tensor(group_ids, dtype=torch.long).repeat_interleave(group_size),
+        prompt_index=torch.arange(len(group_ids)).repeat_interleave(group_size), finished=finished,
+        truncated=~finished, lengths=lengths, min_lengths=rows.min_len,
+        text_lengths=rows.text_len, params=params, pad_id=special.pad,
+    )
