@@ -12,7 +12,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) "torch==2.13.0"
-	$(PIP) -e ".[test]"
+	$(PIP) -e ".[test,bench]"
 	@# s3prl (WavLM for the speaker-similarity reward) declares torchaudio, which must not come in: no deps.
 	$(PIP) --no-deps "s3prl==0.4.18"
 	@# torchaudio from PyPI is a CUDA build that breaks CPU installs; refuse it.

@@ -2,7 +2,7 @@
 
     python bench/rollout.py                  # the tiny speech LM (the embedded default's sizes)
     python bench/rollout.py --size mid       # a ~110 M-parameter random Llama (768 x 12) in the same layout
-    python bench/rollout.py --device cuda    # on a GPU
+    python bench/rollout.py --device cuda --dtype bfloat16 --compiled --bandwidth-gbs 4800   # on an H200
 
 Random-weight GLM-TTS speech LMs in the upstream layout (policies/tiny.py), written to a temporary directory and
 loaded with GLMTTSPolicy.from_pretrained. `--prompts` shipped prompts (text + voice-prompt codes) x `--group`
@@ -11,6 +11,8 @@ samples each, every row restricted to the speech tokens + stop, temperature / to
   batched     GLMTTSPolicy.sample_groups: all B x G rows in one left-padded batch with a KV cache (each prompt
               prefilled once, its cache repeated for the G rows of its group), logits of the speech + stop rows of
               the LM head only, behaviour log-probs recorded on the fly
+  compiled    (--compiled) the batched sampler with decode="compiled": a static KV cache and torch.compile of
+              the decode step (CUDA graphs on GPU); compiled during the warm-up, which is not timed
   per-sample  the same sampler, one row at a time (B x G calls of sample_groups with one row)
   generate    LlamaForCausalLM.generate on the same left-padded batch, a LogitsProcessor restricting to speech +
               stop, the same temperature / top-k / top-p, output_scores=True, and the behaviour log-probs of the
@@ -19,7 +21,10 @@ samples each, every row restricted to the speech tokens + stop, temperature / to
 Equal work: every row generates exactly `--new-tokens` tokens. The stop token is masked for the whole length
 (ours: min = max length; generate: min_new_tokens = max_new_tokens), so no row ends early and tokens/s compare
 the same number of decode steps over the same batch. RAS is off (generate has no RAS).
-The three variants alternate `--repeats` times; figures are medians, ratios are medians of per-repeat ratios.
+The variants alternate `--repeats` times; figures are medians, ratios are medians of per-repeat ratios.
+With --bandwidth-gbs B (the device's memory bandwidth), the batched and compiled rows also print the fraction of
+the memory-bandwidth bound reached: a decode step must read every weight once and each row's KV cache, so it takes
+at least (weight bytes + KV bytes at the mean context length) / B; rows / that is the bound in tokens/s.
 """
 
 from __future__ import annotations
@@ -99,7 +104,7 @@ def run(args) -> dict:
     records = read_manifest(MANIFEST)[: args.prompts]
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_checkpoint(Path(tmp) / "ckpt", args.size, read_manifest(MANIFEST))
-        policy = GLMTTSPolicy.from_pretrained(ckpt, device=args.device)
+        policy = GLMTTSPolicy.from_pretrained(ckpt, device=args.device, dtype=getattr(torch, args.dtype))
     n_params = sum(p.numel() for p in policy.model.parameters())
     policy.model.eval()
     prompts = [policy.prompt_input(r) for r in records]
@@ -109,11 +114,14 @@ def run(args) -> dict:
     n_rows, length = len(prompts) * args.group, args.new_tokens
     big = 1e9  # min = max length: stop masked throughout, every row generates exactly `length` tokens
 
-    def batched(seed=0):
+    def batched(seed=0, decode="dynamic"):
         ro = policy.sample_groups(prompts, args.group, params, group_ids=list(range(len(prompts))), seed=seed,
-                                  min_ratio=big, max_ratio=big, max_new_tokens=length)
+                                  min_ratio=big, max_ratio=big, max_new_tokens=length, decode=decode)
         assert ro.tokens.shape == (n_rows, length) and bool(ro.token_mask.all())
         return ro
+
+    def compiled(seed=0):
+        return batched(seed, decode="compiled")
 
     def per_sample(seed=0):
         out = []
@@ -135,7 +143,8 @@ def run(args) -> dict:
         if str(args.device).startswith("cuda"):
             torch.cuda.synchronize()
 
-    variants = {"batched": batched, "per-sample": per_sample, "generate": generate}
+    variants = {"batched": batched, **({"compiled": compiled} if args.compiled else {}), "per-sample": per_sample,
+                "generate": generate}
     for fn in variants.values():  # warm-up
         fn(seed=10_000)
     times: dict[str, list[float]] = {k: [] for k in variants}
@@ -158,7 +167,21 @@ def run(args) -> dict:
         print(f"  {k:<11} {med[k]:8.3f} s  {tokens / med[k]:9.1f} tokens/s   batched speed-up over it: "
               f"{ratios[k]:.2f}x")
     print(f"  (median of {args.repeats} alternating repeats; ratios are medians of per-repeat ratios)")
-    return {"seconds": med, "ratios": ratios, "tokens": tokens}
+    bound = None
+    if args.bandwidth_gbs:
+        cfg = policy.model.config
+        elem = torch.finfo(getattr(torch, args.dtype)).bits // 8
+        weight_bytes = n_params * elem
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        context = statistics.mean(len(p.ids) for p in prompts) + length / 2
+        kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * elem * context * n_rows
+        bound = n_rows * args.bandwidth_gbs * 1e9 / (weight_bytes + kv_bytes)
+        print(f"  memory-bandwidth bound at {args.bandwidth_gbs:g} GB/s: {bound:.0f} tokens/s "
+              f"(weights {weight_bytes / 1e9:.2f} GB + KV {kv_bytes / 1e9:.3f} GB per step)")
+        for k in ("batched", "compiled"):
+            if k in med:
+                print(f"  {k}: {tokens / med[k] / bound:.1%} of the bound (prefill included)")
+    return {"seconds": med, "ratios": ratios, "tokens": tokens, "bound_tokens_s": bound}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -172,6 +195,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--top-p", type=float, default=0.8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the LM's weights")
+    ap.add_argument("--compiled", action="store_true", help="also time decode='compiled' (torch.compile)")
+    ap.add_argument("--bandwidth-gbs", type=float, default=0.0,
+                    help="the device's memory bandwidth in GB/s: report the fraction of the decode bound reached")
     args = ap.parse_args(argv)
     if args.new_tokens is None:
         args.new_tokens = 100 if args.size == "tiny" else 50

@@ -9,6 +9,9 @@ written to a temporary directory; `--rows` samples of 2-5 s of 24 kHz audio, 4 p
 (1) The CER scorer behind a loopback `ttsrl serve-reward`-style server: one batched request for the whole step
 (RemoteScorer's default) vs one synchronous request per sample (what upstream GLM-TTS does).
 (2) The four scorers locally: concurrent (one thread each, the trainer's default) vs sequential.
+(3) Two reward services, each its own `ttsrl serve-reward` process whose scorer takes --service-s seconds per
+batch (a stand-in for models on other GPUs or hosts), called as the trainer calls remote scorers: concurrent vs
+sequential.
 Each figure is the median over --repeats alternating pairs of the time ratio.
 """
 
@@ -68,11 +71,46 @@ def pairs(a, b, repeats: int) -> tuple[float, float, float]:
     return statistics.median(ta), statistics.median(tb), statistics.median(ratios)
 
 
-def main() -> None:
+def service_process(seconds: float):
+    """`ttsrl serve-reward` in its own process, with a scorer that takes `seconds` per batch."""
+    import json
+    import os
+    import subprocess
+
+    from conftest import free_port
+
+    repo = Path(__file__).resolve().parents[1]
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rl.cli", "serve-reward", "--scorer", "scorers_for_tests:Slow", "--kwargs",
+         json.dumps({"seconds": seconds}), "--port", str(port)],
+        cwd=repo, env={**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{repo / 'tests'}"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(scorer: RemoteScorer, timeout_s: float = 60.0) -> None:
+    import httpx
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            scorer.health()
+            return
+        except httpx.HTTPError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
+    ap.add_argument("--service-s", type=float, default=0.5, help="(3): seconds each stand-in service takes")
+    args = ap.parse_args(argv)
+    out = {}
     samples = make_samples(args.rows)
     with tempfile.TemporaryDirectory() as tmp:
         m = write_all(tmp)
@@ -91,11 +129,29 @@ def main() -> None:
             srv.stop()
         print(f"service (cer, {len(samples)} samples, {torch.get_num_threads()} threads):")
         print(f"  one batched request {tb:6.2f} s   one request per sample {ts:6.2f} s   ratio {r:.2f}x")
+        out["service_batched_vs_per_sample"] = r
         score(scorers, samples[:4])  # warm-up (prompt embeddings are cached per voice prompt either way)
         tc, tq, r = pairs(lambda: score(scorers, samples, concurrent=True),
                           lambda: score(scorers, samples, concurrent=False), args.repeats)
         print(f"scorers (cer, sim, emotion, duration; {len(samples)} samples):")
         print(f"  concurrent {tc:6.2f} s   sequential {tq:6.2f} s   ratio {r:.2f}x")
+        out["local_concurrent_vs_sequential"] = r
+    servers = [service_process(args.service_s) for _ in range(2)]
+    try:
+        remote = {f"s{i}": RemoteScorer(url, batch_size=len(samples)) for i, (_, url) in enumerate(servers)}
+        for scorer in remote.values():
+            wait_ready(scorer)
+        score(remote, samples[:2])  # warm-up
+        tc, tq, r = pairs(lambda: score(remote, samples, concurrent=True),
+                          lambda: score(remote, samples, concurrent=False), args.repeats)
+    finally:
+        for proc, _ in servers:
+            proc.kill()
+            proc.wait()
+    print(f"two services of {args.service_s:g} s per batch ({len(samples)} samples):")
+    print(f"  concurrent {tc:6.2f} s   sequential {tq:6.2f} s   ratio {r:.2f}x")
+    out["services_concurrent_vs_sequential"] = r
+    return out
 
 
 if __name__ == "__main__":

@@ -43,14 +43,14 @@ def write_mid(ckpt: Path) -> None:
     torch.save(flow.state_dict(), ckpt / "flow" / "flow.pt")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=["tiny", "mid"], default="tiny")
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--n-timesteps", type=int, default=10)
     ap.add_argument("--device", default="cpu")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "ckpt"
@@ -87,6 +87,8 @@ def main() -> None:
     print(f"  batched     {statistics.median(tb_all):7.2f} s   one-by-one {statistics.median(ts_all):7.2f} s")
     print(f"  speed-up (one-by-one / batched, median of {args.repeats} pairs): {statistics.median(ratios):.2f}x")
     print(f"  max |batched - one-by-one| = {max(diffs):.2e}")
+    return {"batched_s": statistics.median(tb_all), "one_by_one_s": statistics.median(ts_all),
+            "ratio": statistics.median(ratios), "max_diff": max(diffs)}
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from policies.decoding import DynamicDecoder, StaticDecoder
 from policies.sampling import SamplingParams, behaviour_logprob, row_keys, sample_step, step_distribution
 from policies.tokenizer import GLMTokenizer, RemoteCodeTokenizer, TokenizerError
 from rollouts.types import PromptRecord, Rollout
@@ -31,6 +32,7 @@ from rollouts.types import PromptRecord, Rollout
 LLM_DIR = "llm"
 TOKENIZER_DIR = "vq32k-phoneme-tokenizer"
 ENTROPY_POSITIONS = 512
+CHECK_EVERY = 16  # on a GPU, decode steps between checks that every row is done (each check syncs the host)
 SPECIAL_STRINGS = {
     "ats": "<|audio_0|>",
     "ate": "<|audio_32767|>",
@@ -82,6 +84,21 @@ def find_special_tokens(encode, where: str) -> SpecialTokens:
 
 
 @dataclass(frozen=True)
+class RowBatch:
+    """The rows of a group rollout before sampling: B prompts x G samples, prompts left-padded (N = B x G)."""
+
+    prompt_ids: torch.Tensor  # [N, P] long
+    prompt_mask: torch.Tensor  # [N, P] bool
+    text_len: torch.Tensor  # [N] long, target-text tokens
+    min_len: torch.Tensor  # [N] long, stop is masked before this many generated tokens
+    max_len: torch.Tensor  # [N] long, a row is truncated at this many speech tokens
+
+    @property
+    def num_rows(self) -> int:
+        return self.prompt_ids.shape[0]
+
+
+@dataclass(frozen=True)
 class PromptInput:
     ids: list[int]  # the full prompt layout, LM ids
     text_len: int  # target-text tokens (the length bounds scale with it)
@@ -103,6 +120,7 @@ class GLMTTSPolicy:
         self.lora = hasattr(model, "disable_adapter")
         self._reference: torch.nn.Module | None = None
         self._head_rows: torch.Tensor | None = None  # LM-head rows of [speech codes..., stop] (restricted_head)
+        self._decode_caches: dict = {}  # decode="compiled": static KV caches kept per shape bucket
         vocab = model.config.vocab_size
         if vocab <= max(special.ate, special.eoa, special.boa):
             raise CheckpointError(f"{ckpt_dir}: LM vocab_size {vocab} does not cover the special ids {special}")
@@ -199,6 +217,24 @@ class GLMTTSPolicy:
         return torch.where(ids == s.eoa, torch.full_like(ids, s.stop_index), out)
 
     # --- group sampling ---------------------------------------------------------------------------------------
+    def row_batch(self, prompts: list[PromptInput], group_size: int, *, min_ratio: float = 2.0,
+                  max_ratio: float = 20.0, max_new_tokens: int = 1000) -> "RowBatch":
+        """The B x G rows of a group rollout: left-padded prompts and each row's length bounds. Stop is masked
+        before int(min_ratio * text_len) tokens; a row is truncated at min(int(max_ratio * text_len),
+        max_new_tokens) speech tokens."""
+        n = len(prompts) * group_size
+        rows = [p for p in prompts for _ in range(group_size)]
+        p_len = max(len(p.ids) for p in rows)
+        prompt_ids = torch.full((n, p_len), self.special.pad, dtype=torch.long)
+        prompt_mask = torch.zeros((n, p_len), dtype=torch.bool)
+        for i, p in enumerate(rows):
+            prompt_ids[i, p_len - len(p.ids):] = torch.tensor(p.ids)
+            prompt_mask[i, p_len - len(p.ids):] = True
+        text_len = torch.tensor([p.text_len for p in rows])
+        max_len = torch.clamp((text_len.double() * max_ratio).long(), max=max_new_tokens).clamp(min=1)
+        min_len = torch.minimum((text_len.double() * min_ratio).long(), max_len)
+        return RowBatch(prompt_ids, prompt_mask, text_len, min_len, max_len)
+
     @torch.no_grad()
     def sample_groups(
         self,
@@ -211,100 +247,95 @@ class GLMTTSPolicy:
         min_ratio: float = 2.0,
         max_ratio: float = 20.0,
         max_new_tokens: int = 1000,
+        decode: str = "dynamic",
     ) -> Rollout:
         """Sample `group_size` sequences for each prompt, all rows in one left-padded batch with a KV cache (each
         prompt is prefilled once and its cache repeated for its group's rows).
 
-        Row r belongs to prompt r // group_size and carries group_ids[r // group_size]. Stop is masked before
-        int(min_ratio * text_len) tokens; a row is truncated at min(int(max_ratio * text_len), max_new_tokens).
-        Row j of group g draws from the random stream (seed, g, j), whatever else is in the batch.
+        Row r belongs to prompt r // group_size and carries group_ids[r // group_size]; length bounds as in
+        `row_batch`. Row j of group g draws from the random stream (seed, g, j), whatever else is in the batch.
+        decode: "dynamic" (growing KV cache), "static" (preallocated cache, fixed shapes) or "compiled" (static,
+        compiled once per shape bucket; CUDA graphs on GPU): policies/decoding.py. The sampler's state stays on
+        the device; on a GPU the loop checks whether every row is done every CHECK_EVERY steps (one host sync).
         """
         if len(group_ids) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts need {len(prompts)} group ids, got {len(group_ids)}")
+        if decode not in ("dynamic", "static", "compiled"):
+            raise ValueError(f"decode must be dynamic, static or compiled, got {decode!r}")
         device = self.device
-        n = len(prompts) * group_size
-        rows = [p for p in prompts for _ in range(group_size)]
-        p_len = max(len(p.ids) for p in rows)
-        prompt_ids = torch.full((n, p_len), self.special.pad, dtype=torch.long)
-        prompt_mask = torch.zeros((n, p_len), dtype=torch.bool)
-        for i, p in enumerate(rows):
-            prompt_ids[i, p_len - len(p.ids):] = torch.tensor(p.ids)
-            prompt_mask[i, p_len - len(p.ids):] = True
-        text_len = torch.tensor([p.text_len for p in rows])
-        max_len = torch.clamp((text_len.double() * max_ratio).long(), max=max_new_tokens).clamp(min=1)
-        min_len = torch.minimum((text_len.double() * min_ratio).long(), max_len)
-        steps = int(max_len.max())
-
+        rows = self.row_batch(prompts, group_size, min_ratio=min_ratio, max_ratio=max_ratio,
+                              max_new_tokens=max_new_tokens)
+        n, steps = rows.num_rows, int(rows.max_len.max())
         keys = row_keys(seed, torch.tensor(group_ids).repeat_interleave(group_size),
                         torch.arange(group_size).repeat(len(prompts))).to(device)
-        tokens = torch.full((n, steps), self.special.pad, dtype=torch.long)
-        logp_b = torch.zeros((n, steps), dtype=torch.float32)
-        tmask = torch.zeros((n, steps), dtype=torch.bool)
+        tokens = torch.full((n, steps), self.special.pad, dtype=torch.long, device=device)
+        logp_b = torch.zeros((n, steps), dtype=torch.float32, device=device)
+        tmask = torch.zeros((n, steps), dtype=torch.bool, device=device)
         history = torch.full((n, params.ras_window), -1, dtype=torch.long, device=device)
-        finished = torch.zeros(n, dtype=torch.bool)
-        truncated = torch.zeros(n, dtype=torch.bool)
-        lengths = torch.zeros(n, dtype=torch.long)
+        finished = torch.zeros(n, dtype=torch.bool, device=device)
+        truncated = torch.zeros(n, dtype=torch.bool, device=device)
+        lengths = torch.zeros(n, dtype=torch.long, device=device)
+        min_len, max_len = rows.min_len.to(device), rows.max_len.to(device)
+        pad = torch.full((n,), self.special.pad, dtype=torch.long, device=device)
 
         was_training = self.model.training
         self.model.eval()
         backbone, _ = _backbone_and_head(self.model)
         head = self.restricted_head()
-        attn = prompt_mask.to(device)
+        attn = rows.prompt_mask.to(device)
         pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
         # the rows of a group share their prompt: prefill each prompt once, then repeat its KV cache per row
         first = slice(None, None, group_size)
-        out = backbone(input_ids=prompt_ids[first].to(device), attention_mask=attn[first].long(),
+        out = backbone(input_ids=rows.prompt_ids[first].to(device), attention_mask=attn[first].long(),
                        position_ids=pos[first], use_cache=True)
-        cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
-        if group_size > 1:
-            cache.batch_repeat_interleave(group_size)
-            hidden = hidden.repeat_interleave(group_size, dim=0)
+        hidden = out.last_hidden_state[:, -1].repeat_interleave(group_size, dim=0)
+        if decode == "dynamic":
+            if group_size > 1:
+                out.past_key_values.batch_repeat_interleave(group_size)
+            decoder = DynamicDecoder(backbone, out.past_key_values, attn)
+        else:
+            decoder = StaticDecoder(backbone, self.model.config, out.past_key_values, attn, group_size, steps,
+                                    compile=decode == "compiled",
+                                    pool=self._decode_caches if decode == "compiled" else None)
         next_pos = pos[:, -1:] + 1
-        min_len_d = min_len.to(device)
+        check_every = 1 if device.type == "cpu" else CHECK_EVERY
         for t in range(steps):
             active = ~(finished | truncated)
             logits = self.restricted_logits(hidden, head=head)
-            dist = step_distribution(logits, min_len_d <= t, params)
+            dist = step_distribution(logits, min_len <= t, params)
             idx = sample_step(dist, history if params.ras else None, params, keys, t)
             lp = behaviour_logprob(dist, idx, history if params.ras else None, params)
-            idx_c, lp_c, act = idx.cpu(), lp.float().cpu(), active
-            tokens[act, t] = self.restricted_to_ids(idx_c)[act]
-            logp_b[act, t] = lp_c[act]
-            tmask[act, t] = True
-            stopped = act & (idx_c == self.special.stop_index)
+            tokens[:, t] = torch.where(active, self.restricted_to_ids(idx), pad)
+            logp_b[:, t] = torch.where(active, lp.float(), torch.zeros_like(logp_b[:, t]))
+            tmask[:, t] = active
+            stopped = active & (idx == self.special.stop_index)
             finished |= stopped
-            speech = act & ~stopped
+            speech = active & ~stopped
             lengths += speech.long()
             truncated |= speech & (lengths >= max_len)
             if params.ras:
-                history = torch.where(speech.to(device)[:, None], torch.cat([history[:, 1:], idx[:, None]], 1), history)
-            if bool((finished | truncated).all()):
+                history = torch.where(speech[:, None], torch.cat([history[:, 1:], idx[:, None]], 1), history)
+            if t == steps - 1 or ((t + 1) % check_every == 0 and bool((finished | truncated).all())):
                 break
-            feed = torch.where(speech, self.restricted_to_ids(idx_c), torch.full_like(idx_c, self.special.pad))
-            attn = torch.cat([attn, speech.to(device)[:, None]], dim=1)
-            out = backbone(
-                input_ids=feed.to(device)[:, None], attention_mask=attn.long(), position_ids=next_pos,
-                past_key_values=cache, use_cache=True,
-            )
-            cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
+            hidden = decoder.step(torch.where(speech, tokens[:, t], pad), speech, next_pos, t)
             next_pos = next_pos + 1
         if was_training:
             self.model.train()
         width = int(tmask.sum(-1).max())
         row_group = torch.tensor(group_ids, dtype=torch.long).repeat_interleave(group_size)
         return Rollout(
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask,
-            tokens=tokens[:, :width],
-            token_mask=tmask[:, :width],
-            behaviour_logp=logp_b[:, :width],
+            prompt_ids=rows.prompt_ids,
+            prompt_mask=rows.prompt_mask,
+            tokens=tokens[:, :width].cpu(),
+            token_mask=tmask[:, :width].cpu(),
+            behaviour_logp=logp_b[:, :width].cpu(),
             group_ids=row_group,
             prompt_index=torch.arange(len(prompts)).repeat_interleave(group_size),
-            finished=finished,
-            truncated=truncated,
-            lengths=lengths,
-            min_lengths=min_len,
-            text_lengths=text_len,
+            finished=finished.cpu(),
+            truncated=truncated.cpu(),
+            lengths=lengths.cpu(),
+            min_lengths=rows.min_len,
+            text_lengths=rows.text_len,
             params=params,
             pad_id=self.special.pad,
         )

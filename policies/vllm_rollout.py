@@ -35,18 +35,22 @@ class VLLMRolloutError(RuntimeError):
 
 def hf_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The policy's current weights under their HF Llama names (what vLLM's Llama `load_weights` takes). With LoRA
-    the adapters are merged into their base weights for the duration of the iteration, then unmerged."""
-    if not hasattr(model, "merge_adapter"):
+    each adapted weight is yielded as base + B A x scaling (the model itself is not touched: merging into it and
+    unmerging again would round the base weights a little at every sync)."""
+    if not hasattr(model, "get_base_model"):
         yield from model.state_dict().items()
         return
-    model.merge_adapter()
-    try:
-        for name, t in model.get_base_model().state_dict().items():
-            if "lora_" in name or ".original_module." in name:
-                continue
-            yield name.replace(".base_layer.", ".").replace(".modules_to_save.default.", "."), t
-    finally:
-        model.unmerge_adapter()
+    base = model.get_base_model()
+    adapted = {f"{name}.weight": m for name, m in base.named_modules()
+               if hasattr(m, "get_delta_weight") and hasattr(m, "base_layer")}
+    for name, t in base.state_dict().items():
+        if "lora_" in name or ".original_module." in name:
+            continue
+        hf = name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+        if hf in adapted:
+            m = adapted[hf]
+            t = t + sum(m.get_delta_weight(a) for a in m.active_adapters if a in m.lora_A)
+        yield hf, t
 
 
 def row_seeds(seed: int, group_ids: list[int], group_size: int) -> list[int]:

@@ -16,6 +16,7 @@ are **invalid**, with the error as the reason: never 0. Counters per call (`serv
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from typing import Sequence
@@ -24,6 +25,10 @@ import numpy as np
 
 from rewards.base import Sample, ScoreResult
 from rewards.wire import ENCODINGS, WireError, decode_result, encode_request
+
+# FunASR configures the root logger at INFO, which would print every request httpx sends; failures are counted
+# and reported here instead
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 class RemoteScorer:

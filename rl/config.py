@@ -74,6 +74,13 @@ class SamplingConfig:
     min_token_text_ratio: float = opt(2.0, "stop is masked before this many speech tokens per target-text token")
     max_token_text_ratio: float = opt(20.0, "generation is truncated at this many speech tokens per text token")
     max_new_tokens: int = opt(1000, "hard cap on generated tokens per sample, whatever the text length")
+    backend: Literal["builtin", "vllm"] = opt(
+        "builtin", "who samples the rollouts: the built-in KV-cache sampler, or vLLM (GPU, `pip install vllm`, no RAS)"
+    )
+    compile_decode: bool = opt(
+        False, "builtin: static KV cache + torch.compile of the decode step (CUDA graphs on GPU), once per shape bucket"
+    )
+    vllm_gpu_memory_utilization: float = opt(0.3, "vllm: fraction of the GPU's memory vLLM may take (weights + cache)")
 
 
 @dataclass(frozen=True)
@@ -194,6 +201,10 @@ def _validate(cfg: Config) -> None:
         (0 <= s.min_token_text_ratio <= s.max_token_text_ratio,
          "sampling.min_token_text_ratio must be >= 0 and <= max_token_text_ratio"),
         (s.max_new_tokens >= 1, "sampling.max_new_tokens must be >= 1"),
+        (s.backend != "vllm" or not s.ras, "sampling.backend vllm has no repetition-aware sampling: set sampling.ras "
+                                           "false (or use the builtin sampler)"),
+        (s.backend != "vllm" or not s.compile_decode, "sampling.compile_decode is for the builtin sampler, not vllm"),
+        (0.0 < s.vllm_gpu_memory_utilization < 1.0, "sampling.vllm_gpu_memory_utilization must be in (0, 1)"),
         (d.prompts_per_step >= 1, "data.prompts_per_step must be >= 1"),
         (bool(d.manifest), "data.manifest is empty: give the prompt manifest (upstream GRPO jsonl)"),
         (bool(cfg.policy.ckpt_dir), "policy.ckpt_dir is empty: give a GLM-TTS checkpoint directory"),

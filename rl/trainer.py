@@ -63,6 +63,7 @@ class Generated:
     seconds: float  # sampling
     vocode_seconds: float = 0.0
     lag: int = 0  # optimizer steps between the policy that sampled it and the one it trains
+    vllm_gap: float = float("nan")  # sampling.backend vllm: mean |vLLM's log-prob - the trainer's| of its tokens
 
 
 @dataclass
@@ -140,6 +141,13 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
     if derived.needs_reference:
         policy.make_reference()
     prompts = [policy.prompt_input(r) for r in records]
+    vllm = None  # sampling.backend vllm: the rollouts come from a vLLM engine that holds a copy of the weights
+    if cfg.sampling.backend == "vllm":
+        from policies.vllm_rollout import VLLMSampler
+
+        vllm = VLLMSampler(policy, gpu_memory_utilization=cfg.sampling.vllm_gpu_memory_utilization,
+                           dtype="bfloat16" if cfg.train.mixed_precision == "bf16" else "float32", seed=cfg.train.seed)
+    vllm_stale = vllm is not None and bool(resume)  # resumed weights are loaded below: sync before sampling
     token2wav = None
     if cfg.vocoder.enabled:
         for r in records:
@@ -205,20 +213,39 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
     def generate(prompt_idx: list[int], gids: list[int], params: SamplingParams, seed: int) -> Generated | None:
         """This rank's share of a generation round: one group per prompt (manifest indices), sampled and vocoded.
         None when the round has no slot for this rank."""
+        nonlocal vllm_stale
         mine = dist.shard(len(gids))
         if not mine:
             return None
         t0 = time.perf_counter()
-        with accelerator.autocast():  # the precision the update's forward passes run in (autocast is per thread)
-            ro = policy.sample_groups(
-                [prompts[prompt_idx[i]] for i in mine], group_size, params, group_ids=[gids[i] for i in mine],
-                seed=seed, min_ratio=cfg.sampling.min_token_text_ratio, max_ratio=cfg.sampling.max_token_text_ratio,
-                max_new_tokens=cfg.sampling.max_new_tokens,
-            )
+        kw = dict(group_ids=[gids[i] for i in mine], seed=seed, min_ratio=cfg.sampling.min_token_text_ratio,
+                  max_ratio=cfg.sampling.max_token_text_ratio, max_new_tokens=cfg.sampling.max_new_tokens)
+        gap = math.nan
+        if vllm is not None:
+            if vllm_stale:  # the policy was updated since the engine last got its weights
+                vllm.sync_weights()
+                vllm_stale = False
+            ro = vllm.sample_groups([prompts[prompt_idx[i]] for i in mine], group_size, params, **kw)
+            ro, gap = trainer_logprobs(ro)
+        else:
+            with accelerator.autocast():  # the precision of the update's forward passes (autocast is per thread)
+                ro = policy.sample_groups([prompts[prompt_idx[i]] for i in mine], group_size, params, **kw,
+                                          decode="compiled" if cfg.sampling.compile_decode else "dynamic")
         ro = dataclasses.replace(ro, prompt_index=torch.tensor([prompt_idx[mine[int(i)]] for i in ro.prompt_index]))
         t1 = time.perf_counter()
         vocoded = vocode(ro)
-        return Generated(ro, vocoded, t1 - t0, time.perf_counter() - t1)
+        return Generated(ro, vocoded, t1 - t0, time.perf_counter() - t1, vllm_gap=gap)
+
+    def trainer_logprobs(ro: Rollout) -> tuple[Rollout, float]:
+        """vLLM's log-probs match the trainer's only to kernel precision, so the ratio is anchored on the trainer's
+        own log-probs of the same tokens, under the weights vLLM sampled with (now, before any update)."""
+        was_training = policy.model.training
+        policy.model.eval()
+        with torch.no_grad(), accelerator.autocast():
+            own = torch.cat([policy.token_logprobs(ro.select(m))[0].float().cpu()
+                             for m in torch.split(torch.arange(ro.num_rows), cfg.optim.micro_batch_size or ro.num_rows)])
+        policy.model.train(was_training)
+        return dataclasses.replace(ro, behaviour_logp=own), float((own - ro.behaviour_logp)[ro.token_mask].abs().mean())
 
     def new_group_ids(n: int) -> list[int]:
         state.next_group_id += n
@@ -252,7 +279,7 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
         )
         slot_prompt: dict[int, int] = {}
         parts: list[Rollout] = []
-        part_scores, part_lag, part_audio = [], [], []
+        part_scores, part_lag, part_audio, vllm_gaps = [], [], [], []
         while (req := plan.next_request()) is not None:
             if plan.generations == 0 and pending is not None:  # sampled during the previous step
                 prompt_idx, gids, gen = pending.prompt_idx, pending.gids, pending.gen
@@ -288,6 +315,7 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
                 parts.append(ro)
                 part_scores.append(sc)
                 part_lag.append(torch.full((ro.num_rows,), gen.lag))
+                vllm_gaps.append(gen.vllm_gap)
                 part_audio += gen.vocoded.audio if gen.vocoded else [None] * ro.num_rows
             if prefetch is not None:
                 t3 = time.perf_counter()
@@ -395,6 +423,7 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
                     grad_norm = accelerator.clip_grad_norm_(policy.trainable_parameters(),
                                                             cfg.optim.grad_clip or math.inf)
                     optimizer.step()
+                vllm_stale = vllm is not None  # the engine samples the next rollout with the new weights
                 for k, v in sums.items():
                     upd[k].append(dist.sum(v))
                 upd["ratio/min"].append(dist.min(rmin))
@@ -423,6 +452,8 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
             "time/update_s": t_update, "time/prefetch_hidden_s": t_prefetch,
             "pipeline/offpolicy_frac": float((g_lag > 0).float().mean()), "pipeline/lag_steps": int(g_lag.max()),
         }
+        if vllm is not None:  # mean |log-prob of vLLM - the trainer's|, the largest over rounds and ranks
+            metrics["vllm/logp_abs_diff"] = dist.max(max([g for g in vllm_gaps if g == g], default=0.0))
         for k, res in g_scores.results.items():
             metrics[f"reward/{k}/mean"] = adv.stats[f"reward/{k}/mean"]
             metrics[f"reward/{k}/std"] = adv.stats[f"reward/{k}/std"]

@@ -28,3 +28,21 @@ def test_step_vs_trl_bench(capsys):
     res = step_vs_trl.main([*TINY, "--steps", "1", "--rounds", "1", "--in-process"])
     assert res["ours_s"] > 0 and res["trl_s"] > 0 and res["ratio"] > 0
     assert "samples/s" in capsys.readouterr().out
+
+
+def test_vocode_bench(capsys):
+    from bench import vocode
+
+    res = vocode.main(["--rows", "2", "--repeats", "1", "--n-timesteps", "1"])
+    assert res["ratio"] > 0 and res["max_diff"] < 1e-5  # batched equals one by one
+    assert "speed-up" in capsys.readouterr().out
+
+
+def test_scoring_bench(capsys):
+    from bench import scoring
+
+    res = scoring.main(["--rows", "4", "--repeats", "1", "--service-s", "0.2"])
+    assert set(res) == {"service_batched_vs_per_sample", "local_concurrent_vs_sequential",
+                        "services_concurrent_vs_sequential"}
+    assert res["services_concurrent_vs_sequential"] > 1.3  # two waiting services overlap
+    assert "two services" in capsys.readouterr().out

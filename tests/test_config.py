@@ -118,6 +118,8 @@ def test_cli_config_check_and_show(tmp_path):
     out = run_cli("config", "check", str(bad))
     assert out.returncode == 2
     assert "unknown key 'loss.eps_hgih'" in out.stderr and "loss.eps_high" in out.stderr
+    shipped = run_cli("config", "check", str(CONFIG_DIR.parent / "tests" / "data" / "bad_typo.yaml"))  # README's
+    assert shipped.returncode == 2 and "did you mean 'loss.eps_high'" in shipped.stderr, shipped.stderr
     shown = run_cli("config", "show", str(CONFIG_DIR / "tiny.yaml"), "--set", "optim.lr=2e-5")
     assert shown.returncode == 0 and "lr: 2.0e-05" in shown.stdout and "# derived" in shown.stdout
     # what `show` prints is itself a valid config that resolves to the same values
