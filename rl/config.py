@@ -45,7 +45,8 @@ class PolicyConfig:
     ckpt_dir: str = opt("", "GLM-TTS checkpoint directory in the upstream layout (llm/, vq32k-phoneme-tokenizer/, ...)",
                         path=True)
     build_tiny: bool = opt(False, "write a tiny random checkpoint to ckpt_dir first if it does not exist")
-    dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "dtype of the speech LM's weights")
+    dtype: Literal["float32", "bfloat16", "float16"] = opt(
+        "float32", "dtype of the speech LM's weights; trained weights stay float32 (bf16/fp16: a frozen LoRA base only)")
     trust_remote_code: bool = opt(
         False, "load the tokenizer through transformers with its own Python code instead of the built-in reader"
     )
