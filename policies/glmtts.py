@@ -83,6 +83,12 @@ def find_special_tokens(encode, where: str) -> SpecialTokens:
     return special
 
 
+def check_vocab(vocab: int, special: SpecialTokens, where: str) -> None:
+    top = max(special.ate, special.eoa, special.boa, special.pad)
+    if vocab <= top:
+        raise CheckpointError(f"{where}: vocab_size {vocab} does not cover the tokenizer's special ids (up to {top})")
+
+
 @dataclass(frozen=True)
 class RowBatch:
     """The rows of a group rollout before sampling: B prompts x G samples, prompts left-padded (N = B x G)."""
@@ -121,9 +127,7 @@ class GLMTTSPolicy:
         self._reference: torch.nn.Module | None = None
         self._head_rows: torch.Tensor | None = None  # LM-head rows of [speech codes..., stop] (restricted_head)
         self._decode_caches: dict = {}  # decode="compiled": static KV caches kept per shape bucket
-        vocab = model.config.vocab_size
-        if vocab <= max(special.ate, special.eoa, special.boa):
-            raise CheckpointError(f"{ckpt_dir}: LM vocab_size {vocab} does not cover the special ids {special}")
+        check_vocab(model.config.vocab_size, special, ckpt_dir)
 
     # --- loading ----------------------------------------------------------------------------------------------
     @classmethod
@@ -156,10 +160,7 @@ class GLMTTSPolicy:
         except TokenizerError as e:
             raise CheckpointError(str(e)) from None
         special = find_special_tokens(tokenizer.encode, str(tok_dir))
-        vocab = int(cfg.get("vocab_size", 0))
-        if vocab <= max(special.ate, special.eoa, special.boa, special.pad):
-            raise CheckpointError(f"{llm_dir}/config.json: vocab_size {vocab} does not cover the tokenizer's special "
-                                  f"ids (up to {max(special.ate, special.eoa, special.boa, special.pad)})")
+        check_vocab(int(cfg.get("vocab_size", 0)), special, f"{llm_dir}/config.json")  # before torch's own assert
         model = LlamaForCausalLM.from_pretrained(
             str(llm_dir), dtype=dtype, local_files_only=True, use_safetensors=True
         )

@@ -127,8 +127,8 @@ def rollout_from_outputs(special, rows, outputs, group_ids: list[int], group_siz
         if comp.logprobs is None or len(comp.logprobs) != len(ids):
             raise VLLMRolloutError(f"row {r}: vLLM returned no log-prob for every token (logprobs=0 was asked)")
         lp = [float(step[tok].logprob) for step, tok in zip(comp.logprobs, ids)]
-        bad = [t for t in ids[:-1] if not special.ats <= t <= special.ate] + \
-              ([ids[-1]] if ids and not (special.ats <= ids[-1] <= special.ate or ids[-1] == special.eoa) else [])
+        bad = [t for i, t in enumerate(ids)  # speech tokens, and the stop token only as the last one
+               if not (special.ats <= t <= special.ate or (t == special.eoa and i == len(ids) - 1))]
         if bad:
             raise VLLMRolloutError(f"row {r}: tokens outside the speech tokens + stop: {bad[:5]}")
         if comp.finish_reason == "stop" and (not ids or ids[-1] != special.eoa):

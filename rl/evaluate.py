@@ -97,7 +97,7 @@ def read_meta(path: str | Path) -> list[MetaItem]:
         gt_wav = emotion = None
         if extra and extra[0].lower().endswith(AUDIO_SUFFIXES):
             gt_wav = extra.pop(0)
-        if len(extra) > 1 or (len(parts) == 6 and gt_wav is None):
+        if len(extra) > 1:  # six fields, the fifth no audio file
             raise MetaError(f"{where}: field 'gt_wav': a 6-field line is utt|prompt_text|prompt_wav|target_text|"
                             f"gt_wav|emotion, with an audio file in field 5 (got {parts[4].strip()!r})")
         if extra and extra[0]:

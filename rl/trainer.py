@@ -37,8 +37,8 @@ from rl.distributed import Dist
 from rl.dynamic_sampling import DynamicSampling, GroupResult, informative_groups
 from rl.losses import policy_loss
 from rl.metrics import MetricsLogger
-from rl.zero import ShardedAdamW
 from rl.samples import pick_rows, write_samples
+from rl.zero import ShardedAdamW
 from rollouts.audio import read_wav
 from rollouts.manifest import ManifestError, PromptStream, read_manifest
 from rollouts.token2wav import Token2Wav, VoicePrompt
