@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) -e ".[test,bench]"
 	@# s3prl (WavLM for the speaker-similarity reward) declares torchaudio, which must not come in: no deps.
 	$(PIP) --no-deps "s3prl==0.4.18"
+	@# voxcpm (the released VoxCPM2 code, a test reference) declares torchaudio, gradio, ...: no deps; its model
+	@# modules need only einops, pydantic, librosa, tqdm, safetensors, transformers (all installed above).
+	$(PIP) --no-deps "voxcpm==2.0.3"
 	@# torchaudio from PyPI is a CUDA build that breaks CPU installs; refuse it.
 	$(BIN)/python -c "import importlib.util, sys; sys.exit('torchaudio must not be installed' if importlib.util.find_spec('torchaudio') else 0)"
 	touch $(STAMP)

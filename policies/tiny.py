@@ -88,6 +88,20 @@ def write_tokenizer(directory: Path, texts: list[str]) -> dict[str, int]:
     return added
 
 
+# what text normalisation (rollouts/text.py) writes that raw text may lack: zh numerals and marks, English number words
+NORMALISED_VOCAB = (
+    "零一二三四五六七八九十百千万亿两点负百分之。，？ zero one two three four five six seven eight nine ten eleven "
+    "twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty thirty forty fifty sixty seventy "
+    "eighty ninety hundred thousand million point percent dollars"
+)
+
+
+def normalised_cover(texts: list[str]) -> list[str]:
+    """Extra tokenizer texts so that the normalised forms of `texts` (lower case, numbers read out, closing
+    marks) get the same realistic token counts as the raw ones."""
+    return [t.lower() for t in texts] + [NORMALISED_VOCAB]
+
+
 def write_tiny_checkpoint(
     directory: str | Path,
     texts: list[str] = (),
@@ -102,14 +116,15 @@ def write_tiny_checkpoint(
 ) -> Path:
     """Write a tiny random checkpoint to `directory` (created; existing files are overwritten).
 
-    texts: sentences whose characters/words get single tokens (realistic text-token counts).
+    texts: sentences whose characters/words get single tokens (realistic text-token counts); their normalised
+    forms are covered too (normalised_cover).
     stop_bias: how far the stop logit sits below the log-sum-exp of the speech logits; the default gives a stop
     probability of about 5% per step once stop is allowed.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     directory = Path(directory)
-    added = write_tokenizer(directory / TOKENIZER_DIR, list(texts))
+    added = write_tokenizer(directory / TOKENIZER_DIR, list(texts) + normalised_cover(list(texts)))
     vocab = max(added.values()) + 1
     torch.manual_seed(seed)
     cfg = LlamaConfig(

@@ -70,6 +70,7 @@ class ParaformerASR:
 
             self.model = AutoModel(
                 model=str(d), device=device, disable_update=True, disable_pbar=True, disable_log=True,
+                trust_remote_code=False,  # whatever the model directory's config.yaml says: no code from it runs
                 frontend_conf={"dither": 0.0}, ncpu=torch.get_num_threads(),
             )
         self.batch_size = max(1, batch_size)

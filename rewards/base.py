@@ -7,7 +7,8 @@ A scorer is a small class:
         def __call__(self, samples: Sequence[Sample]) -> ScoreResult: ...
 
 Config picks a scorer by name (`SCORERS` below) or by dotted path (`my_pkg.my_module:MyScorer`); its kwargs are
-checked against the constructor's signature at start-up. A sample the scorer cannot score (no audio, NaN audio,
+checked against the constructor's signature at start-up, and by the scorer's own `check_kwargs(**kwargs)`
+classmethod when it has one (range checks that load no model; raise `KwargError(key, message)` to name the kwarg). A sample the scorer cannot score (no audio, NaN audio,
 a failed model call) is marked invalid with a reason: it becomes NaN, is left out of the group statistics and is
 counted in the logs. A missing reward is never a 0.
 """
@@ -107,6 +108,20 @@ class ScorerConfigError(ValueError):
     """A reward entry names an unknown scorer or passes kwargs its constructor does not take."""
 
 
+class KwargError(ValueError):
+    """A scorer kwarg is out of range; `key` names it (raised by a scorer's `check_kwargs`)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key, self.message = key, message
+
+
+def require(ok: bool, key: str, message: str) -> None:
+    """For a scorer's `check_kwargs`: raise KwargError(key, message) unless ok."""
+    if not ok:
+        raise KwargError(key, message)
+
+
 def resolve_scorer_class(spec: str, where: str) -> type:
     path = SCORERS.get(spec, spec)
     if ":" in path:
@@ -145,6 +160,14 @@ def check_scorer_kwargs(cls: type, kwargs: dict, where: str) -> None:
         sig.bind(**kwargs)
     except TypeError as e:
         raise ScorerConfigError(f"{where}.kwargs: {e} ({cls.__name__} takes: {', '.join(params) or 'nothing'})") from None
+    check = getattr(cls, "check_kwargs", None)  # the scorer's own range checks, which load no model
+    if callable(check):
+        try:
+            check(**kwargs)
+        except KwargError as e:
+            raise ScorerConfigError(f"{where}.kwargs.{e.key}: {e.message}") from None
+        except (ValueError, TypeError) as e:
+            raise ScorerConfigError(f"{where}.kwargs: {e}") from None
 
 
 def build_scorer(spec: str, kwargs: dict, where: str) -> Scorer:

@@ -19,7 +19,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from rewards.base import TOKEN_RATE, Sample, ScoreResult
+from rewards.base import TOKEN_RATE, Sample, ScoreResult, require
 
 
 def count_units(text: str) -> tuple[int, int]:
@@ -39,11 +39,17 @@ class DurationScorer:
     ):
         """cps_zh: Han characters per second; cps_en: Latin letters/digits per second; tolerance: the log-ratio
         at which the reward falls to 1/e; rate_source: fixed per-language rates, or the voice prompt's pace."""
-        if cps_zh <= 0 or cps_en <= 0 or tolerance <= 0:
-            raise ValueError("cps_zh, cps_en and tolerance must be > 0")
-        if rate_source not in ("lang", "prompt"):
-            raise ValueError(f"rate_source must be 'lang' or 'prompt', got {rate_source!r}")
+        self.check_kwargs(cps_zh=cps_zh, cps_en=cps_en, tolerance=tolerance, rate_source=rate_source)
         self.cps_zh, self.cps_en, self.tolerance, self.rate_source = cps_zh, cps_en, tolerance, rate_source
+
+    @classmethod
+    def check_kwargs(cls, cps_zh: float = 4.5, cps_en: float = 12.0, tolerance: float = 0.5,
+                     rate_source: str = "lang", **_: object) -> None:
+        """Range checks of the constructor's arguments (config check calls this without building the scorer)."""
+        for key, value in (("cps_zh", cps_zh), ("cps_en", cps_en), ("tolerance", tolerance)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+            require(ok, key, f"must be a finite number > 0, got {value!r}")
+        require(rate_source in ("lang", "prompt"), "rate_source", f"must be 'lang' or 'prompt', got {rate_source!r}")
 
     def expected_seconds(self, text: str) -> float:
         han, latin = count_units(text)

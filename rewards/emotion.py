@@ -36,7 +36,9 @@ class EmotionScorer:
         with keep_torch_state():
             from funasr import AutoModel
 
-            self.model = AutoModel(model=str(d), device=device, disable_update=True, disable_pbar=True,
+            # trust_remote_code=False whatever the model directory's config.yaml says: no code from it runs
+            self.model = AutoModel(model=str(d), device=device, disable_update=True, trust_remote_code=False,
+                                   disable_pbar=True,
                                    disable_log=True, ncpu=torch.get_num_threads())
 
     def probabilities(self, wavs: list[np.ndarray]) -> np.ndarray:

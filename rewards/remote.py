@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from typing import Sequence
 
 import numpy as np
 
-from rewards.base import Sample, ScoreResult
+from rewards.base import Sample, ScoreResult, require
 from rewards.wire import ENCODINGS, WireError, decode_result, encode_request
 
 # FunASR configures the root logger at INFO, which would print every request httpx sends; failures are counted
@@ -31,7 +32,13 @@ from rewards.wire import ENCODINGS, WireError, decode_result, encode_request
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+class RewardServiceError(RuntimeError):
+    """A reward service cannot be reached or is not ready (raised by RemoteScorer.check before training)."""
+
+
 class RemoteScorer:
+    needs_prompt_audio = False  # set from the service's /health by check()
+
     def __init__(
         self,
         url: str,
@@ -45,17 +52,41 @@ class RemoteScorer:
     ):
         """url: the service's base URL; token: bearer token (default: $TTSRL_REWARD_TOKEN); audio_encoding:
         float32 (exact) or pcm16 (half the bytes)."""
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"url must start with http:// or https://, got {url!r}")
-        if timeout_s <= 0 or retries < 0 or backoff_s < 0 or batch_size < 1 or max_concurrency < 1:
-            raise ValueError("timeout_s > 0, retries >= 0, backoff_s >= 0, batch_size >= 1, max_concurrency >= 1")
-        if audio_encoding not in ENCODINGS:
-            raise ValueError(f"audio_encoding must be one of {ENCODINGS}")
+        self.check_kwargs(url=url, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s, batch_size=batch_size,
+                          max_concurrency=max_concurrency, audio_encoding=audio_encoding)
         self.url = url.rstrip("/")
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
         self.token = token if token is not None else os.environ.get("TTSRL_REWARD_TOKEN")
         self.batch_size, self.max_concurrency, self.encoding = batch_size, max_concurrency, audio_encoding
         self._stats = self._zero()
+
+    @classmethod
+    def check_kwargs(cls, url: str = "", timeout_s: float = 60.0, retries: int = 3, backoff_s: float = 0.5,
+                     batch_size: int = 64, max_concurrency: int = 4, audio_encoding: str = "float32",
+                     **_: object) -> None:
+        """Range checks of the constructor's arguments (no network)."""
+        require(isinstance(url, str) and url.startswith(("http://", "https://")), "url",
+                f"must start with http:// or https://, got {url!r}")
+        for key, value, ok, want in (("timeout_s", timeout_s, lambda v: v > 0, "> 0"),
+                                     ("retries", retries, lambda v: v >= 0, ">= 0"),
+                                     ("backoff_s", backoff_s, lambda v: v >= 0, ">= 0"),
+                                     ("batch_size", batch_size, lambda v: v >= 1, ">= 1"),
+                                     ("max_concurrency", max_concurrency, lambda v: v >= 1, ">= 1")):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            require(number and ok(value), key, f"must be a finite number {want}, got {value!r}")
+        require(audio_encoding in ENCODINGS, "audio_encoding", f"must be one of {ENCODINGS}, got {audio_encoding!r}")
+
+    def check(self) -> dict:
+        """Fail fast before training: GET /health, once. Raises RewardServiceError naming the url and the error."""
+        try:
+            info = self.health()
+        except Exception as e:  # noqa: BLE001 - refused, timed out, 401, not JSON, ...
+            raise RewardServiceError(
+                f"reward service {self.url} is not answering /health: {type(e).__name__}: {e}") from None
+        if not isinstance(info, dict) or info.get("ready") is not True:
+            raise RewardServiceError(f"reward service {self.url} is not ready: /health answered {str(info)[:200]}")
+        self.needs_prompt_audio = bool(info.get("needs_prompt_audio", False))
+        return info
 
     @staticmethod
     def _zero() -> dict:
@@ -69,7 +100,7 @@ class RemoteScorer:
     def health(self) -> dict:
         import httpx
 
-        r = httpx.get(f"{self.url}/health", headers=self._headers(), timeout=self.timeout_s)
+        r = httpx.get(f"{self.url}/health", headers=self._headers(), timeout=min(self.timeout_s, 30.0))
         r.raise_for_status()
         return r.json()
 
@@ -115,10 +146,10 @@ class RemoteScorer:
             if r.status_code == 200:
                 try:
                     return decode_result(r.json(), len(chunk))
-                except (WireError, ValueError) as e:
-                    error = f"bad response: {e}"
+                except (WireError, ValueError) as e:  # a malformed answer is a failed request: its samples invalid
+                    error = f"malformed response: {e}"
                     self._stats["errors"] += 1
-                    continue
+                    break
             self._stats["errors"] += 1
             error = f"HTTP {r.status_code}: {_message(r)}"
             if r.status_code < 500:

@@ -77,7 +77,7 @@ def score(scorers: dict[str, Scorer], samples: list[Sample], invalid: list[str |
             res = scorer(batch) if m else ScoreResult(np.zeros(0), np.zeros(0, dtype=bool), {}, [])
             if res.values.shape != (m,):
                 raise ValueError(f"returned {res.values.shape[0]} values for {m} samples")
-            return res, 0
+            return _finite_or_invalid(res), 0
         except Exception as e:  # noqa: BLE001 - a failed reward is invalid, never a crash or a 0
             print(f"ttsrl: scorer '{name}' failed on a batch of {m}: {type(e).__name__}: {e}", file=sys.stderr)
             traceback.print_exc(limit=3, file=sys.stderr)
@@ -99,6 +99,21 @@ def score(scorers: dict[str, Scorer], samples: list[Sample], invalid: list[str |
             service[name] = scorer.pop_stats()
     values = {k: torch.from_numpy(np.where(r.valid, r.values, np.nan)).float() for k, r in results.items()}
     return Scores(values=values, results=results, errors=errors, service=service)
+
+
+def _finite_or_invalid(res: ScoreResult) -> ScoreResult:
+    """A value marked valid must be a finite number: NaN or inf marked valid becomes invalid, with the reason (so it
+    is counted by max_invalid_frac and can never reach the advantages)."""
+    valid = np.asarray(res.valid, dtype=bool)
+    bad = valid & ~np.isfinite(np.asarray(res.values, dtype=np.float64))
+    if not bad.any():
+        return res
+    reasons = list(res.reasons) if res.reasons else [None] * len(valid)
+    values = np.asarray(res.values, dtype=np.float64).copy()
+    for i in np.flatnonzero(bad):
+        reasons[i] = f"the scorer marked a non-finite value ({values[i]}) valid"
+    values[bad] = np.nan
+    return ScoreResult(values, valid & ~bad, dict(res.sub_scores), reasons)
 
 
 def _expand(res: ScoreResult, keep: list[int], invalid: list[str | None]) -> ScoreResult:

@@ -3,7 +3,8 @@
     POST /score    a batch in the wire format (rewards/wire.py) -> values, validity, reasons, sub-scores
     GET  /health   the scorer, its class and model arguments, readiness and counters
 
-Binds to 127.0.0.1 unless told otherwise. With a token (--token, or the TTSRL_REWARD_TOKEN environment variable)
+Binds to 127.0.0.1 unless told otherwise. With a token (TTSRL_REWARD_TOKEN, --token-file, or --token, which every
+local user can read in `ps`)
 every request needs `Authorization: Bearer <token>` (401 otherwise). Requests larger than `max_request_mb` get
 413, more than `max_batch` samples 413, malformed JSON 400, a malformed batch 422 naming the sample and the field;
 a scorer that raises gives 500 with the error. One batch is scored at a time (models are not re-entrant);
@@ -16,10 +17,13 @@ client's retry never waits behind its own abandoned attempt.
 import asyncio
 import hmac
 import json
+import logging
 import time
 
 from rewards.base import Scorer
 from rewards.wire import WireError, decode_request, encode_result
+
+log = logging.getLogger("ttsrl.reward_service")
 
 
 def create_app(scorer: Scorer, name: str, *, describe: dict | None = None, token: str | None = None,
@@ -27,6 +31,7 @@ def create_app(scorer: Scorer, name: str, *, describe: dict | None = None, token
     from fastapi import FastAPI, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse
+    from starlette.requests import ClientDisconnect
 
     app = FastAPI(title=f"ttsrl reward service: {name}", docs_url=None, redoc_url=None, openapi_url=None)
     lock = asyncio.Lock()  # one batch at a time, in arrival order
@@ -47,6 +52,7 @@ def create_app(scorer: Scorer, name: str, *, describe: dict | None = None, token
         if not authorised(request):
             return error(401, "missing or wrong bearer token")
         return {"scorer": name, **(describe or {}), "ready": True, "max_batch": max_batch,
+                "needs_prompt_audio": bool(getattr(scorer, "needs_prompt_audio", False)),
                 "max_request_mb": max_request_mb, **{k: v for k, v in stats.items() if k != "started"},
                 "uptime_s": time.time() - stats["started"]}
 
@@ -63,20 +69,20 @@ def create_app(scorer: Scorer, name: str, *, describe: dict | None = None, token
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return error(413, f"request of {int(declared)} bytes exceeds the limit of {limit} bytes")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                return error(413, f"request exceeds the limit of {limit} bytes")
         try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            return error(400, f"the body is not valid JSON: {e}")
-        try:
-            samples = decode_request(payload, max_batch)
-        except WireError as e:
-            return error(413 if str(e).startswith("too many samples") else 422, str(e))
-        except (TypeError, ValueError, KeyError, OverflowError) as e:  # a shape decode_request does not name
-            return error(422, f"malformed batch: {type(e).__name__}: {e}")
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    return error(413, f"request exceeds the limit of {limit} bytes")
+        except ClientDisconnect:
+            stats["abandoned"] += 1
+            log.warning("ttsrl reward service %s: a client disconnected while sending its request", name)
+            return error(499, "the client went away while sending the request")
+        # parsing and base64 decoding of a large body run off the event loop: /health and other requests stay live
+        status, parsed = await run_in_threadpool(_parse, bytes(body), max_batch)
+        if status != 200:
+            return error(status, parsed)
+        samples = parsed
 
         def run():
             t0 = time.perf_counter()
@@ -101,6 +107,22 @@ def create_app(scorer: Scorer, name: str, *, describe: dict | None = None, token
         return encode_result(res)
 
     return app
+
+
+def _parse(body: bytes, max_batch: int) -> tuple[int, object]:
+    """(200, samples) or (HTTP status, error message) for a request body."""
+    try:
+        payload = json.loads(body)
+    except RecursionError:
+        return 400, "the body is nested too deeply to be a request"
+    except (ValueError, UnicodeDecodeError) as e:
+        return 400, f"the body is not valid JSON: {e}"
+    try:
+        return 200, decode_request(payload, max_batch)
+    except WireError as e:
+        return (413 if str(e).startswith("too many samples") else 422), str(e)
+    except (TypeError, ValueError, KeyError, OverflowError, RecursionError) as e:  # a shape decode_request misses
+        return 422, f"malformed batch: {type(e).__name__}: {e}"
 
 
 def serve(scorer: Scorer, name: str, *, host: str = "127.0.0.1", port: int = 8000, **kw) -> None:

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rewards.asr import ModelDirError
-from rewards.base import Sample, ScoreResult, audio_problem
+from rewards.base import Sample, ScoreResult, audio_problem, require
 from rollouts.audio import resample
 
 SV_RATE = 16000
@@ -275,12 +275,23 @@ def _key(audio: np.ndarray) -> str:
 
 
 class SimScorer:
+    needs_prompt_audio = True  # every voice prompt's wav must exist (checked before training)
+
     def __init__(self, checkpoint: str, wavlm_cfg: dict | None = None, device: str = "cpu", batch_size: int = 16):
         """checkpoint: local wavlm_large_finetune.pth; wavlm_cfg: overrides of the WavLM-Large architecture
         (s3prl WavLMConfig fields); batch_size: utterances per forward."""
+        self.check_kwargs(checkpoint=checkpoint, batch_size=batch_size)
         self.model = SpeakerVerifier(checkpoint, wavlm_cfg).to(device)
         self.batch_size = batch_size
         self.prompt_cache: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def check_kwargs(cls, checkpoint: str = "", batch_size: int = 16, **_: object) -> None:
+        """Range checks of the constructor's arguments (no model is loaded)."""
+        require(isinstance(checkpoint, str) and bool(checkpoint), "checkpoint",
+                "must be the path of a local wavlm_large_finetune.pth")
+        require(isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1, "batch_size",
+                f"must be an integer >= 1, got {batch_size!r}")
 
     def __call__(self, samples: Sequence[Sample]) -> ScoreResult:
         n = len(samples)

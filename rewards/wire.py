@@ -146,16 +146,45 @@ def encode_result(res: ScoreResult) -> dict:
     }
 
 
+def _numbers(items, n: int, where: str) -> np.ndarray:
+    """A JSON list of n numbers or nulls -> float64 [n] (null -> NaN). Booleans and strings are refused."""
+    if not isinstance(items, list) or len(items) != n:
+        got = f"{len(items)} entries" if isinstance(items, list) else type(items).__name__
+        raise WireError(f"{where}: expected a list of {n} numbers or nulls, got {got}")
+    out = np.full(n, np.nan)
+    for i, v in enumerate(items):
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise WireError(f"{where}[{i}]: expected a number or null, got {v!r}")
+        out[i] = float(v)
+    return out
+
+
 def decode_result(obj, n: int) -> ScoreResult:
-    try:
-        values = np.array([np.nan if v is None else float(v) for v in obj["values"]], dtype=np.float64)
-        valid = np.array([bool(v) for v in obj["valid"]], dtype=bool)
-        reasons = list(obj.get("reasons") or [None] * n)
-        subs = {k: np.array([np.nan if x is None else float(x) for x in v], dtype=np.float64)
-                for k, v in (obj.get("sub_scores") or {}).items()}
-    except (KeyError, TypeError, ValueError) as e:
-        raise WireError(f"malformed response: {e}") from None
-    if values.shape != (n,) or valid.shape != (n,) or len(reasons) != n or any(v.shape != (n,) for v in subs.values()):
-        raise WireError(f"the response does not hold {n} results")
+    """A response body -> ScoreResult, validated: n values (numbers or null), n JSON booleans, n reasons (strings
+    or null), sub-scores of n numbers each; a value marked valid must be finite. Anything else is a WireError."""
+    if not isinstance(obj, dict):
+        raise WireError(f"the response must be a JSON object, got {type(obj).__name__}")
+    values = _numbers(obj.get("values"), n, "values")
+    valid_in = obj.get("valid")
+    if not isinstance(valid_in, list) or len(valid_in) != n or not all(isinstance(v, bool) for v in valid_in):
+        raise WireError(f"valid: expected a list of {n} JSON booleans, got {str(valid_in)[:80]}")
+    valid = np.array(valid_in, dtype=bool)
+    bad = np.flatnonzero(valid & ~np.isfinite(values))
+    if bad.size:
+        raise WireError(f"values[{int(bad[0])}]: {values[bad[0]]} is marked valid but is not a finite number")
+    reasons = obj.get("reasons")
+    if reasons is None:
+        reasons = [None] * n
+    if not isinstance(reasons, list) or len(reasons) != n or not all(r is None or isinstance(r, str) for r in reasons):
+        raise WireError(f"reasons: expected a list of {n} strings or nulls")
+    subs_in = obj.get("sub_scores") or {}
+    if not isinstance(subs_in, dict):
+        raise WireError("sub_scores: expected an object of name -> list of numbers")
+    subs = {str(k): _numbers(v, n, f"sub_scores[{k!r}]") for k, v in subs_in.items()}
     values[~valid] = np.nan
+    reasons = [r if not ok else None for r, ok in zip(reasons, valid.tolist())]
+    reasons = [r or (None if ok else "the reward service marked it invalid without a reason")
+               for r, ok in zip(reasons, valid.tolist())]
     return ScoreResult(values, valid, subs, reasons)

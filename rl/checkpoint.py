@@ -10,6 +10,7 @@
 
 A checkpoint is written to a temporary directory next to its final place and renamed into place once every file
 is flushed, so a run killed mid-write leaves either the previous checkpoints or the new one, never a torn one.
+Pruning (`keep_last`) deletes only checkpoints of the same run (the `run_id` in trainer_state.json).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from rl.errors import RunError
 
 CKPT_RE = re.compile(r"^step-(\d{6,})$")
 
@@ -38,6 +41,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class CheckpointWriteError(RunError):
+    """A checkpoint could not be written (disk full, permissions); the previous checkpoints are untouched."""
+
+
 def save_checkpoint(
     output_dir: Path,
     step: int,
@@ -49,10 +56,37 @@ def save_checkpoint(
     keep_last: int,
     pending: dict[str, torch.Tensor] | None = None,
 ) -> Path:
+    """Write checkpoints/step-NNNNNN atomically, then prune this run's older checkpoints to `keep_last`: only
+    checkpoints whose trainer_state.json carries this run's `run_id` are ever deleted. A failed write (OSError such
+    as ENOSPC / EACCES, or torch's serialiser failing on a full disk) removes its temporary directory and raises
+    CheckpointWriteError naming the step and the last intact checkpoint."""
     root = checkpoint_dir(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _write(tmp, final, root, policy_state, optimizer_state, trainer_state, config_yaml, pending)
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = [p.name for p in list_checkpoints(output_dir) if p != final]
+        intact = f"the previous checkpoint {root / previous[-1]} is intact" if previous else "no earlier checkpoint"
+        raise CheckpointWriteError(f"could not write checkpoint {final.name} in {root}: {e}; {intact}") from None
+    run_id = trainer_state.get("run_id")
+    mine = [p for p in list_checkpoints(output_dir) if _run_id(p) == run_id]
+    for old in mine[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _run_id(path: Path) -> str | None:
+    try:
+        return json.loads((path / "trainer_state.json").read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _write(tmp: Path, final: Path, root: Path, policy_state: dict, optimizer_state: dict, trainer_state: dict,
+           config_yaml: str, pending: dict | None) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -74,9 +108,6 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync_dir(root)
-    for old in list_checkpoints(output_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

@@ -63,8 +63,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.output_dir:
             overrides.append(f"train.output_dir={args.output_dir}")
         cfg, derived = load_config(path, overrides)
-    train(cfg, derived, resume=args.resume, progress=not args.no_progress)
+    check_remote_code(cfg.policy.trust_remote_code, args.trust_remote_code, args.resume or args.config or "the config")
+    train(cfg, derived, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     return 0
+
+
+def check_remote_code(configured: bool, allowed: bool, where: str) -> None:
+    """A config (or a saved run) never turns remote code on by itself: the command line has to allow it."""
+    if configured and not allowed:
+        raise ConfigError(f"{where}: policy.trust_remote_code is true, which runs the Python code shipped in the "
+                          f"checkpoint's tokenizer directory; pass --trust-remote-code to allow it")
 
 
 RESUME_FREE = ("train.steps", "train.save_every", "train.keep_last", "train.output_dir", "wandb.")
@@ -79,7 +87,6 @@ def _diff(a, b, prefix: str = "") -> list[str]:
 
 def cmd_serve_reward(args: argparse.Namespace) -> int:
     import json
-    import os
 
     from rewards.base import SCORERS, build_scorer
 
@@ -96,7 +103,7 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
     else:
         spec, kwargs = args.scorer, json.loads(args.kwargs) if args.kwargs else {}
     scorer = build_scorer(spec, kwargs, f"rewards.{args.scorer}")
-    token = args.token or os.environ.get("TTSRL_REWARD_TOKEN")
+    token = read_token(args)
     from rewards.server import serve
 
     print(f"ttsrl: serving reward '{args.scorer}' ({SCORERS.get(spec, spec)}) on http://{args.host}:{args.port}"
@@ -105,6 +112,25 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
           describe={"class": SCORERS.get(spec, spec), "kwargs": kwargs},
           max_request_mb=args.max_request_mb, max_batch=args.max_batch)
     return 0
+
+
+def read_token(args: argparse.Namespace) -> str | None:
+    """The service's bearer token: --token-file, else $TTSRL_REWARD_TOKEN, else --token (visible in `ps`)."""
+    import os
+
+    if args.token_file:
+        try:
+            token = open(args.token_file, encoding="utf-8").read().strip()
+        except OSError as e:
+            raise ConfigError(f"--token-file {args.token_file}: {e.strerror}") from None
+        if not token:
+            raise ConfigError(f"--token-file {args.token_file}: the file is empty")
+        return token
+    if args.token:
+        print("ttsrl: warning: --token is visible to every user of this machine in `ps`; prefer "
+              "TTSRL_REWARD_TOKEN or --token-file", file=sys.stderr)
+        return args.token
+    return os.environ.get("TTSRL_REWARD_TOKEN") or None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -129,7 +155,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ConfigError("evaluating a checkpoint needs --meta META.lst and --lang zh|en")
         out = out or default_out(ckpt)
         report = evaluate(ckpt, args.meta, args.lang, out, models(), device=args.device, seed=args.seed,
-                          batch_size=args.batch_size, flow_steps=args.flow_steps)
+                          batch_size=args.batch_size, flow_steps=args.flow_steps,
+                          trust_remote_code=args.trust_remote_code)
         print((Path(out) / "eval.md").read_text(), end="")
         print(f"ttsrl: wrote {out}/eval.json, {out}/eval.md and {report['metrics']['synthesised']} wavs")
         return report
@@ -149,7 +176,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if not args.ckpt:
             raise ConfigError("ttsrl eval needs --ckpt DIR (or --compare A B)")
         report = run(args.ckpt, args.out)
-    except (MetaError, PrepareError, CheckpointError, FileNotFoundError) as e:
+    except (MetaError, PrepareError, CheckpointError, FileNotFoundError, ConfigError) as e:
         print(f"ttsrl eval: {e}", file=sys.stderr)
         return 2
     return 1 if report["metrics"]["synthesised"] == 0 else 0
@@ -175,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="where metrics and checkpoints go (overrides train.output_dir)")
     p.add_argument("--resume", metavar="DIR", help="continue a run from its latest checkpoint (a run or checkpoint dir)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train into an output dir that holds another run: delete that run's files first")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow policy.trust_remote_code: run the tokenizer code shipped in the checkpoint directory")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("serve-reward", help="serve a reward scorer over HTTP (POST /score, GET /health)")
@@ -184,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kwargs", help="without --config: the scorer's constructor arguments as JSON")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--token", help="require this bearer token (default: $TTSRL_REWARD_TOKEN; none: open)")
+    p.add_argument("--token-file", help="require the bearer token held in this file (or set $TTSRL_REWARD_TOKEN)")
+    p.add_argument("--token", help="require this bearer token (visible in `ps`: prefer --token-file or "
+                                   "$TTSRL_REWARD_TOKEN; none of them: open)")
     p.add_argument("--max-batch", type=int, default=1024, help="samples per request at most")
     p.add_argument("--max-request-mb", type=float, default=256.0, help="request body size limit")
     p.set_defaults(func=cmd_serve_reward)
@@ -207,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny-models", action="store_true",
                    help="tiny random front end and scorers (built on first use in .cache/): tries the pipeline")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a run saved with policy.trust_remote_code to run its tokenizer's own code")
     p.add_argument("--seed", type=int, default=0, help="sampling and flow-noise seed")
     p.add_argument("--batch-size", type=int, default=16, help="items synthesised per batch")
     p.add_argument("--flow-steps", type=int, default=10, help="flow-matching Euler steps (upstream 10)")
@@ -227,6 +262,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _input_errors() -> tuple[type, ...]:
+    """Errors about what the user gave (found before anything is written): one line, exit status 2."""
+    from policies.glmtts import CheckpointError
+    from rewards.asr import ModelDirError
+    from rewards.base import ScorerConfigError
+    from rewards.remote import RewardServiceError
+    from rl.errors import InputError
+    from rl.evaluate import MetaError
+    from rollouts.manifest import ManifestError
+    from rollouts.prepare import PrepareError
+    from rollouts.token2wav import VocoderCheckpointError
+
+    return (InputError, ManifestError, CheckpointError, VocoderCheckpointError, PrepareError, MetaError,
+            ScorerConfigError, RewardServiceError, ModelDirError)
+
+
+def _run_errors() -> tuple[type, ...]:
+    """Errors that stop a started run for a stated reason: one line, exit status 1."""
+    from rl.dynamic_sampling import DynamicSamplingExhausted
+    from rl.errors import RunError
+
+    return (RunError, DynamicSamplingExhausted)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -235,6 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"ttsrl: config error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if isinstance(e, _input_errors()):
+            print(f"ttsrl: error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, _run_errors()):
+            print(f"ttsrl: stopped: {e}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ every key with its help line.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,17 @@ class DataConfig:
                     path=True)
     prompts_per_step: int = opt(1, "prompts drawn per step (B); each is sampled group_size times")
     shuffle: bool = opt(True, "reshuffle the manifest every epoch (seeded by train.seed)")
+    max_text_tokens: int = opt(512, "a prompt or target text longer than this many LM tokens is an error naming "
+                                    "its manifest line (the prompt must also fit the LM's context)")
+    text_normalize: Literal["upstream", "none"] = opt(
+        "upstream", "upstream: normalise prompt and target texts as GLM-TTS does before tokenising (WeTextProcessing "
+                    "1.0.3); none: the manifest's texts are already normalised")
+    custom_replace: str = opt("", "zh substitutions applied before normalising (GLM-TTS configs/custom_replace.jsonl, "
+                                  "as upstream's CLI applies it); empty = none", path=True)
+    phoneme: bool = opt(False, "hybrid phoneme input (upstream --use_phoneme): target characters outside "
+                               "G2P_able_1word.json become phoneme tags (pypinyin + jieba)")
+    phoneme_dicts: str = opt("", "directory with G2P_able_1word.json and G2P_replace_dict.jsonl (GLM-TTS configs/); "
+                                 "needed by data.phoneme", path=True)
 
 
 @dataclass(frozen=True)
@@ -89,6 +101,8 @@ class VocoderConfig:
     enabled: bool = opt(True, "vocode every rollout (flow/ and hift/ of policy.ckpt_dir) so rewards can score audio")
     n_timesteps: int = opt(10, "Euler steps of the flow-matching ODE (upstream: 10)")
     batch_size: int = opt(0, "rollouts per flow/HiFT batch at most (0 = as many as padding allows)")
+    dtype: Literal["float32", "bfloat16"] = opt(
+        "float32", "flow compute dtype: float32 (upstream) or bfloat16 autocast on GPU (faster, not exact); HiFT float32")
 
 
 @dataclass(frozen=True)
@@ -155,6 +169,10 @@ class TrainConfig:
     samples_every: int = opt(10, "every this many steps, save a few samples (wav, samples.jsonl, wandb audio table); 0 = off")
     samples_per_step: int = opt(4, "samples saved per logged step (one per group)")
     pipeline: bool = opt(False, "sample the next step's first round while this one is scored (one step off-policy)")
+    max_dead_reward_steps: int = opt(3, "stop the run when a weighted reward is invalid for every sample this many "
+                                        "steps in a row (0 = never)")
+    max_skipped_updates: int = opt(3, "stop the run after this many optimizer steps in a row skipped for a "
+                                      "non-finite loss or gradient norm")
 
 
 @dataclass(frozen=True)
@@ -237,11 +255,14 @@ def _validate(cfg: Config) -> None:
     rows = d.prompts_per_step * s.group_size
     if o.minibatches > rows:
         raise ConfigError(f"optim.minibatches={o.minibatches} exceeds the {rows} rows of a step")
-    s.temperature.validate("sampling.temperature")
-    lo.eps_low.validate("loss.eps_low")
-    lo.eps_high.validate("loss.eps_high")
-    if s.temperature.kind == "constant" and s.temperature.start <= 0:
-        raise ConfigError("sampling.temperature must be > 0")
+    _check_schedules(cfg)
+    if cfg.train.max_dead_reward_steps < 0 or cfg.train.max_skipped_updates < 1:
+        raise ConfigError("train.max_dead_reward_steps must be >= 0 and train.max_skipped_updates >= 1")
+    if d.max_text_tokens < 1:
+        raise ConfigError("data.max_text_tokens must be >= 1")
+    if d.phoneme and not d.phoneme_dicts:
+        raise ConfigError("data.phoneme needs data.phoneme_dicts: the directory holding G2P_able_1word.json and "
+                          "G2P_replace_dict.jsonl (the GLM-TTS repository's configs/)")
     if not cfg.rewards:
         raise ConfigError("rewards: at least one reward is needed, e.g. rewards.duration.scorer=duration")
     from rewards.base import ScorerConfigError, check_scorer_kwargs, resolve_scorer_class
@@ -251,12 +272,30 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"rewards.{name}.scorer is empty: give a scorer name or a dotted path")
         if not 0.0 <= r.max_invalid_frac <= 1.0:
             raise ConfigError(f"rewards.{name}.max_invalid_frac must be in [0, 1]")
-        try:  # the class and its kwargs are checked now, before any model is loaded
+        try:  # the class, its kwargs and their ranges are checked now, before any model is loaded
             check_scorer_kwargs(resolve_scorer_class(r.scorer, f"rewards.{name}"), dict(r.kwargs), f"rewards.{name}")
         except ScorerConfigError as e:
             raise ConfigError(str(e)) from None
     if all(r.weight == 0 for r in cfg.rewards.values()):
         raise ConfigError("rewards: every weight is 0, so there is nothing to train on")
+
+
+def _check_schedules(cfg: Config) -> None:
+    """Every schedule, over every step the run samples or trains at (0..train.steps; a pipelined run samples one
+    step ahead), stays in its key's valid range."""
+    last = cfg.train.steps
+    ranges = (
+        ("sampling.temperature", cfg.sampling.temperature, 0.0, False, math.inf, "> 0"),
+        ("loss.eps_low", cfg.loss.eps_low, 0.0, True, 1.0, "in [0, 1) (the ratio's lower clip bound 1 - eps_low > 0)"),
+        ("loss.eps_high", cfg.loss.eps_high, 0.0, True, math.inf, ">= 0"),
+    )
+    for key, sched, low, low_ok, high, want in ranges:
+        sched.validate(key)
+        lo_v, hi_v = sched.bounds(last)
+        below = lo_v < low or (lo_v == low and not low_ok)
+        if not (math.isfinite(lo_v) and math.isfinite(hi_v)) or below or hi_v >= high:
+            where = "" if sched.kind == "constant" else f" over steps 0..{last} (it ranges over [{lo_v:g}, {hi_v:g}])"
+            raise ConfigError(f"{key} must be {want}{where}, got {sched.describe()}")
 
 
 def derive(cfg: Config, config_file: str = "") -> Derived:

@@ -8,8 +8,9 @@ Lines that are empty or start with `#` are skipped.
 
 For every item: the voice prompt goes through the GLM-TTS front end (speech tokenizer, CAMPPlus embedding, 24 kHz
 prompt mel; `rollouts/prepare.py`), the policy samples one utterance (the upstream inference sampler: RAS,
-top-k 25, top-p 0.8, T 1; seeded per item), Token2Wav vocodes it and the wav is written to OUT/wavs/<utt>.wav.
-Then, as seed-tts-eval does:
+top-k 25, top-p 0.8, T 1; seeded per item), Token2Wav vocodes it and the wav is written to OUT/wavs/<utt>.wav (uttid made file-safe).
+The LM reads the texts normalised as in training (rollouts/text.py); a long target goes piece by piece as upstream's
+generate_long (rl/long_text.py). The metrics score the raw target text. Then, as seed-tts-eval does:
     CER (zh, Paraformer) / WER (en, Whisper)   mean over items of the per-item rate, x 100; plus the
                                                corpus-level rate (all edits / all reference tokens) x 100
     SIM                                        mean cosine of WavLM + ECAPA embeddings, generated vs prompt wav
@@ -148,9 +149,11 @@ class LoadedCheckpoint:
     policy: object  # GLMTTSPolicy
 
 
-def load_for_eval(path: str | Path, device: str = "cpu", dtype: str = "float32") -> LoadedCheckpoint:
+def load_for_eval(path: str | Path, device: str = "cpu", dtype: str = "float32", *,
+                  trust_remote_code: bool = False) -> LoadedCheckpoint:
     """A GLM-TTS checkpoint directory (llm/ ...) or a ttsrl run / checkpoint directory (its policy on top of the
-    GLM-TTS checkpoint the run trained)."""
+    GLM-TTS checkpoint the run trained). A run saved with policy.trust_remote_code loads only when the caller
+    allows remote code (`--trust-remote-code`): a saved config never turns it on by itself."""
     import yaml
     from safetensors.torch import load_file
 
@@ -169,6 +172,10 @@ def load_for_eval(path: str | Path, device: str = "cpu", dtype: str = "float32")
         raise FileNotFoundError(f"{path}: neither a GLM-TTS checkpoint (no llm/) nor a ttsrl run or checkpoint "
                                 f"(no trainer_state.json, no checkpoints/step-*/)") from None
     cfg, _ = config_from_data(yaml.safe_load((ckpt / "config.yaml").read_text()), str(ckpt / "config.yaml"))
+    if cfg.policy.trust_remote_code and not trust_remote_code:
+        raise MetaError(f"{ckpt / 'config.yaml'}: the run was trained with policy.trust_remote_code: true, which runs "
+                        f"the Python code shipped in the checkpoint's tokenizer directory; pass --trust-remote-code "
+                        f"to allow it")
     base = Path(cfg.policy.ckpt_dir)
     policy = GLMTTSPolicy.from_pretrained(base, dtype=DTYPES[dtype], device=device, lora=cfg.policy.lora,
                                           trust_remote_code=cfg.policy.trust_remote_code)
@@ -213,11 +220,15 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 16,
     flow_steps: int = 10,
+    trust_remote_code: bool = False,
+    texts: "LMTexts | None" = None,  # how texts become LM input; default upstream normalisation, no phonemes
 ) -> dict:
     from policies.sampling import SamplingParams
+    from rollouts.text import LMTexts
     from rewards.base import Sample
     from rewards.cer import edit_counts
     from rollouts.audio import write_wav
+    from rollouts.paths import inside, safe_stem
     from rollouts.prepare import PromptFrontend
     from rollouts.token2wav import Token2Wav, VoicePrompt
 
@@ -247,50 +258,36 @@ def evaluate(
             results[it.utt].failed["frontend"] = f"{it.where}: {prompt_feats[it.prompt_wav]}"
 
     # 2. synthesis: one sample per item, batched, seeded per item
-    loaded = load_for_eval(ckpt, device=device)
+    loaded = load_for_eval(ckpt, device=device, trust_remote_code=trust_remote_code)
     policy = loaded.policy
     policy.model.eval()
     token2wav = Token2Wav.from_pretrained(loaded.glmtts_dir, device=device, n_timesteps=flow_steps)
     params = SamplingParams(temperature=1.0, top_k=25, top_p=0.8, ras=True)
     todo = [k for k, it in enumerate(items) if not results[it.utt].failed]
     audio: dict[str, np.ndarray] = {}
-    from rollouts.types import PromptRecord
+    from rl.long_text import LongJob, synthesize_long
 
+    lm = texts if texts is not None else LMTexts()  # the texts as the LM reads them; metrics use the raw ones
+    enc = policy.encode_text
     for start in range(0, len(todo), batch_size):
-        chunk, recs, inputs = [], [], []
+        jobs = []
         for k in todo[start: start + batch_size]:
             it, pf = items[k], prompt_feats[items[k].prompt_wav]
-            rec = PromptRecord(it.utt, it.prompt_text, it.target_text, pf.tokens, pf.feat, pf.embedding,
-                               str(it.prompt_wav), it.emotion, it.where)
-            try:
-                inputs.append(policy.prompt_input(rec))
-            except ValueError as e:  # e.g. a target text that encodes to no tokens
-                results[it.utt].failed["synthesis"] = str(e)
+            pieces = [enc(p) for p in lm.target_chunks(it.target_text)]  # upstream generate_long's pieces
+            jobs.append(LongJob(k, enc(lm.prompt(it.prompt_text) + " "), pieces,
+                                VoicePrompt(pf.tokens, pf.feat, pf.embedding), it.where))
+        synthesize_long(policy, token2wav, jobs, params, seed=seed)
+        for job in jobs:
+            res = results[items[job.key].utt]
+            res.truncated = job.truncated
+            if job.failed:
+                res.failed.update(job.failed)
                 continue
-            chunk.append(k)
-            recs.append(rec)
-        if not chunk:
-            continue
-        try:
-            with torch.no_grad():
-                ro = policy.sample_groups(inputs, 1, params, group_ids=chunk, seed=seed)
-            voc = token2wav(ro.codes(policy.special.ats),
-                            [VoicePrompt(r.prompt_speech_tokens, r.prompt_feat, r.embedding) for r in recs],
-                            [seed * 1_000_003 + k for k in chunk])
-        except (ValueError, RuntimeError) as e:  # the whole batch failed: list its items, go on with the rest
-            for k in chunk:
-                results[items[k].utt].failed["synthesis"] = f"{type(e).__name__}: {e}"
-            continue
-        for j, k in enumerate(chunk):
-            res = results[items[k].utt]
-            res.truncated = bool(ro.truncated[j])
-            if voc.audio[j] is None:
-                res.failed["vocoder"] = voc.reasons[j]
-                continue
-            audio[res.utt] = voc.audio[j]
-            res.seconds = len(voc.audio[j]) / token2wav_rate()
-            res.wav = str(out / "wavs" / f"{res.utt}.wav")
-            write_wav(res.wav, voc.audio[j], token2wav_rate())
+            wav = np.concatenate(job.audio)
+            audio[res.utt] = wav
+            res.seconds = len(wav) / token2wav_rate()
+            res.wav = str(inside(out / "wavs", f"{safe_stem(res.utt)}.wav"))  # the utt stays in eval.json
+            write_wav(res.wav, wav, token2wav_rate())
 
     # 3. metrics, each model loaded only while it runs
     from rollouts.audio import read_wav

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from rl.jsonl import read_rows, rewrite_rows
+
 
 def _clean(v):
     if isinstance(v, float) and not math.isfinite(v):
@@ -21,10 +23,13 @@ class MetricsLogger:
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            # drop lines of steps the resumed run will redo (logged after the checkpoint it resumes from)
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            # drop the rows of steps the resumed run will redo (logged after the checkpoint it resumes from), and a
+            # torn last line left by a crash mid-write
+            rows, torn = read_rows(self.path)
+            if torn:
+                print(f"ttsrl: warning: {self.path}: dropped a torn last line (the run was killed while writing it)",
+                      file=sys.stderr)
+            rewrite_rows(self.path, [r for r in rows if int(r.get("step", 0)) <= resume_step])
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._file = open(self.path, "a", encoding="utf-8")

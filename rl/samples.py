@@ -1,6 +1,6 @@
 """A few samples per logged step, for listening: wav files, samples.jsonl and (with wandb) a table with audio.
 
-    <output_dir>/samples/step-000010/<uttid>_g<group>.wav
+    <output_dir>/samples/step-000010/<uttid>_g<group>.wav   (the uttid made file-safe: rollouts/paths.py)
     <output_dir>/samples.jsonl    one line per sample: step, uttid, group id, texts, wav path, seconds, finished,
                                   every reward (null = invalid, with the reason), the advantage
 One sample per group, from the first `n` groups of the step.
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from rollouts.audio import write_wav
+from rollouts.paths import inside, safe_stem
 
 
 def pick_rows(group_ids: list[int], n: int) -> list[int]:
@@ -38,8 +39,8 @@ def write_samples(output_dir: Path, step: int, rows: list[dict], audio: list[np.
     with open(Path(output_dir) / "samples.jsonl", "a", encoding="utf-8") as f:
         for row, wav in zip(rows, audio):
             path = None
-            if wav is not None:
-                path = folder / f"{row['uttid']}_g{row['group_id']}.wav"
+            if wav is not None:  # the file is named after a sanitised uttid; the true one is in the JSON row
+                path = inside(folder, f"{safe_stem(row['uttid'])}_g{int(row['group_id'])}.wav")
                 write_wav(path, wav, sample_rate)
             rec = {"step": step, **row, "wav": str(path) if path else None,
                    "seconds": None if wav is None else len(wav) / sample_rate}
@@ -47,3 +48,26 @@ def write_samples(output_dir: Path, step: int, rows: list[dict], audio: list[np.
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             out.append(rec)
     return out
+
+
+def truncate_samples(output_dir: Path, step: int) -> list[str]:
+    """A resumed run redoes the steps after its checkpoint: drop their rows from samples.jsonl and their wav folders,
+    so the log equals an uninterrupted run's. A torn last line (a crash mid-write) is dropped too. Returns warnings."""
+    import shutil
+
+    from rl.jsonl import read_rows, rewrite_rows
+
+    out = Path(output_dir)
+    warnings: list[str] = []
+    path = out / "samples.jsonl"
+    if path.exists():
+        rows, torn = read_rows(path)
+        if torn:
+            warnings.append(f"{path}: dropped a torn last line (the run was killed while writing it)")
+        rewrite_rows(path, [r for r in rows if int(r.get("step", 0)) <= step])
+    folder = out / "samples"
+    if folder.is_dir():
+        for d in folder.iterdir():
+            if d.is_dir() and d.name.startswith("step-") and d.name[5:].isdigit() and int(d.name[5:]) > step:
+                shutil.rmtree(d)
+    return warnings

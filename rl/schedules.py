@@ -59,6 +59,15 @@ class Schedule:
         elif self.end is not None or self.steps or self.rate:
             raise ConfigError(f"{where}: a constant schedule takes only `start`")
 
+    def bounds(self, last_step: int) -> tuple[float, float]:
+        """(lowest, highest) value the schedule takes over steps 0..last_step. Every kind is monotone between its
+        breakpoints, so the extremes lie at step 0, at `last_step`, or where the schedule reaches `end`."""
+        points = [0, max(last_step, 0)]
+        if self.kind in ("linear", "exp_decay") and 0 < self.steps <= last_step:
+            points.append(self.steps)
+        values = [self(t) for t in points]
+        return min(values), max(values)
+
     def __call__(self, step: int) -> float:
         if self.kind == "constant":
             return constant(self.start, step)

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +32,17 @@ from policies.glmtts import GLMTTSPolicy
 from policies.sampling import SamplingParams
 from rewards.runner import build_scorers, cat_scores, samples_from_rollout, score, select_scores
 from rl.advantages import fused_reward_mean, normalize_fuse_normalize
-from rl.checkpoint import clean_partial, find_checkpoint, load_checkpoint, save_checkpoint
+from rl.checkpoint import clean_partial, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from rl.config import Config, Derived, dump
 from rl.configlib import to_dict
 from rl.distributed import Dist
 from rl.dynamic_sampling import DynamicSampling, GroupResult, informative_groups
+from rl.errors import RunError
+from rl.guards import (RewardHealth, UpdateGuard, check_finite, check_prompt_audio, check_prompt_lengths,
+                       check_text_size, clear_run, refuse_other_run)
 from rl.losses import policy_loss
 from rl.metrics import MetricsLogger
-from rl.samples import pick_rows, write_samples
+from rl.samples import pick_rows, truncate_samples, write_samples
 from rl.zero import ShardedAdamW
 from rollouts.audio import read_wav
 from rollouts.manifest import ManifestError, PromptStream, read_manifest
@@ -49,11 +54,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class TrainState:
+    run_id: str = ""  # this run's id: checkpoint pruning only ever deletes checkpoints carrying it
     step: int = 0  # completed steps
     next_group_id: int = 0  # group ids are unique over the whole run
     stream: dict = dataclasses.field(default_factory=dict)  # PromptStream cursor
     wandb_id: str | None = None
     pending: dict | None = None  # with train.pipeline: what the prefetched rollout (pending.safetensors) was
+    guards: dict = dataclasses.field(default_factory=dict)  # RewardHealth / UpdateGuard streaks (rl/guards.py)
 
 
 @dataclass
@@ -75,7 +82,7 @@ class PendingRound:
     gen: Generated | None
 
 
-class RewardFailure(RuntimeError):
+class RewardFailure(RunError):
     """Too many samples of a step have no valid value for one reward (rewards.<name>.max_invalid_frac)."""
 
     def __init__(self, name: str, frac: float, limit: float, reasons: list, step: int):
@@ -104,8 +111,13 @@ def step_seed(seed: int, step: int, salt: int = 0) -> int:
     return (seed * 1_000_003 + step) * 1_009 + salt
 
 
-def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress: bool = True) -> dict:
-    """Run the configured training (one process, or one rank of `accelerate launch`). Returns the last metrics."""
+def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress: bool = True,
+          overwrite: bool = False) -> dict:
+    """Run the configured training (one process, or one rank of `accelerate launch`). Returns the last metrics.
+
+    Every input is checked before anything is written to the output directory; a directory that holds another run
+    is refused unless `overwrite` (which then deletes that run's files). Raises InputError / ManifestError / ...
+    for bad input and RunError when the run cannot go on (rl/guards.py)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
@@ -116,11 +128,11 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
                            f"use `accelerate launch --multi_gpu` and optim.zero_stage=2 for ZeRO-2 sharding")
     dist = Dist(accelerator)
     say = print if dist.main else (lambda *a, **k: None)
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
+    other_run = [] if resume else refuse_other_run(out, overwrite)
 
-    # ---- setup: data, policy, vocoder, scorers, optimizer ------------------------------------------------------
+    # ---- setup: data, policy, vocoder, scorers, optimizer (all checked before anything is written) ------------
     records = read_manifest(cfg.data.manifest, cfg.data.root or None)
+    check_text_size(records, cfg.data.max_text_tokens)
     ckpt_dir = Path(cfg.policy.ckpt_dir)
     if cfg.policy.build_tiny and dist.main:
         from policies.tiny import write_tiny_checkpoint
@@ -140,7 +152,12 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
     )
     if derived.needs_reference:
         policy.make_reference()
-    prompts = [policy.prompt_input(r) for r in records]
+    from rollouts.text import lm_records  # the texts as the LM reads them (data.text_normalize, data.phoneme)
+
+    prompts = [policy.prompt_input(r) for r in lm_records(records, cfg.data, policy.encode_text)]
+    check_prompt_lengths(records, prompts, max_text_tokens=cfg.data.max_text_tokens,
+                         context=getattr(policy.model.config, "max_position_embeddings", None),
+                         max_new_tokens=cfg.sampling.max_new_tokens)
     vllm = None  # sampling.backend vllm: the rollouts come from a vLLM engine that holds a copy of the weights
     if cfg.sampling.backend == "vllm":
         from policies.vllm_rollout import VLLMSampler
@@ -154,10 +171,15 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
             if r.prompt_feat is None or r.embedding is None:
                 missing = "prompt_speech_feat" if r.prompt_feat is None else "embedding"
                 raise ManifestError(f"{r.source}: field '{missing}' is missing; vocoding needs it (or vocoder.enabled=false)")
-        token2wav = Token2Wav.from_pretrained(ckpt_dir, device=accelerator.device, n_timesteps=cfg.vocoder.n_timesteps)
+        token2wav = Token2Wav.from_pretrained(ckpt_dir, device=accelerator.device, n_timesteps=cfg.vocoder.n_timesteps,
+                                              dtype=cfg.vocoder.dtype)
     voices = [VoicePrompt(r.prompt_speech_tokens, r.prompt_feat, r.embedding) for r in records]
     prompt_audio = PromptAudio(records)
     scorers = build_scorers(cfg.rewards)
+    for sc in scorers.values():  # remote services: fail fast, before the first step, naming the url
+        if callable(getattr(sc, "check", None)):
+            sc.check()
+    check_prompt_audio(records, [k for k, sc in scorers.items() if getattr(sc, "needs_prompt_audio", False)])
     adamw = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
                  fused=accelerator.device.type in ("cpu", "cuda") or None)  # one kernel over all parameters
     if cfg.optim.zero_stage == 2:  # AdamW state and reduced gradients partitioned across ranks (rl/zero.py)
@@ -165,7 +187,9 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
     else:
         optimizer = torch.optim.AdamW(policy.trainable_parameters(), **adamw)
     stream = PromptStream(len(records), seed=cfg.train.seed, shuffle=cfg.data.shuffle)
-    state = TrainState()
+    state = TrainState(run_id=uuid.uuid4().hex)
+    health = RewardHealth(derived.weights, cfg.train.max_dead_reward_steps)
+    guard = UpdateGuard(cfg.train.max_skipped_updates)
     ckpt = None
     if resume:
         ckpt = load_checkpoint(find_checkpoint(resume))
@@ -176,11 +200,18 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
             torch.cuda.set_rng_state_all(list(ckpt["rng"]["cuda"]))
         state = TrainState(**ckpt["trainer_state"])
         stream.load_state(state.stream)
+        health.load_state_dict(state.guards.get("rewards", {}))
+        guard.load_state_dict(state.guards.get("updates", {}))
         say(f"ttsrl: resumed from {find_checkpoint(resume)} at step {state.step}")
     config_yaml = dump(cfg)
     logger = None
-    if dist.main:
+    if dist.main:  # every input is checked: from here on the run writes
+        clear_run(out, other_run, say)
+        out.mkdir(parents=True, exist_ok=True)
         clean_partial(out)
+        if resume:
+            for warning in truncate_samples(out, state.step):
+                print(f"ttsrl: warning: {warning}", file=sys.stderr)
         (out / "config.yaml").write_text(config_yaml)
         logger = MetricsLogger(out, config=to_dict(cfg), wandb_cfg=cfg.wandb,
                                resume_step=state.step if resume else None, wandb_id=state.wandb_id)
@@ -264,6 +295,7 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
             gen = Generated(ro, vocode(ro), 0.0, lag=1)
         pending = PendingRound(state.pending["prompt_idx"], state.pending["gids"], gen)
     prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") if cfg.train.pipeline else None
+    start_step, trained_rows = state.step, 0
 
     for step in range(state.step, cfg.train.steps):
         torch.manual_seed(step_seed(cfg.train.seed, step))  # dropout and anything else drawing globally
@@ -345,6 +377,12 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
             frac = float((~g_scores.results[k].valid).mean()) if n_all else 0.0
             if frac > r.max_invalid_frac:
                 raise RewardFailure(k, frac, r.max_invalid_frac, g_scores.results[k].reasons, step + 1)
+        for line in health.observe(step + 1, g_scores.results, n_all):
+            if dist.main:
+                (bar.write if bar is not None else print)(line, file=sys.stderr)
+        if (why := health.stop_reason(step + 1)) is not None:  # a weighted reward dead for several steps
+            raise RunError(why)
+        trained_rows += _rows_with_a_reward(g_scores.values, weights)
 
         # ---- 2. advantages, over the whole step --------------------------------------------------------------------
         adv = normalize_fuse_normalize(
@@ -366,6 +404,7 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
         upd = {"loss": [], "pg_loss": [], "kl": [], "clip/low_frac": [], "clip/high_frac": [], "grad_norm": [],
                "ratio/mean": [], "ratio/min": [], "ratio/max": []}
         entropy_sum = entropy_tokens = 0.0
+        skipped = 0
         for epoch in range(cfg.optim.ppo_epochs):
             # minibatches partition the whole step's rows (every rank draws the same permutation of all n_all
             # rows); each rank trains on the rows of each minibatch that it holds
@@ -415,14 +454,24 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
                         seen = mask & ~torch.isnan(ent)
                         entropy_sum += float(ent[seen].sum())
                         entropy_tokens += float(seen.sum())
-                # grad_clip 0 = no clipping (an infinite bound still reports the norm)
+                # grad_clip 0 = no clipping (an infinite bound still reports the norm); a non-finite loss or norm
+                # skips the step on every rank (both are global), so the weights never see it
+                mb_loss = dist.sum(sums["loss"])
                 if cfg.optim.zero_stage == 2:  # each gradient summed onto its owner rank, which steps its parameters
-                    grad_norm = optimizer.reduce_clip_step(cfg.optim.grad_clip or math.inf)
+                    grad_norm = optimizer.reduce_clip_step(cfg.optim.grad_clip or math.inf,
+                                                           allow=lambda norm: guard.allow(mb_loss, norm, step + 1))
+                    stepped = guard.in_a_row == 0
                 else:  # every rank sums every gradient and steps the whole model
                     dist.sum_grads(policy.trainable_parameters())
                     grad_norm = accelerator.clip_grad_norm_(policy.trainable_parameters(),
                                                             cfg.optim.grad_clip or math.inf)
-                    optimizer.step()
+                    stepped = guard.allow(mb_loss, float(grad_norm), step + 1)
+                    if stepped:
+                        optimizer.step()
+                if not stepped:
+                    optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    continue
                 vllm_stale = vllm is not None  # the engine samples the next rollout with the new weights
                 for k, v in sums.items():
                     upd[k].append(dist.sum(v))
@@ -451,6 +500,7 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
             "time/rollout_s": t_rollout, "time/vocode_s": t_vocode, "time/score_s": t_score,
             "time/update_s": t_update, "time/prefetch_hidden_s": t_prefetch,
             "pipeline/offpolicy_frac": float((g_lag > 0).float().mean()), "pipeline/lag_steps": int(g_lag.max()),
+            "update/skipped_nonfinite": skipped,
         }
         if vllm is not None:  # mean |log-prob of vLLM - the trainer's|, the largest over rounds and ranks
             metrics["vllm/logp_abs_diff"] = dist.max(max([g for g in vllm_gaps if g == g], default=0.0))
@@ -469,6 +519,9 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
                 metrics[f"service/{k}/{key}"] = v
         pend = dist.gather(None if pending is None or pending.gen is None else rollout_tensors(pending.gen.rollout))
         save = state.step == cfg.train.steps or bool(cfg.train.save_every and state.step % cfg.train.save_every == 0)
+        state.guards = {"rewards": health.state_dict(), "updates": guard.state_dict()}
+        if save:
+            check_finite(policy.trainable_parameters(), state.step, _last_checkpoint(out))
         optimizer_state = optimizer.state_dict() if save else None  # with zero_stage 2: gathered onto rank 0
         if dist.main:
             logger.log(state.step, metrics)
@@ -508,8 +561,23 @@ def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress:
         bar.close()
     if logger is not None:
         logger.close()
-        say(f"ttsrl: done; metrics in {logger.path}, checkpoints in {out / 'checkpoints'}")
+    if state.step > start_step and trained_rows == 0:
+        raise RunError(f"the run trained on nothing: in steps {start_step + 1}..{state.step} no sample had a valid "
+                       f"value of any weighted reward ({', '.join(k for k, w in weights.items() if w)}); see "
+                       f"reward/<name>/invalid_frac in {out / 'metrics.jsonl'}")
+    say(f"ttsrl: done; metrics in {out / 'metrics.jsonl'}, checkpoints in {out / 'checkpoints'}")
     return metrics
+
+
+def _rows_with_a_reward(values: dict[str, torch.Tensor], weights: dict[str, float]) -> int:
+    """Rows that have a valid value of at least one weighted reward (the rows the loss can learn from)."""
+    weighted = [~torch.isnan(values[k]) for k in weights if weights[k] != 0]
+    return int(torch.stack(weighted).any(0).sum()) if weighted else 0
+
+
+def _last_checkpoint(out: Path) -> str | None:
+    found = list_checkpoints(out)
+    return str(found[-1]) if found else None
 
 
 class PromptAudio:

@@ -54,9 +54,11 @@ class ShardedAdamW:
         for p in self.params:
             p.grad = None
 
-    def reduce_clip_step(self, max_norm: float) -> float:
+    def reduce_clip_step(self, max_norm: float, allow=None) -> float:
         """Sum each gradient onto its owner, clip by the global norm (as torch's clip_grad_norm_), step the owned
-        parameters and broadcast them. Returns the global grad norm before clipping."""
+        parameters and broadcast them. Returns the global grad norm before clipping. `allow(norm) -> bool`, when
+        given, can veto the step once the global norm is known (the same answer on every rank): then no parameter
+        changes and the gradients are dropped."""
         for i, p in enumerate(self.params):
             g = p.grad if p.grad is not None else torch.zeros_like(p)
             if self.world > 1:
@@ -69,6 +71,10 @@ class ShardedAdamW:
         if self.world > 1:
             tdist.all_reduce(sq, op=tdist.ReduceOp.SUM)
         norm = math.sqrt(float(sq))
+        if allow is not None and not allow(norm):
+            for p in self.params:
+                p.grad = None
+            return norm
         if math.isfinite(max_norm) and max_norm > 0:
             coef = max_norm / (norm + 1e-6)
             if coef < 1.0:

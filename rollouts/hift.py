@@ -96,8 +96,9 @@ class SourceModule(nn.Module):
         self.l_tanh = nn.Tanh()
 
 
-def _hann(device) -> torch.Tensor:
-    return torch.hann_window(N_FFT, periodic=True, dtype=torch.float64, device=device).float()
+def _hann(device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[16] periodic Hann window, computed in float64 and given in the working dtype."""
+    return torch.hann_window(N_FFT, periodic=True, dtype=torch.float64, device=device).to(dtype)
 
 
 class HiFTGenerator(nn.Module):
@@ -159,7 +160,7 @@ class HiFTGenerator(nn.Module):
         padded = torch.zeros(b, l_max + N_FFT, device=s.device, dtype=s.dtype)
         for i, n in enumerate(lengths):
             padded[i, : n + N_FFT] = F.pad(s[i: i + 1, :n][None], (half, half), mode="reflect")[0, 0]
-        frames = padded.unfold(1, N_FFT, HOP) * _hann(s.device)  # [B, F, 16]
+        frames = padded.unfold(1, N_FFT, HOP) * _hann(s.device, s.dtype)  # [B, F, 16]
         spec = torch.fft.rfft(frames, dim=-1)  # [B, F, 9]
         return torch.cat([spec.real, spec.imag], dim=-1).transpose(1, 2)
 
@@ -169,8 +170,8 @@ class HiFTGenerator(nn.Module):
         b, _, f = magnitude.shape
         magnitude = torch.clip(magnitude, max=1e2)
         spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
-        win = _hann(magnitude.device)
-        valid = torch.zeros(b, f, 1, device=magnitude.device)
+        win = _hann(magnitude.device, magnitude.dtype)
+        valid = torch.zeros(b, f, 1, device=magnitude.device, dtype=magnitude.dtype)
         for i, n in enumerate(frames):
             valid[i, :n] = 1.0
         chunks = torch.fft.irfft(spec.transpose(1, 2), n=N_FFT, dim=-1) * win * valid  # [B, F, 16]

@@ -15,9 +15,12 @@ Output directory: manifest.jsonl in the upstream GRPO layout that rollouts/manif
      "prompt_speech_token": "prompt_speech_token/<stem>.npy",   int64 [N]       speech tokens, 25 per second
      "embedding": "embedding/<stem>.npy",                       float32 [192]   CAMPPlus speaker embedding
      "prompt_speech_feat": "prompt_speech_feat/<stem>.npy",     float32 [T, 80] 24 kHz prompt log-mel
-     "syn_text", "emotion": int (-1 = none)}
+     "syn_text", "emotion": int (-1 = none),
+     "prompt_text_tn", "syn_text_tn"}   the texts as the LM reads them (rollouts/text.py; not with --text-normalize none)
 Feature files are keyed by the prompt wav's stem and computed once per prompt however many items use it. The item
-id is the jsonl `id` field, else the line number. Texts are stored raw (the trainer normalises them when loading).
+id is the jsonl `id` field, else the line number. prompt_text and syn_text are stored raw, next to their normalised
+forms for a reader; the trainer and `ttsrl eval` normalise the raw texts themselves (data.text_normalize) and get the
+same `_tn` texts.
 
 Each prompt goes through the front end alone, as upstream does (tokens depend on the batch layout):
     tokens      rollouts.speech_tokenizer on channel 0 at 16 kHz
@@ -253,10 +256,15 @@ def prepare(
     speech_tokenizer_dir: str | Path | None = None,
     campplus_path: str | Path | None = None,
     progress: bool = False,
+    text_normalize: str = "upstream",
+    custom_replace: str | Path | None = None,
 ) -> PrepareResult:
     """Write out_dir/manifest.jsonl and its feature files (see the module docstring). `frontend`: an already
     loaded front end (then frontend_dir is not read)."""
     items = read_items(items_path)
+    from rollouts.text import LMTexts
+
+    lm = LMTexts(text_normalize, custom_replace=custom_replace) if text_normalize != "none" else None
     out = Path(out_dir)
     manifest = out / MANIFEST
     if manifest.exists() and not overwrite:
@@ -314,6 +322,8 @@ def prepare(
                 "syn_text": it.target_text,
                 "emotion": it.emotion,
             }
+            if lm is not None:
+                line.update(prompt_text_tn=lm.prompt(it.prompt_text), syn_text_tn=lm.target(it.target_text))
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
     os.replace(tmp, manifest)
     return PrepareResult(manifest=manifest, items=len(items), prompts=len(prompts))
@@ -335,16 +345,22 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="speech tokenizer device; cuda also runs CAMPPlus on the GPU")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/manifest.jsonl")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--text-normalize", choices=("upstream", "none"), default="upstream",
+                   help="store the upstream-normalised texts too (prompt_text_tn, syn_text_tn); none: raw only")
+    p.add_argument("--custom-replace", metavar="FILE", help="zh substitutions (GLM-TTS configs/custom_replace.jsonl)")
     p.set_defaults(func=cmd_prepare)
     return p
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from rollouts.text import TextFrontEndError
+
     try:
         res = prepare(args.items, args.frontend, args.out, device=args.device, overwrite=args.overwrite,
                       speech_tokenizer_dir=args.speech_tokenizer, campplus_path=args.campplus,
-                      progress=not args.no_progress)
-    except (PrepareError, SpeechTokenizerError, SpeakerEmbeddingError) as e:
+                      progress=not args.no_progress, text_normalize=args.text_normalize,
+                      custom_replace=args.custom_replace)
+    except (PrepareError, SpeechTokenizerError, SpeakerEmbeddingError, TextFrontEndError) as e:
         print(f"ttsrl prepare: {e}", file=sys.stderr)
         return 2
     print(f"ttsrl: wrote {res.manifest} ({res.items} items, {res.prompts} prompts)")

@@ -98,7 +98,7 @@ def load_flow(ckpt_dir: Path) -> FlowModel:
     except (HyperPyYAMLError, ValueError) as e:
         raise VocoderCheckpointError(str(e)) from None
     strict_load(flow, _load_tensor_dict(ckpt_dir / "flow" / "flow.pt"), str(ckpt_dir / "flow" / "flow.pt"))
-    return flow
+    return flow.eval()  # inference mode: the estimator's dropout off
 
 
 def load_hift(ckpt_dir: Path) -> HiFTGenerator:
@@ -110,7 +110,7 @@ def load_hift(ckpt_dir: Path) -> HiFTGenerator:
         raise VocoderCheckpointError(f"{path}: no {e.args[0]} weights: this is not a HiFT checkpoint") from None
     hift = HiFTGenerator(**sizes)
     strict_load(hift, state, str(path))
-    return hift
+    return hift.eval()
 
 
 MAX_PADDING = 1.25  # a batch may hold at most 25% padding (compute on padded frames is wasted)
@@ -134,19 +134,25 @@ def buckets(lengths: list[int], batch_size: int = 0) -> list[list[int]]:
 class Token2Wav:
     def __init__(self, flow: FlowModel, hift: HiFTGenerator, *, device="cpu", n_timesteps: int = 10,
                  mixed_precision: bool | None = None):
+        """mixed_precision: run the flow under bf16 autocast (None or False: float32, as upstream)."""
         self.device = torch.device(device)
         self.flow = flow.to(self.device).eval().requires_grad_(False)
         self.hift = hift.to(self.device).eval().requires_grad_(False)
         self.n_timesteps = n_timesteps
-        self.amp = (self.device.type == "cuda") if mixed_precision is None else mixed_precision
+        self.amp = bool(mixed_precision)
         self.num_codes = flow.num_codes - 1  # valid codes 0..vocab_size-1 (the embedding has vocab_size + 1 rows)
 
     @classmethod
     def from_pretrained(cls, ckpt_dir: str | Path, *, device="cpu", n_timesteps: int = 10,
-                        mixed_precision: bool | None = None) -> "Token2Wav":
+                        mixed_precision: bool | None = None, dtype: str = "float32") -> "Token2Wav":
+        """dtype: vocoder.dtype, float32 (upstream) or bfloat16 (flow under bf16 autocast, GPU only)."""
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"vocoder.dtype: expected float32 or bfloat16, got {dtype!r}")
         ckpt_dir = Path(ckpt_dir)
+        amp = mixed_precision if mixed_precision is not None else (dtype == "bfloat16" and
+                                                                    torch.device(device).type == "cuda")
         return cls(load_flow(ckpt_dir), load_hift(ckpt_dir), device=device, n_timesteps=n_timesteps,
-                   mixed_precision=mixed_precision)
+                   mixed_precision=amp)
 
     def check(self, codes: np.ndarray, prompt: VoicePrompt) -> str | None:
         """Why this item cannot be vocoded (None if it can)."""

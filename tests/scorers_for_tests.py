@@ -24,6 +24,12 @@ class Longer:
         return ScoreResult.build([len(s.codes) / 100 for s in samples], [None] * len(samples))
 
 
+class NeedsPromptAudio(Longer):
+    """Like Longer, but declares that it compares against the voice prompt's audio (as the sim reward does)."""
+
+    needs_prompt_audio = True
+
+
 class InvalidOddGroups:
     """Valid length reward for even group ids; invalid (with a reason) for odd ones."""
 

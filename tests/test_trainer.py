@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from conftest import REPO, run_config
 from rl.config import DEFAULT_CONFIG, load_config
 from rl.dynamic_sampling import DynamicSamplingExhausted
+from rl.errors import RunError
 from rl.trainer import train
 
 REQUIRED = [
@@ -185,7 +186,9 @@ def test_invalid_rewards_are_counted_and_masked(tmp_path, tiny_ckpt):
         tmp_path / "none", tiny_ckpt, "train.steps=1", "data.prompts_per_step=2", "sampling.group_size=2",
         "rewards.duration.scorer=scorers_for_tests:AlwaysInvalid", "dynamic_sampling.mode=off",
     ))
-    m = train(cfg, d, progress=False)
+    with pytest.raises(RunError, match="the run trained on nothing"):  # a run that trained on nothing fails
+        train(cfg, d, progress=False)
+    m = rows(tmp_path / "none" / "run")[-1]
     assert m["reward/duration/invalid_frac"] == 1.0 and m["grad_norm"] == 0.0  # nothing left to train on
     start = load_file(str(tiny_ckpt / "llm" / "model.safetensors"))
     end = weights(tmp_path / "none" / "run", 1)

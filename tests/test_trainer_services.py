@@ -79,6 +79,7 @@ def test_a_service_killed_mid_run_makes_samples_invalid_and_the_run_goes_on(tmp_
     out = tmp_path / "run"
     args = [sys.executable, "-m", "rl.cli", "train", str(DEFAULT_CONFIG), "--no-progress"]
     for o in run_config(tmp_path, tiny_ckpt, "data.prompts_per_step=2", "sampling.group_size=2", "train.steps=4",
+                        "train.max_dead_reward_steps=0",  # 0 = never stop for a dead reward (default: 3 steps)
                         "vocoder.enabled=false", "rewards.dur2.scorer=remote", "rewards.dur2.weight=0.5",
                         f"rewards.dur2.kwargs={{url: 'http://127.0.0.1:{port}', retries: 2, backoff_s: 0.05, timeout_s: 5}}"):
         args += ["--set", o]
@@ -105,13 +106,20 @@ def test_a_service_killed_mid_run_makes_samples_invalid_and_the_run_goes_on(tmp_
 
 
 def test_a_reward_that_mostly_fails_stops_the_run_with_a_clear_error(tmp_path, tiny_ckpt):
-    cfg, d = load_config(DEFAULT_CONFIG, run_config(
-        tmp_path, tiny_ckpt, "data.prompts_per_step=2", "sampling.group_size=2", "train.steps=2",
-        "vocoder.enabled=false", "rewards.x.scorer=remote", "rewards.x.kwargs={url: 'http://127.0.0.1:9', retries: 0}",
-        "rewards.x.max_invalid_frac=0.5",
-    ))
-    with pytest.raises(RewardFailure, match=r"reward 'x': 100% of step 1's samples are invalid.*max_invalid_frac=0.5.*reward service"):
-        train(cfg, d, progress=False)
+    from scorers_for_tests import Broken
+
+    server = ServerThread(create_app(Broken(), "x"))  # answers /health, fails every batch with a 500
+    try:
+        cfg, d = load_config(DEFAULT_CONFIG, run_config(
+            tmp_path, tiny_ckpt, "data.prompts_per_step=2", "sampling.group_size=2", "train.steps=2",
+            "vocoder.enabled=false", "rewards.x.scorer=remote", f"rewards.x.kwargs={{url: '{server.url}', retries: 0}}",
+            "rewards.x.max_invalid_frac=0.5",
+        ))
+        with pytest.raises(RewardFailure, match=r"reward 'x': 100% of step 1's samples are invalid.*"
+                                                r"max_invalid_frac=0.5.*reward service"):
+            train(cfg, d, progress=False)
+    finally:
+        server.stop()
 
 
 def test_pipelined_rollouts_are_one_step_off_policy_and_resume_exactly(tmp_path, tiny_ckpt):

@@ -35,7 +35,13 @@ def test_rows_become_requests_and_outputs_a_rollout_with_ratio_one(fake, tiny_ck
     assert torch.equal(ro.min_lengths, rows.min_len) and torch.equal(ro.prompt_ids, rows.prompt_ids)
     assert (ro.lengths <= rows.max_len).all() and torch.equal(ro.truncated, ~ro.finished)
     assert torch.equal(ro.lengths[ro.truncated], rows.max_len[ro.truncated])
-    assert ro.finished.any() and ro.truncated.any()
+    # a tiny random model stops at about 5% a step: over a few seeds some rows stop; a short max_len truncates rows
+    more = [sampler.sample_groups(prompts, 3, params, group_ids=[4, 5, 6], seed=s, min_ratio=1, max_ratio=2)
+            for s in range(3, 8)]
+    short = sampler.sample_groups(prompts, 3, params, group_ids=[4, 5, 6], seed=2, min_ratio=1, max_ratio=1.1)
+    assert any(r.finished.any() for r in [ro, *more]) and short.truncated.any()
+    short_rows = pol.row_batch(prompts, 3, min_ratio=1, max_ratio=1.1)
+    assert torch.equal(short.lengths[short.truncated], short_rows.max_len[short.truncated])
     last = ro.token_mask.sum(-1) - 1
     assert (ro.tokens[ro.finished, last[ro.finished]] == pol.special.eoa).all()  # the stop token is kept (trained)
     with torch.no_grad():
@@ -96,7 +102,7 @@ def test_training_with_the_vllm_backend_keeps_the_engine_in_sync(fake, tmp_path,
     assert llm.prefix_resets == 2 and len(llm.llm_engine.model_executor.driver_worker.model_runner.model.loaded) > 0
     rows = [json.loads(x) for x in (tmp_path / "synced" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["vllm/logp_abs_diff"] < 1e-4 for r in rows), [r["vllm/logp_abs_diff"] for r in rows]
-    assert rows[0]["grad_norm"] > 0  # the policy moved, and the engine moved with it
+    assert max(r["grad_norm"] for r in rows[:-1]) > 0  # the policy moved, and the engine moved with it
     # without the sync the engine samples from its stale copy, and the gap shows in the log
     monkeypatch.setattr(VLLMSampler, "sync_weights", lambda self: None)
     cfg, d = load_config(DEFAULT_CONFIG, run_config(tmp_path / "stale", tiny_ckpt, *common))
