@@ -1,11 +1,14 @@
 # `make run`: create .venv, install, train the embedded default. `make test`: same install, run the tests.
+# `make test-fast`: the tests not marked slow. `make lint`: ruff check, ruff format --check, mypy on MYPY_FILES.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
+# Type-checked modules; the list may name files not written yet (they are skipped until they exist).
+MYPY_FILES := $(wildcard policies/base.py rollouts/types.py rl/advantages.py rl/losses.py rl/schedules.py rl/dynamic_sampling.py)
 
-.PHONY: install run test clean
+.PHONY: install run test test-fast lint clean
 
 install: $(STAMP)
 
@@ -28,6 +31,14 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy $(MYPY_FILES)
 
 clean:
 	rm -rf $(VENV)

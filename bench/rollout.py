@@ -62,7 +62,7 @@ class SpeechOnly:
 
     def __init__(self, vocab: int, ats: int, ate: int, stop: int, device):
         allowed = torch.zeros(vocab, dtype=torch.bool, device=device)
-        allowed[ats: ate + 1] = True
+        allowed[ats : ate + 1] = True
         allowed[stop] = True
         self.blocked = ~allowed
 
@@ -75,8 +75,8 @@ def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, tor
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -88,15 +88,30 @@ def hf_generate(policy: GLMTTSPolicy, prompts, group: int, params: SamplingParam
     ids, mask = left_pad([p.ids for p in prompts for _ in range(group)], s.pad, policy.device)
     with torch.no_grad():
         out = policy.model.generate(
-            input_ids=ids, attention_mask=mask, do_sample=True, temperature=params.temperature,
-            top_k=params.top_k or None, top_p=params.top_p, min_new_tokens=new_tokens, max_new_tokens=new_tokens,
-            logits_processor=LogitsProcessorList([processor]), eos_token_id=s.eoa, pad_token_id=s.pad,
-            bos_token_id=None, output_scores=True, return_dict_in_generate=True,
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=params.temperature,
+            top_k=params.top_k or None,
+            top_p=params.top_p,
+            min_new_tokens=new_tokens,
+            max_new_tokens=new_tokens,
+            logits_processor=LogitsProcessorList([processor]),
+            eos_token_id=s.eoa,
+            pad_token_id=s.pad,
+            bos_token_id=None,
+            output_scores=True,
+            return_dict_in_generate=True,
         )
-        tokens = out.sequences[:, ids.shape[1]:]
+        tokens = out.sequences[:, ids.shape[1] :]
         # processed scores (restricted, scaled, truncated): log-softmax at the sampled token = log q(y), as ours
-        logp = torch.stack([torch.log_softmax(sc.float(), -1).gather(1, tokens[:, t: t + 1]).squeeze(1)
-                            for t, sc in enumerate(out.scores)], dim=1)
+        logp = torch.stack(
+            [
+                torch.log_softmax(sc.float(), -1).gather(1, tokens[:, t : t + 1]).squeeze(1)
+                for t, sc in enumerate(out.scores)
+            ],
+            dim=1,
+        )
     return tokens, logp
 
 
@@ -115,8 +130,17 @@ def run(args) -> dict:
     big = 1e9  # min = max length: stop masked throughout, every row generates exactly `length` tokens
 
     def batched(seed=0, decode="dynamic"):
-        ro = policy.sample_groups(prompts, args.group, params, group_ids=list(range(len(prompts))), seed=seed,
-                                  min_ratio=big, max_ratio=big, max_new_tokens=length, decode=decode)
+        ro = policy.sample_groups(
+            prompts,
+            args.group,
+            params,
+            group_ids=list(range(len(prompts))),
+            seed=seed,
+            min_ratio=big,
+            max_ratio=big,
+            max_new_tokens=length,
+            decode=decode,
+        )
         assert ro.tokens.shape == (n_rows, length) and bool(ro.token_mask.all())
         return ro
 
@@ -127,8 +151,16 @@ def run(args) -> dict:
         out = []
         for i, p in enumerate(prompts):
             for j in range(args.group):
-                ro = policy.sample_groups([p], 1, params, group_ids=[i * args.group + j], seed=seed,
-                                          min_ratio=big, max_ratio=big, max_new_tokens=length)
+                ro = policy.sample_groups(
+                    [p],
+                    1,
+                    params,
+                    group_ids=[i * args.group + j],
+                    seed=seed,
+                    min_ratio=big,
+                    max_ratio=big,
+                    max_new_tokens=length,
+                )
                 assert ro.tokens.shape == (1, length)
                 out.append(ro)
         return out
@@ -143,8 +175,12 @@ def run(args) -> dict:
         if str(args.device).startswith("cuda"):
             torch.cuda.synchronize()
 
-    variants = {"batched": batched, **({"compiled": compiled} if args.compiled else {}), "per-sample": per_sample,
-                "generate": generate}
+    variants = {
+        "batched": batched,
+        **({"compiled": compiled} if args.compiled else {}),
+        "per-sample": per_sample,
+        "generate": generate,
+    }
     for fn in variants.values():  # warm-up
         fn(seed=10_000)
     times: dict[str, list[float]] = {k: [] for k in variants}
@@ -158,14 +194,19 @@ def run(args) -> dict:
     tokens = n_rows * length
     ratios = {k: statistics.median(t / b for t, b in zip(times[k], times["batched"])) for k in variants}
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"group rollout, {args.size} ({n_params / 1e6:.1f} M params, vocab {policy.model.config.vocab_size}) on "
-          f"{args.device} ({torch.get_num_threads()} threads): {len(prompts)} prompts x {args.group} = {n_rows} rows, "
-          f"T={args.temperature} top-k={args.top_k} top-p={args.top_p}, no RAS")
-    print(f"  equal lengths: stop masked for the whole length, every row generates exactly {length} tokens "
-          f"({tokens} tokens per rollout)")
+    print(
+        f"group rollout, {args.size} ({n_params / 1e6:.1f} M params, vocab {policy.model.config.vocab_size}) on "
+        f"{args.device} ({torch.get_num_threads()} threads): {len(prompts)} prompts x {args.group} = {n_rows} rows, "
+        f"T={args.temperature} top-k={args.top_k} top-p={args.top_p}, no RAS"
+    )
+    print(
+        f"  equal lengths: stop masked for the whole length, every row generates exactly {length} tokens "
+        f"({tokens} tokens per rollout)"
+    )
     for k in variants:
-        print(f"  {k:<11} {med[k]:8.3f} s  {tokens / med[k]:9.1f} tokens/s   batched speed-up over it: "
-              f"{ratios[k]:.2f}x")
+        print(
+            f"  {k:<11} {med[k]:8.3f} s  {tokens / med[k]:9.1f} tokens/s   batched speed-up over it: {ratios[k]:.2f}x"
+        )
     print(f"  (median of {args.repeats} alternating repeats; ratios are medians of per-repeat ratios)")
     bound = None
     if args.bandwidth_gbs:
@@ -176,8 +217,10 @@ def run(args) -> dict:
         context = statistics.mean(len(p.ids) for p in prompts) + length / 2
         kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * elem * context * n_rows
         bound = n_rows * args.bandwidth_gbs * 1e9 / (weight_bytes + kv_bytes)
-        print(f"  memory-bandwidth bound at {args.bandwidth_gbs:g} GB/s: {bound:.0f} tokens/s "
-              f"(weights {weight_bytes / 1e9:.2f} GB + KV {kv_bytes / 1e9:.3f} GB per step)")
+        print(
+            f"  memory-bandwidth bound at {args.bandwidth_gbs:g} GB/s: {bound:.0f} tokens/s "
+            f"(weights {weight_bytes / 1e9:.2f} GB + KV {kv_bytes / 1e9:.3f} GB per step)"
+        )
         for k in ("batched", "compiled"):
             if k in med:
                 print(f"  {k}: {tokens / med[k] / bound:.1%} of the bound (prefill included)")
@@ -197,8 +240,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the LM's weights")
     ap.add_argument("--compiled", action="store_true", help="also time decode='compiled' (torch.compile)")
-    ap.add_argument("--bandwidth-gbs", type=float, default=0.0,
-                    help="the device's memory bandwidth in GB/s: report the fraction of the decode bound reached")
+    ap.add_argument(
+        "--bandwidth-gbs",
+        type=float,
+        default=0.0,
+        help="the device's memory bandwidth in GB/s: report the fraction of the decode bound reached",
+    )
     args = ap.parse_args(argv)
     if args.new_tokens is None:
         args.new_tokens = 100 if args.size == "tiny" else 50

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from conftest import ServerThread  # noqa: E402
+
 from rewards.base import Sample  # noqa: E402
 from rewards.cer import CERScorer  # noqa: E402
 from rewards.duration import DurationScorer  # noqa: E402
@@ -48,12 +49,21 @@ def make_samples(n: int) -> list[Sample]:
     out = []
     for i in range(n):
         sec = float(rng.uniform(2.0, 5.0))
-        out.append(Sample(
-            uttid=f"u{i // 4}", group_id=i // 4, target_text="今天天气很好，我们一起去公园散步吧。", prompt_text="你好",
-            codes=np.zeros(int(25 * sec), np.int64), finished=True, prompt_codes=np.zeros(50, np.int64),
-            audio=(0.1 * rng.standard_normal(int(24000 * sec))).astype(np.float32), sample_rate=24000,
-            prompt_audio=prompts[i // 4], prompt_sample_rate=24000,
-        ))
+        out.append(
+            Sample(
+                uttid=f"u{i // 4}",
+                group_id=i // 4,
+                target_text="今天天气很好，我们一起去公园散步吧。",
+                prompt_text="你好",
+                codes=np.zeros(int(25 * sec), np.int64),
+                finished=True,
+                prompt_codes=np.zeros(50, np.int64),
+                audio=(0.1 * rng.standard_normal(int(24000 * sec))).astype(np.float32),
+                sample_rate=24000,
+                prompt_audio=prompts[i // 4],
+                prompt_sample_rate=24000,
+            )
+        )
     return out
 
 
@@ -82,10 +92,22 @@ def service_process(seconds: float):
     repo = Path(__file__).resolve().parents[1]
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rl.cli", "serve-reward", "--scorer", "scorers_for_tests:Slow", "--kwargs",
-         json.dumps({"seconds": seconds}), "--port", str(port)],
-        cwd=repo, env={**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{repo / 'tests'}"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "rl.cli",
+            "serve-reward",
+            "--scorer",
+            "scorers_for_tests:Slow",
+            "--kwargs",
+            json.dumps({"seconds": seconds}),
+            "--port",
+            str(port),
+        ],
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{repo / 'tests'}"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     return proc, f"http://127.0.0.1:{port}"
 
@@ -116,8 +138,10 @@ def main(argv: list[str] | None = None) -> dict:
         m = write_all(tmp)
         cer = CERScorer(paraformer_dir=m["paraformer_dir"])
         scorers = {
-            "cer": cer, "sim": SimScorer(m["sv_checkpoint"], wavlm_cfg=m["wavlm_cfg"]),
-            "emotion": EmotionScorer(m["emotion_dir"]), "duration": DurationScorer(),
+            "cer": cer,
+            "sim": SimScorer(m["sv_checkpoint"], wavlm_cfg=m["wavlm_cfg"]),
+            "emotion": EmotionScorer(m["emotion_dir"]),
+            "duration": DurationScorer(),
         }
         srv = ServerThread(create_app(cer, "cer"))
         try:
@@ -131,8 +155,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  one batched request {tb:6.2f} s   one request per sample {ts:6.2f} s   ratio {r:.2f}x")
         out["service_batched_vs_per_sample"] = r
         score(scorers, samples[:4])  # warm-up (prompt embeddings are cached per voice prompt either way)
-        tc, tq, r = pairs(lambda: score(scorers, samples, concurrent=True),
-                          lambda: score(scorers, samples, concurrent=False), args.repeats)
+        tc, tq, r = pairs(
+            lambda: score(scorers, samples, concurrent=True),
+            lambda: score(scorers, samples, concurrent=False),
+            args.repeats,
+        )
         print(f"scorers (cer, sim, emotion, duration; {len(samples)} samples):")
         print(f"  concurrent {tc:6.2f} s   sequential {tq:6.2f} s   ratio {r:.2f}x")
         out["local_concurrent_vs_sequential"] = r
@@ -142,8 +169,11 @@ def main(argv: list[str] | None = None) -> dict:
         for scorer in remote.values():
             wait_ready(scorer)
         score(remote, samples[:2])  # warm-up
-        tc, tq, r = pairs(lambda: score(remote, samples, concurrent=True),
-                          lambda: score(remote, samples, concurrent=False), args.repeats)
+        tc, tq, r = pairs(
+            lambda: score(remote, samples, concurrent=True),
+            lambda: score(remote, samples, concurrent=False),
+            args.repeats,
+        )
     finally:
         for proc, _ in servers:
             proc.kill()

@@ -68,8 +68,9 @@ class LowCodeFraction:
     """Token-level reward for our trainer (rewards.<name>.scorer: bench.step_vs_trl:LowCodeFraction)."""
 
     def __call__(self, samples):
-        return ScoreResult.build([float(np.mean(s.codes < LOW_CODES)) if len(s.codes) else 0.0 for s in samples],
-                                 [None] * len(samples))
+        return ScoreResult.build(
+            [float(np.mean(s.codes < LOW_CODES)) if len(s.codes) else 0.0 for s in samples], [None] * len(samples)
+        )
 
 
 def write_checkpoint(directory: Path, size: str) -> Path:
@@ -81,6 +82,7 @@ def write_checkpoint(directory: Path, size: str) -> Path:
 
 # --- ours ------------------------------------------------------------------------------------------------------
 
+
 def run_ours(ckpt: Path, out: Path, args) -> list[float]:
     """Step wall times of our trainer (steps 2..); every step logs one metrics row, timed as it is written."""
     import rl.trainer as trainer
@@ -89,15 +91,22 @@ def run_ours(ckpt: Path, out: Path, args) -> list[float]:
     data = {
         "policy": {"ckpt_dir": str(ckpt)},
         "data": {"manifest": str(MANIFEST), "prompts_per_step": args.prompts},
-        "sampling": {"group_size": args.group, "temperature": 1.0, "top_k": 25, "top_p": 0.8, "ras": False,
-                     "min_token_text_ratio": 1e9, "max_token_text_ratio": 1e9, "max_new_tokens": args.new_tokens},
+        "sampling": {
+            "group_size": args.group,
+            "temperature": 1.0,
+            "top_k": 25,
+            "top_p": 0.8,
+            "ras": False,
+            "min_token_text_ratio": 1e9,
+            "max_token_text_ratio": 1e9,
+            "max_new_tokens": args.new_tokens,
+        },
         "vocoder": {"enabled": False},
         "rewards": {"low": {"scorer": "bench.step_vs_trl:LowCodeFraction"}},
         "dynamic_sampling": {"mode": "off"},
         "loss": {"eps_low": 0.2, "eps_high": 0.2, "agg": "token_mean"},
         "optim": {"lr": 1e-6, "betas": [0.9, 0.95], "grad_clip": 1.0},
-        "train": {"steps": 1 + args.steps, "save_every": 0, "samples_every": 0, "output_dir": str(out),
-                  "seed": 0},
+        "train": {"steps": 1 + args.steps, "save_every": 0, "samples_every": 0, "output_dir": str(out), "seed": 0},
         "wandb": {"enabled": False},
     }
     cfg, derived = config_from_data(data, "bench/step_vs_trl.py")
@@ -119,6 +128,7 @@ def run_ours(ckpt: Path, out: Path, args) -> list[float]:
 
 # --- TRL -------------------------------------------------------------------------------------------------------
 
+
 def id_tokenizer(vocab_size: int, pad: int, eos: int):
     """A word-level fast tokenizer whose word `t<i>` is LM id i: TRL's text prompts carry our exact ids."""
     from tokenizers import Tokenizer
@@ -130,8 +140,9 @@ def id_tokenizer(vocab_size: int, pad: int, eos: int):
     tok = Tokenizer(WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token=f"t{pad}"))
     tok.pre_tokenizer = WhitespaceSplit()
     tok.decoder = WordPiece(prefix="##", cleanup=False)  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=f"t{pad}", eos_token=f"t{eos}",
-                                   unk_token=f"t{pad}", padding_side="left")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=f"t{pad}", eos_token=f"t{eos}", unk_token=f"t{pad}", padding_side="left"
+    )
 
 
 def run_trl(ckpt: Path, out: Path, args) -> list[float]:
@@ -161,26 +172,53 @@ def run_trl(ckpt: Path, out: Path, args) -> list[float]:
             stamps.append(time.perf_counter())
 
     cfg = GRPOConfig(
-        output_dir=str(out), per_device_train_batch_size=args.prompts * args.group, num_generations=args.group,
-        gradient_accumulation_steps=1, max_completion_length=args.new_tokens, temperature=1.0, top_k=25, top_p=0.8,
+        output_dir=str(out),
+        per_device_train_batch_size=args.prompts * args.group,
+        num_generations=args.group,
+        gradient_accumulation_steps=1,
+        max_completion_length=args.new_tokens,
+        temperature=1.0,
+        top_k=25,
+        top_p=0.8,
         generation_kwargs={"min_new_tokens": args.new_tokens},
-        learning_rate=1e-6, adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0,
-        epsilon=0.2, beta=0.0, loss_type="dapo", num_iterations=1, mask_truncated_completions=False,
-        max_steps=1 + args.steps, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
-        disable_tqdm=True, seed=0, bf16=False, dataloader_num_workers=0,
+        learning_rate=1e-6,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        epsilon=0.2,
+        beta=0.0,
+        loss_type="dapo",
+        num_iterations=1,
+        mask_truncated_completions=False,
+        max_steps=1 + args.steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        bf16=False,
+        dataloader_num_workers=0,
     )
     model = LlamaForCausalLM.from_pretrained(str(ckpt / "llm"), dtype=torch.float32)
     speech_only = LogitsProcessorList([SpeechOnly(vocab, s.ats, s.ate, s.eoa, "cpu")])
     model.generate = functools.partial(model.generate, logits_processor=speech_only)  # TRL calls model.generate
-    trainer = GRPOTrainer(model=model, reward_funcs=low_code_fraction, args=cfg,
-                          train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer,
-                          callbacks=[Timer()])
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=low_code_fraction,
+        args=cfg,
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=tokenizer,
+        callbacks=[Timer()],
+    )
     trainer.remove_callback(PrinterCallback)  # its per-step dicts on stdout; the metrics are computed all the same
     trainer.train()
     return list(np.diff(stamps))
 
 
 # --- both ------------------------------------------------------------------------------------------------------
+
 
 def _quiet():
     from transformers.utils import logging as hf_logging
@@ -217,12 +255,16 @@ def run(args) -> dict:
             ratios.append(b / a)
             print(f"  round {k + 1}: ours {a:.3f} s/step, TRL {b:.3f} s/step, ratio {b / a:.2f}x", flush=True)
     a, b, r = statistics.median(ours_t), statistics.median(trl_t), statistics.median(ratios)
-    print(f"GRPO step, {args.size} speech LM, {torch.get_num_threads()} threads: {args.prompts} prompts x "
-          f"{args.group} = {rows} samples/step, exactly {args.new_tokens} tokens each (stop masked both sides)")
+    print(
+        f"GRPO step, {args.size} speech LM, {torch.get_num_threads()} threads: {args.prompts} prompts x "
+        f"{args.group} = {rows} samples/step, exactly {args.new_tokens} tokens each (stop masked both sides)"
+    )
     print(f"  ours (rl/trainer.py)   {a:8.3f} s/step  {rows / a:7.2f} samples/s")
     print(f"  TRL GRPOTrainer        {b:8.3f} s/step  {rows / b:7.2f} samples/s")
-    print(f"  ours / TRL samples/s: {r:.2f}x (median of {args.rounds} alternating rounds; each run: median of "
-          f"{args.steps} steps after 1 warm-up step)")
+    print(
+        f"  ours / TRL samples/s: {r:.2f}x (median of {args.rounds} alternating rounds; each run: median of "
+        f"{args.steps} steps after 1 warm-up step)"
+    )
     return {"ours_s": a, "trl_s": b, "ratio": r}
 
 

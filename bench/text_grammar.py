@@ -18,7 +18,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-CHILD = r'''
+CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 from rollouts.text import TextFrontEnd, load_zh_normalizer
@@ -34,13 +34,18 @@ for x in texts:
 per_text = (time.perf_counter() - t) / len(texts)
 print(json.dumps({"zh_grammar_s": zh, "per_text_ms": 1000 * per_text, "texts": len(texts),
                   "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
-'''
+"""
 
 
 def phase(cache: str) -> dict:
     env = dict(os.environ, TTSRL_CACHE=cache)
-    out = subprocess.run([sys.executable, "-c", CHILD, str(REPO), str(REPO / "configs/data/tiny/sentences.txt")],
-                         env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(REPO), str(REPO / "configs/data/tiny/sentences.txt")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -53,8 +58,10 @@ def main() -> None:
         load = phase(cache)
         load["wall_s"] = time.perf_counter() - t
     print(f"first run (compile): zh grammar {build['zh_grammar_s']:.1f} s, peak memory {build['peak_rss_gb']:.1f} GB")
-    print(f"cached run (load):   zh grammar {load['zh_grammar_s']:.1f} s, peak memory {load['peak_rss_gb']:.1f} GB, "
-          f"process {load['wall_s']:.1f} s")
+    print(
+        f"cached run (load):   zh grammar {load['zh_grammar_s']:.1f} s, peak memory {load['peak_rss_gb']:.1f} GB, "
+        f"process {load['wall_s']:.1f} s"
+    )
     print(f"normalising: {load['per_text_ms']:.0f} ms per text ({load['texts']} tiny-data sentences, zh + en)")
 
 

@@ -25,21 +25,28 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rollouts.flow import FlowModel  # noqa: E402
-from rollouts.hift import HiFTGenerator  # noqa: E402
 from rollouts.manifest import read_manifest  # noqa: E402
 from rollouts.tiny_vocoder import TINY_FLOW, write_tiny_vocoder  # noqa: E402
 from rollouts.token2wav import Token2Wav, VoicePrompt  # noqa: E402
 
 MANIFEST = Path(__file__).resolve().parents[1] / "configs" / "data" / "tiny" / "manifest.jsonl"
-MID_FLOW = {**TINY_FLOW, "speech_token_dim": 256, "trans_dim": 256, "depth": 6, "heads": 4, "dim_head": 64,
-            "conv_layers": 2}
+MID_FLOW = {
+    **TINY_FLOW,
+    "speech_token_dim": 256,
+    "trans_dim": 256,
+    "depth": 6,
+    "heads": 4,
+    "dim_head": 64,
+    "conv_layers": 2,
+}
 
 
 def write_mid(ckpt: Path) -> None:
     write_tiny_vocoder(ckpt, hift_channels=128)
     flow = FlowModel(**MID_FLOW)
     (ckpt / "flow" / "config.yaml").write_text(
-        "\n".join(["flow: !new:flow.flow.Flow"] + [f"    {k}: {v}" for k, v in MID_FLOW.items()]) + "\n")
+        "\n".join(["flow: !new:flow.flow.Flow"] + [f"    {k}: {v}" for k, v in MID_FLOW.items()]) + "\n"
+    )
     torch.save(flow.state_dict(), ckpt / "flow" / "flow.pt")
 
 
@@ -82,13 +89,19 @@ def main(argv: list[str] | None = None) -> dict:
         ratios.append((t2 - t1) / (t1 - t0))
         diffs.append(max(float(np.abs(a - b).max()) for a, b in zip(batched.audio, solo)))
     seconds = sum(len(a) for a in batched.audio) / batched.sample_rate
-    print(f"vocode {args.size} on {args.device} ({torch.get_num_threads()} threads): {args.rows} rollouts, "
-          f"{seconds:.1f} s of audio, {args.n_timesteps} flow steps")
+    print(
+        f"vocode {args.size} on {args.device} ({torch.get_num_threads()} threads): {args.rows} rollouts, "
+        f"{seconds:.1f} s of audio, {args.n_timesteps} flow steps"
+    )
     print(f"  batched     {statistics.median(tb_all):7.2f} s   one-by-one {statistics.median(ts_all):7.2f} s")
     print(f"  speed-up (one-by-one / batched, median of {args.repeats} pairs): {statistics.median(ratios):.2f}x")
     print(f"  max |batched - one-by-one| = {max(diffs):.2e}")
-    return {"batched_s": statistics.median(tb_all), "one_by_one_s": statistics.median(ts_all),
-            "ratio": statistics.median(ratios), "max_diff": max(diffs)}
+    return {
+        "batched_s": statistics.median(tb_all),
+        "one_by_one_s": statistics.median(ts_all),
+        "ratio": statistics.median(ratios),
+        "max_diff": max(diffs),
+    }
 
 
 if __name__ == "__main__":

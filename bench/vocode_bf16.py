@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> dict:
         "wav_mean": float(np.mean([np.abs(a - b).mean() for a, b in zip(w32, w16)])),
         "wav_scale": float(np.mean([np.abs(a).mean() for a in w32])),
     }
-    print(f"bf16 autocast vs float32, {args.size} on {args.device}, {args.rows} rollouts (autocast on: {res['amp_on']})")
+    print(
+        f"bf16 autocast vs float32, {args.size} on {args.device}, {args.rows} rollouts (autocast on: {res['amp_on']})"
+    )
     print(f"  mel |diff| max {res['mel_max']:.3e} mean {res['mel_mean']:.3e} (mean |mel| {res['mel_scale']:.3f})")
     print(f"  wav |diff| max {res['wav_max']:.3e} mean {res['wav_mean']:.3e} (mean |wav| {res['wav_scale']:.3e})")
     return res

@@ -37,13 +37,26 @@ from policies.voxcpm_rollout import build_prompt, sample_groups
 
 SIZES = {
     "tiny": {},
-    "mid": {"hidden": 512, "layers": 8, "residual_layers": 4, "local_hidden": 256, "local_layers": 4, "feat_dim": 64,
-            "head_dim": 64},
+    "mid": {
+        "hidden": 512,
+        "layers": 8,
+        "residual_layers": 4,
+        "local_hidden": 256,
+        "local_layers": 4,
+        "feat_dim": 64,
+        "head_dim": 64,
+    },
 }
-TEXTS = ["the quick brown fox jumps over the lazy dog", "good morning, how are you today",
-         "你好世界，今天天气很好",
-         "one two three four five six seven", "a short one", "speech synthesis with continuous tokens",
-         "reinforcement learning for text to speech", "the end of the list of prompts"]
+TEXTS = [
+    "the quick brown fox jumps over the lazy dog",
+    "good morning, how are you today",
+    "你好世界，今天天气很好",
+    "one two three four five six seven",
+    "a short one",
+    "speech synthesis with continuous tokens",
+    "reinforcement learning for text to speech",
+    "the end of the list of prompts",
+]
 
 
 def _released_class():
@@ -80,8 +93,12 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
 
     def released() -> None:
         for p in prompts:
-            inp = (p.tokens[None].to(args.device), p.text_mask[None].int().to(args.device),
-                   p.feats[None].to(args.device, ref._dtype()), p.feat_mask[None].int().to(args.device))
+            inp = (
+                p.tokens[None].to(args.device),
+                p.text_mask[None].int().to(args.device),
+                p.feats[None].to(args.device, ref._dtype()),
+                p.feat_mask[None].int().to(args.device),
+            )
             for _ in range(args.group):
                 ref.inference(*inp, min_len=length, max_len=length)
 
@@ -106,15 +123,18 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     ratios = {k: statistics.median(r / o for r, o in zip(times["released"], v)) for k, v in times.items()}
     patches = rows * length
-    print(f"VoxCPM2 group rollout, {args.size} ({n_params / 1e6:.2f} M params without the VAE) on {args.device} "
-          f"{args.dtype}, {args.prompts} prompts x {args.group} rows x {length} patches, 10 steps, CFG 2.0")
+    print(
+        f"VoxCPM2 group rollout, {args.size} ({n_params / 1e6:.2f} M params without the VAE) on {args.device} "
+        f"{args.dtype}, {args.prompts} prompts x {args.group} rows x {length} patches, 10 steps, CFG 2.0"
+    )
     for k in fns:
-        print(f"  {k:<9} {med[k]:8.3f} s  {patches / med[k]:9.1f} patches/s   speed-up over released: "
-              f"{ratios[k]:.2f}x")
+        print(f"  {k:<9} {med[k]:8.3f} s  {patches / med[k]:9.1f} patches/s   speed-up over released: {ratios[k]:.2f}x")
     cmd = " ".join(["python bench/voxcpm_rollout.py", *(argv if argv is not None else sys.argv[1:])])
-    print(f"| {args.size} ({n_params / 1e6:.2f} M) | {args.device} {args.dtype} | {args.prompts}x{args.group} rows x "
-          f"{length} patches | released {med['released']:.3f} s | ours-ode {ratios['ours-ode']:.2f}x | ours-sde "
-          f"{ratios['ours-sde']:.2f}x | median of {args.repeats} | `{cmd}` |")
+    print(
+        f"| {args.size} ({n_params / 1e6:.2f} M) | {args.device} {args.dtype} | {args.prompts}x{args.group} rows x "
+        f"{length} patches | released {med['released']:.3f} s | ours-ode {ratios['ours-ode']:.2f}x | ours-sde "
+        f"{ratios['ours-sde']:.2f}x | median of {args.repeats} | `{cmd}` |"
+    )
     return {"seconds": med, "ratios": ratios, "patches": patches}
 
 

@@ -36,15 +36,21 @@ class DynamicDecoder:
         """feed [N] ids of generated token t (pad where the row is done), speech [N] bool (it is a real token),
         pos [N, 1] its positions -> hidden [N, H] that predicts token t + 1."""
         self.attn = torch.cat([self.attn, speech[:, None]], dim=1)
-        out = self.backbone(input_ids=feed[:, None], attention_mask=self.attn.long(), position_ids=pos,
-                            past_key_values=self.cache, use_cache=True)
+        out = self.backbone(
+            input_ids=feed[:, None],
+            attention_mask=self.attn.long(),
+            position_ids=pos,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
         self.cache = out.past_key_values
         return out.last_hidden_state[:, -1]
 
 
 def _forward(backbone, ids, attn, pos, cache):
-    return backbone(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
-                    use_cache=True).last_hidden_state[:, -1]
+    return backbone(
+        input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True
+    ).last_hidden_state[:, -1]
 
 
 _COMPILED: dict[str, object] = {}
@@ -59,8 +65,18 @@ def compiled_forward(device_type: str):
 
 
 class StaticDecoder:
-    def __init__(self, backbone: torch.nn.Module, config, prefill_cache, attn: torch.Tensor, repeat: int,
-                 steps: int, *, compile: bool = False, pool: dict | None = None):
+    def __init__(
+        self,
+        backbone: torch.nn.Module,
+        config,
+        prefill_cache,
+        attn: torch.Tensor,
+        repeat: int,
+        steps: int,
+        *,
+        compile: bool = False,
+        pool: dict | None = None,
+    ):
         """prefill_cache: the dynamic cache of the U distinct prompts, [U, kv heads, P, d] per layer; row r of the
         N = U x repeat rows uses prompt r // repeat. attn: [N, P] bool prompt mask of the rows. pool: caches kept
         between rollouts, one per shape (a compiled step replays on the same cache tensors)."""

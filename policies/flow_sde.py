@@ -99,7 +99,11 @@ def score_from_velocity(x: torch.Tensor, v: torch.Tensor, t: torch.Tensor | floa
 
 
 def sde_step_mean_std(
-    x: torch.Tensor, v: torch.Tensor, t: torch.Tensor | float, dt: torch.Tensor | float, g: torch.Tensor | float,
+    x: torch.Tensor,
+    v: torch.Tensor,
+    t: torch.Tensor | float,
+    dt: torch.Tensor | float,
+    g: torch.Tensor | float,
     time: FlowTime,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of the Gaussian transition x_t -> x_{t+dt}.
@@ -121,8 +125,13 @@ def sde_step_mean_std(
 
 
 def sde_step(
-    x: torch.Tensor, v: torch.Tensor, t: torch.Tensor | float, dt: torch.Tensor | float, g: torch.Tensor | float,
-    time: FlowTime, noise: torch.Tensor | None,
+    x: torch.Tensor,
+    v: torch.Tensor,
+    t: torch.Tensor | float,
+    dt: torch.Tensor | float,
+    g: torch.Tensor | float,
+    time: FlowTime,
+    noise: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One SDE step: returns (x_next [N, ...] float32, mean [N, ...], std [N, 1, ...]).
 

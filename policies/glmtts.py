@@ -17,9 +17,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -139,7 +139,7 @@ class GLMTTSPolicy:
         device: str | torch.device = "cpu",
         lora=None,  # rl.config.LoraConfig or None
         trust_remote_code: bool = False,
-    ) -> "GLMTTSPolicy":
+    ) -> GLMTTSPolicy:
         from transformers import LlamaForCausalLM
         from transformers.utils import logging as hf_logging
 
@@ -149,7 +149,9 @@ class GLMTTSPolicy:
         llm_dir, tok_dir = ckpt_dir / LLM_DIR, ckpt_dir / TOKENIZER_DIR
         for d in (llm_dir, tok_dir):
             if not d.is_dir():
-                raise CheckpointError(f"{ckpt_dir}: missing {d.name}/ (expected the GLM-TTS layout llm/, {TOKENIZER_DIR}/)")
+                raise CheckpointError(
+                    f"{ckpt_dir}: missing {d.name}/ (expected the GLM-TTS layout llm/, {TOKENIZER_DIR}/)"
+                )
         if not (llm_dir / "config.json").is_file() or not any(llm_dir.glob("*.safetensors")):
             raise CheckpointError(f"{llm_dir}: expected config.json and *.safetensors weights")
         cfg = json.loads((llm_dir / "config.json").read_text())
@@ -161,9 +163,7 @@ class GLMTTSPolicy:
             raise CheckpointError(str(e)) from None
         special = find_special_tokens(tokenizer.encode, str(tok_dir))
         check_vocab(int(cfg.get("vocab_size", 0)), special, f"{llm_dir}/config.json")  # before torch's own assert
-        model = LlamaForCausalLM.from_pretrained(
-            str(llm_dir), dtype=dtype, local_files_only=True, use_safetensors=True
-        )
+        model = LlamaForCausalLM.from_pretrained(str(llm_dir), dtype=dtype, local_files_only=True, use_safetensors=True)
         model.to(device)
         if lora is not None and lora.enabled:
             model = apply_lora(model, lora)
@@ -172,6 +172,21 @@ class GLMTTSPolicy:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def context_length(self) -> int | None:
+        """The LM's context window (prompt + generated tokens must fit)."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    @property
+    def pad_id(self) -> int:
+        """The id padding a rollout's tokens."""
+        return self.special.pad
+
+    def speech_codes(self, rollout: Rollout) -> list[torch.Tensor]:
+        """Per row the generated speech codes 0..32767 (stop and padding removed): what the vocoder and the
+        duration-based rewards read."""
+        return rollout.codes(self.special.ats)
 
     # --- prompts ----------------------------------------------------------------------------------------------
     def encode_text(self, text: str) -> list[int]:
@@ -199,7 +214,9 @@ class GLMTTSPolicy:
         return w.index_select(0, self._head_rows), None if b is None else b.index_select(0, self._head_rows)
 
     def restricted_logits(
-        self, hidden: torch.Tensor, model: torch.nn.Module | None = None,
+        self,
+        hidden: torch.Tensor,
+        model: torch.nn.Module | None = None,
         head: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """[..., H] -> [..., C + 1] logits of the speech codes and the stop token (only those head rows), in one
@@ -209,7 +226,9 @@ class GLMTTSPolicy:
 
     def restricted_to_ids(self, idx: torch.Tensor) -> torch.Tensor:
         """restricted index -> LM id"""
-        return torch.where(idx == self.special.stop_index, torch.full_like(idx, self.special.eoa), idx + self.special.ats)
+        return torch.where(
+            idx == self.special.stop_index, torch.full_like(idx, self.special.eoa), idx + self.special.ats
+        )
 
     def ids_to_restricted(self, ids: torch.Tensor) -> torch.Tensor:
         """LM id -> restricted index (speech code, or C for stop); other ids map to -1."""
@@ -218,8 +237,15 @@ class GLMTTSPolicy:
         return torch.where(ids == s.eoa, torch.full_like(ids, s.stop_index), out)
 
     # --- group sampling ---------------------------------------------------------------------------------------
-    def row_batch(self, prompts: list[PromptInput], group_size: int, *, min_ratio: float = 2.0,
-                  max_ratio: float = 20.0, max_new_tokens: int = 1000) -> "RowBatch":
+    def row_batch(
+        self,
+        prompts: list[PromptInput],
+        group_size: int,
+        *,
+        min_ratio: float = 2.0,
+        max_ratio: float = 20.0,
+        max_new_tokens: int = 1000,
+    ) -> RowBatch:
         """The B x G rows of a group rollout: left-padded prompts and each row's length bounds. Stop is masked
         before int(min_ratio * text_len) tokens; a row is truncated at min(int(max_ratio * text_len),
         max_new_tokens) speech tokens."""
@@ -229,8 +255,8 @@ class GLMTTSPolicy:
         prompt_ids = torch.full((n, p_len), self.special.pad, dtype=torch.long)
         prompt_mask = torch.zeros((n, p_len), dtype=torch.bool)
         for i, p in enumerate(rows):
-            prompt_ids[i, p_len - len(p.ids):] = torch.tensor(p.ids)
-            prompt_mask[i, p_len - len(p.ids):] = True
+            prompt_ids[i, p_len - len(p.ids) :] = torch.tensor(p.ids)
+            prompt_mask[i, p_len - len(p.ids) :] = True
         text_len = torch.tensor([p.text_len for p in rows])
         max_len = torch.clamp((text_len.double() * max_ratio).long(), max=max_new_tokens).clamp(min=1)
         min_len = torch.minimum((text_len.double() * min_ratio).long(), max_len)
@@ -264,11 +290,13 @@ class GLMTTSPolicy:
         if decode not in ("dynamic", "static", "compiled"):
             raise ValueError(f"decode must be dynamic, static or compiled, got {decode!r}")
         device = self.device
-        rows = self.row_batch(prompts, group_size, min_ratio=min_ratio, max_ratio=max_ratio,
-                              max_new_tokens=max_new_tokens)
+        rows = self.row_batch(
+            prompts, group_size, min_ratio=min_ratio, max_ratio=max_ratio, max_new_tokens=max_new_tokens
+        )
         n, steps = rows.num_rows, int(rows.max_len.max())
-        keys = row_keys(seed, torch.tensor(group_ids).repeat_interleave(group_size),
-                        torch.arange(group_size).repeat(len(prompts))).to(device)
+        keys = row_keys(
+            seed, torch.tensor(group_ids).repeat_interleave(group_size), torch.arange(group_size).repeat(len(prompts))
+        ).to(device)
         tokens = torch.full((n, steps), self.special.pad, dtype=torch.long, device=device)
         logp_b = torch.zeros((n, steps), dtype=torch.float32, device=device)
         tmask = torch.zeros((n, steps), dtype=torch.bool, device=device)
@@ -287,17 +315,28 @@ class GLMTTSPolicy:
         pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
         # the rows of a group share their prompt: prefill each prompt once, then repeat its KV cache per row
         first = slice(None, None, group_size)
-        out = backbone(input_ids=rows.prompt_ids[first].to(device), attention_mask=attn[first].long(),
-                       position_ids=pos[first], use_cache=True)
+        out = backbone(
+            input_ids=rows.prompt_ids[first].to(device),
+            attention_mask=attn[first].long(),
+            position_ids=pos[first],
+            use_cache=True,
+        )
         hidden = out.last_hidden_state[:, -1].repeat_interleave(group_size, dim=0)
         if decode == "dynamic":
             if group_size > 1:
                 out.past_key_values.batch_repeat_interleave(group_size)
             decoder = DynamicDecoder(backbone, out.past_key_values, attn)
         else:
-            decoder = StaticDecoder(backbone, self.model.config, out.past_key_values, attn, group_size, steps,
-                                    compile=decode == "compiled",
-                                    pool=self._decode_caches if decode == "compiled" else None)
+            decoder = StaticDecoder(
+                backbone,
+                self.model.config,
+                out.past_key_values,
+                attn,
+                group_size,
+                steps,
+                compile=decode == "compiled",
+                pool=self._decode_caches if decode == "compiled" else None,
+            )
         next_pos = pos[:, -1:] + 1
         check_every = 1 if device.type == "cpu" else CHECK_EVERY
         for t in range(steps):
@@ -342,9 +381,7 @@ class GLMTTSPolicy:
         )
 
     # --- teacher forcing --------------------------------------------------------------------------------------
-    def token_logprobs(
-        self, rollout: Rollout, *, reference: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_logprobs(self, rollout: Rollout, *, reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs of the rollout's tokens under the current policy (or the frozen reference), computed with the
         rollout's sampling distribution. Runs under the caller's grad mode. Returns (logp [N, T], entropy [N, T])
         on the policy's device. logp is 0 outside token_mask; entropy is NaN except on an evenly spaced subset of at
@@ -457,14 +494,15 @@ def _forced_states(
     uniq, inverse = torch.unique(torch.cat([prompt, pmask.long()], dim=1), dim=0, return_inverse=True)
     if not share or uniq.shape[0] == n or ids.shape[1] == p:  # nothing shared, or nothing generated to feed back
         out = backbone(input_ids=ids, attention_mask=attn.long(), position_ids=pos, use_cache=False)
-        return out.last_hidden_state[:, p - 1:]
+        return out.last_hidden_state[:, p - 1 :]
     u_mask = uniq[:, p:]
     u_pos = (u_mask.cumsum(-1) - 1).clamp(min=0)
     out = backbone(input_ids=uniq[:, :p], attention_mask=u_mask, position_ids=u_pos, use_cache=True)
     cache = out.past_key_values
     cache.reorder_cache(inverse)
-    rest = backbone(input_ids=ids[:, p:], attention_mask=attn.long(), position_ids=pos[:, p:], past_key_values=cache,
-                    use_cache=True).last_hidden_state
+    rest = backbone(
+        input_ids=ids[:, p:], attention_mask=attn.long(), position_ids=pos[:, p:], past_key_values=cache, use_cache=True
+    ).last_hidden_state
     return torch.cat([out.last_hidden_state[:, -1:].index_select(0, inverse), rest], dim=1)
 
 

@@ -28,32 +28,12 @@ from dataclasses import dataclass
 
 import torch
 
+from rollouts.types import SamplingParams  # noqa: F401  (re-exported: the samplers take it)
+
 NEG_INF = float("-inf")
 # log-probabilities are floored here (e^-10000 = 0 in float32) where they feed logsumexp/logaddexp: those ops
 # back-propagate NaN when every input is -inf, even into a zero gradient.
 LOGP_FLOOR = -1e4
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 1.0
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1.0 = off
-    ras: bool = False
-    ras_window: int = 10
-    ras_tau: float = 0.1
-
-    def __post_init__(self):
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k}, {self.top_p}")
-        if self.ras and (self.ras_window < 1 or self.ras_tau <= 0):
-            raise ValueError("ras_window must be >= 1 and ras_tau > 0")
-
-    @property
-    def ras_threshold(self) -> float:
-        return self.ras_window * self.ras_tau
 
 
 @dataclass
@@ -200,6 +180,7 @@ def draw(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 # --- counter-based random numbers (splitmix64 on int64 tensors) ------------------------------------------------
+
 
 def _u64(x: int) -> int:
     """A 64-bit constant as the signed int64 torch stores."""

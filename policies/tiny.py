@@ -24,9 +24,22 @@ import torch
 from policies.glmtts import LLM_DIR, TOKENIZER_DIR
 
 GLM4_SPECIALS = [
-    "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>", "<|assistant|>",
-    "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>",
-    "<|begin_of_audio|>", "<|end_of_audio|>",
+    "<|endoftext|>",
+    "[MASK]",
+    "[gMASK]",
+    "[sMASK]",
+    "<sop>",
+    "<eop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+    "<|begin_of_image|>",
+    "<|end_of_image|>",
+    "<|begin_of_video|>",
+    "<|end_of_video|>",
+    "<|begin_of_audio|>",
+    "<|end_of_audio|>",
 ]
 NUM_CODES = 32768
 
@@ -70,8 +83,14 @@ def write_tokenizer(directory: Path, texts: list[str]) -> dict[str, int]:
         added[s] = next_id
         next_id += 1
     decoder = {
-        str(i): {"content": s, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-                 "special": True}
+        str(i): {
+            "content": s,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
         for s, i in added.items()
     }
     cfg = {
@@ -150,14 +169,14 @@ def write_tiny_checkpoint(
         head = model.lm_head.weight
         ats, ate, stop = added["<|audio_0|>"], added[f"<|audio_{NUM_CODES - 1}|>"], added["<|user|>"]
         # speech rows: spread logits over the varying features only
-        head.normal_(0.0, speech_logit_std / (0.63 * hidden_size ** 0.5))
+        head.normal_(0.0, speech_logit_std / (0.63 * hidden_size**0.5))
         head[:, 0] = 0.0
         head[stop] = 0.0
         # stop row: reads the shared feature; calibrated on random speech sequences so that the stop logit sits
         # `stop_bias` below the log-sum-exp of the speech logits (per-step stop probability ~ exp(-stop_bias))
         probe = torch.randint(ats, ate + 1, (4, 64))
         x = model.model(input_ids=probe).last_hidden_state  # final-normed hidden states
-        speech_lse = torch.logsumexp(x @ head[ats: ate + 1].T, dim=-1).mean()
+        speech_lse = torch.logsumexp(x @ head[ats : ate + 1].T, dim=-1).mean()
         head[stop, 0] = float(speech_lse - stop_bias) / float(x[..., 0].mean())
     llm_dir = directory / LLM_DIR
     model.save_pretrained(str(llm_dir), safe_serialization=True)

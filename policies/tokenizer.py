@@ -91,12 +91,13 @@ class GLMTokenizer:
         self._id_to_added = {i: t for t, i in self.added.items()}
         self._split = (
             re.compile("(" + "|".join(re.escape(t) for t in sorted(self.added, key=len, reverse=True)) + ")")
-            if self.added else None
+            if self.added
+            else None
         )
         self.vocab_size = max([len(ranks) - 1, *self.added.values()]) + 1
 
     @classmethod
-    def from_dir(cls, directory: str | Path) -> "GLMTokenizer":
+    def from_dir(cls, directory: str | Path) -> GLMTokenizer:
         directory = Path(directory)
         rank_path = directory / RANK_FILE
         if not rank_path.is_file():

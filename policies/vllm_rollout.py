@@ -20,8 +20,8 @@ cache.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -41,8 +41,11 @@ def hf_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         yield from model.state_dict().items()
         return
     base = model.get_base_model()
-    adapted = {f"{name}.weight": m for name, m in base.named_modules()
-               if hasattr(m, "get_delta_weight") and hasattr(m, "base_layer")}
+    adapted = {
+        f"{name}.weight": m
+        for name, m in base.named_modules()
+        if hasattr(m, "get_delta_weight") and hasattr(m, "base_layer")
+    }
     for name, t in base.state_dict().items():
         if "lora_" in name or ".original_module." in name:
             continue
@@ -55,16 +58,24 @@ def hf_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
 def row_seeds(seed: int, group_ids: list[int], group_size: int) -> list[int]:
     """One non-negative 63-bit seed per row: row j of group g gets the stream (seed, g, j)."""
-    keys = row_keys(seed, torch.tensor(group_ids).repeat_interleave(group_size),
-                    torch.arange(group_size).repeat(len(group_ids)))
+    keys = row_keys(
+        seed, torch.tensor(group_ids).repeat_interleave(group_size), torch.arange(group_size).repeat(len(group_ids))
+    )
     return [int(k) & ((1 << 63) - 1) for k in keys]
 
 
 class VLLMSampler:
     """`sample_groups` with the built-in sampler's signature and Rollout record, on a vLLM engine."""
 
-    def __init__(self, policy, *, gpu_memory_utilization: float = 0.3, dtype: str = "auto",
-                 max_model_len: int | None = None, seed: int = 0):
+    def __init__(
+        self,
+        policy,
+        *,
+        gpu_memory_utilization: float = 0.3,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        seed: int = 0,
+    ):
         try:
             from vllm import LLM
         except ImportError as e:
@@ -72,48 +83,82 @@ class VLLMSampler:
         self.policy = policy
         llm_dir = Path(policy.ckpt_dir) / "llm"
         self.llm = LLM(
-            model=str(llm_dir), skip_tokenizer_init=True, dtype=dtype, seed=seed,
-            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-            enable_prefix_caching=True, logprobs_mode="processed_logprobs",
+            model=str(llm_dir),
+            skip_tokenizer_init=True,
+            dtype=dtype,
+            seed=seed,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            enable_prefix_caching=True,
+            logprobs_mode="processed_logprobs",
             distributed_executor_backend="external_launcher",
         )
         s = policy.special
         self.allowed = list(range(s.ats, s.ate + 1)) + [s.eoa]
+        self.stale = False  # the policy changed since the engine got its weights: synced before the next sample
+
+    def mark_stale(self) -> None:
+        """The policy's weights changed (an optimizer step, a loaded checkpoint): sync before sampling again."""
+        self.stale = True
 
     def sync_weights(self) -> None:
-        """Load the policy's current weights into the engine (call after every optimizer step)."""
+        """Load the policy's current weights into the engine (done by `sample_groups` when `stale`)."""
+        self.stale = False
         model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
         with torch.no_grad():
             for name, t in hf_weights(self.policy.model):
                 model.load_weights([(name, t)])
         self.llm.reset_prefix_cache()
 
-    def sample_groups(self, prompts, group_size: int, params: SamplingParams, *, group_ids: list[int], seed: int,
-                      min_ratio: float = 2.0, max_ratio: float = 20.0, max_new_tokens: int = 1000) -> Rollout:
+    def sample_groups(
+        self,
+        prompts,
+        group_size: int,
+        params: SamplingParams,
+        *,
+        group_ids: list[int],
+        seed: int,
+        min_ratio: float = 2.0,
+        max_ratio: float = 20.0,
+        max_new_tokens: int = 1000,
+    ) -> Rollout:
         from vllm import SamplingParams as VParams
 
         if params.ras:
             raise ValueError("sampling.backend vllm has no repetition-aware sampling: set sampling.ras false")
         if len(group_ids) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts need {len(prompts)} group ids, got {len(group_ids)}")
-        rows = self.policy.row_batch(prompts, group_size, min_ratio=min_ratio, max_ratio=max_ratio,
-                                     max_new_tokens=max_new_tokens)
+        if self.stale:
+            self.sync_weights()
+        rows = self.policy.row_batch(
+            prompts, group_size, min_ratio=min_ratio, max_ratio=max_ratio, max_new_tokens=max_new_tokens
+        )
         seeds = row_seeds(seed, group_ids, group_size)
         requests, sampling = [], []
         for r in range(rows.num_rows):
             requests.append({"prompt_token_ids": prompts[r // group_size].ids})
-            sampling.append(VParams(
-                n=1, temperature=params.temperature, top_k=params.top_k if params.top_k > 0 else -1,
-                top_p=params.top_p, min_tokens=int(rows.min_len[r]), max_tokens=int(rows.max_len[r]),
-                stop_token_ids=[self.policy.special.eoa], allowed_token_ids=self.allowed, logprobs=0,
-                seed=seeds[r], detokenize=False,
-            ))
+            sampling.append(
+                VParams(
+                    n=1,
+                    temperature=params.temperature,
+                    top_k=params.top_k if params.top_k > 0 else -1,
+                    top_p=params.top_p,
+                    min_tokens=int(rows.min_len[r]),
+                    max_tokens=int(rows.max_len[r]),
+                    stop_token_ids=[self.policy.special.eoa],
+                    allowed_token_ids=self.allowed,
+                    logprobs=0,
+                    seed=seeds[r],
+                    detokenize=False,
+                )
+            )
         outputs = self.llm.generate(requests, sampling_params=sampling, use_tqdm=False)
         return rollout_from_outputs(self.policy.special, rows, outputs, group_ids, group_size, params)
 
 
-def rollout_from_outputs(special, rows, outputs, group_ids: list[int], group_size: int,
-                         params: SamplingParams) -> Rollout:
+def rollout_from_outputs(
+    special, rows, outputs, group_ids: list[int], group_size: int, params: SamplingParams
+) -> Rollout:
     """vLLM RequestOutputs (one per row, in row order) -> a Rollout with the built-in sampler's conventions: speech
     tokens, then the stop token for a finished row (trained on); a row that reached max_tokens without stopping is
     truncated."""
@@ -127,8 +172,11 @@ def rollout_from_outputs(special, rows, outputs, group_ids: list[int], group_siz
         if comp.logprobs is None or len(comp.logprobs) != len(ids):
             raise VLLMRolloutError(f"row {r}: vLLM returned no log-prob for every token (logprobs=0 was asked)")
         lp = [float(step[tok].logprob) for step, tok in zip(comp.logprobs, ids)]
-        bad = [t for i, t in enumerate(ids)  # speech tokens, and the stop token only as the last one
-               if not (special.ats <= t <= special.ate or (t == special.eoa and i == len(ids) - 1))]
+        bad = [
+            t
+            for i, t in enumerate(ids)  # speech tokens, and the stop token only as the last one
+            if not (special.ats <= t <= special.ate or (t == special.eoa and i == len(ids) - 1))
+        ]
         if bad:
             raise VLLMRolloutError(f"row {r}: tokens outside the speech tokens + stop: {bad[:5]}")
         if comp.finish_reason == "stop" and (not ids or ids[-1] != special.eoa):
@@ -147,9 +195,18 @@ def rollout_from_outputs(special, rows, outputs, group_ids: list[int], group_siz
         finished[r] = bool(ids) and ids[-1] == special.eoa
     lengths = mask.sum(-1) - finished.long()
     return Rollout(
-        prompt_ids=rows.prompt_ids, prompt_mask=rows.prompt_mask, tokens=tokens[:, :width], token_mask=mask[:, :width],
-        behaviour_logp=logp[:, :width], group_ids=torch.tensor(group_ids, dtype=torch.long).repeat_interleave(group_size),
-        prompt_index=torch.arange(len(group_ids)).repeat_interleave(group_size), finished=finished,
-        truncated=~finished, lengths=lengths, min_lengths=rows.min_len,
-        text_lengths=rows.text_len, params=params, pad_id=special.pad,
+        prompt_ids=rows.prompt_ids,
+        prompt_mask=rows.prompt_mask,
+        tokens=tokens[:, :width],
+        token_mask=mask[:, :width],
+        behaviour_logp=logp[:, :width],
+        group_ids=torch.tensor(group_ids, dtype=torch.long).repeat_interleave(group_size),
+        prompt_index=torch.arange(len(group_ids)).repeat_interleave(group_size),
+        finished=finished,
+        truncated=~finished,
+        lengths=lengths,
+        min_lengths=rows.min_len,
+        text_lengths=rows.text_len,
+        params=params,
+        pad_id=special.pad,
     )

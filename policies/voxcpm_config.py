@@ -138,8 +138,14 @@ _TOLERATED: dict[str, set[str]] = {
     "": {"sample_rate", "cfg_value", "inference_timesteps"},
     "dit_config": {"mean_mode"},
 }
-_NESTED = {"lm_config": LMConfig, "encoder_config": EncoderConfig, "dit_config": DitConfig,
-           "audio_vae_config": AudioVAEConfig, "rope_scaling": RopeScaling, "cfm_config": CfmConfig}
+_NESTED = {
+    "lm_config": LMConfig,
+    "encoder_config": EncoderConfig,
+    "dit_config": DitConfig,
+    "audio_vae_config": AudioVAEConfig,
+    "rope_scaling": RopeScaling,
+    "cfm_config": CfmConfig,
+}
 _DTYPES = {"bfloat16", "bf16", "float16", "fp16", "float32", "fp32"}
 
 
@@ -178,8 +184,10 @@ def parse_config(data: dict[str, Any], where: str = "config.json") -> VoxCPMConf
         raise VoxCPMConfigError(f"{where}: expected a JSON object")
     arch = str(data.get("architecture", "voxcpm")).lower()
     if arch != "voxcpm2":
-        raise VoxCPMConfigError(f"{where}: architecture {arch!r} is not supported (only 'voxcpm2'; VoxCPM1.5 and "
-                                "VoxCPM-0.5B use the V1 LocDiT/AudioVAE layouts)")
+        raise VoxCPMConfigError(
+            f"{where}: architecture {arch!r} is not supported (only 'voxcpm2'; VoxCPM1.5 and "
+            "VoxCPM-0.5B use the V1 LocDiT/AudioVAE layouts)"
+        )
     data = copy.deepcopy(data)
     data["architecture"] = "voxcpm2"
     tops = {k: v for k, v in data.items() if k not in _TOLERATED[""]}
@@ -219,13 +227,16 @@ def _validate(cfg: VoxCPMConfig, where: str) -> None:
         raise VoxCPMConfigError(f"{where}: lm_config.num_attention_heads must be a multiple of num_key_value_heads")
     for name, heads in (("encoder_config", cfg.encoder_config.num_heads), ("dit_config", cfg.dit_config.num_heads)):
         if heads % lm.num_key_value_heads:
-            raise VoxCPMConfigError(f"{where}: {name}.num_heads must be a multiple of lm_config.num_key_value_heads "
-                                    "(the local stacks inherit the LM's key/value head count)")
+            raise VoxCPMConfigError(
+                f"{where}: {name}.num_heads must be a multiple of lm_config.num_key_value_heads "
+                "(the local stacks inherit the LM's key/value head count)"
+            )
     if cfg.dtype not in _DTYPES:
         raise VoxCPMConfigError(f"{where}: dtype {cfg.dtype!r} not one of {sorted(_DTYPES)}")
     if cfg.dit_config.dit_mean_mode:
-        raise VoxCPMConfigError(f"{where}: dit_config.dit_mean_mode=true is not supported (the released sampler "
-                                "only uses plain velocity)")
+        raise VoxCPMConfigError(
+            f"{where}: dit_config.dit_mean_mode=true is not supported (the released sampler only uses plain velocity)"
+        )
     if cfg.dit_config.cfm_config.solver != "euler":
         raise VoxCPMConfigError(f"{where}: dit_config.cfm_config.solver must be 'euler'")
     vae = cfg.vae()
@@ -235,16 +246,21 @@ def _validate(cfg: VoxCPMConfig, where: str) -> None:
         raise VoxCPMConfigError(f"{where}: audio_vae_config.decoder_dim must be >= 2**len(decoder_rates)")
     rs = lm.rope_scaling
     enc, dit = cfg.encoder_config, cfg.dit_config
-    dims = {"lm_config": lm.head_dim, "encoder_config": enc.kv_channels or enc.hidden_dim // enc.num_heads,
-            "dit_config": dit.kv_channels or dit.hidden_dim // dit.num_heads}
+    dims = {
+        "lm_config": lm.head_dim,
+        "encoder_config": enc.kv_channels or enc.hidden_dim // enc.num_heads,
+        "dit_config": dit.kv_channels or dit.hidden_dim // dit.num_heads,
+    }
     if lm.no_rope:
         return
     for stack, head_dim in dims.items():
         for name in ("long_factor", "short_factor"):
             n = len(getattr(rs, name))
             if n not in (1, head_dim // 2):
-                raise VoxCPMConfigError(f"{where}: lm_config.rope_scaling.{name} has {n} entries; {stack} needs 1 or "
-                                        f"head_dim/2 = {head_dim // 2}")
+                raise VoxCPMConfigError(
+                    f"{where}: lm_config.rope_scaling.{name} has {n} entries; {stack} needs 1 or "
+                    f"head_dim/2 = {head_dim // 2}"
+                )
 
 
 def load_config(path: str | Path) -> VoxCPMConfig:

@@ -93,8 +93,9 @@ def _read_state(directory: Path, names: tuple[str, str]) -> tuple[dict[str, torc
     raise VoxCPMCheckpointError(f"{directory}: neither {names[0]} nor {names[1]} found")
 
 
-def load_voxcpm(directory: str | Path, device: str | torch.device = "cpu",
-                dtype: torch.dtype | str | None = None) -> tuple[VoxCPM2, VoxCPMTokenizer]:
+def load_voxcpm(
+    directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+) -> tuple[VoxCPM2, VoxCPMTokenizer]:
     """Build VoxCPM2 from a released-layout directory, loaded strictly. Returns (model in eval mode, tokenizer).
 
     dtype: the LM/LocDiT dtype (None: config.json "dtype"); the AudioVAE always stays float32, as released.
@@ -121,9 +122,14 @@ def load_voxcpm(directory: str | Path, device: str | torch.device = "cpu",
 # ----------------------------------------------------------------------------------------------------------------
 # Export
 # ----------------------------------------------------------------------------------------------------------------
-def save_voxcpm(model: VoxCPM2, tokenizer: VoxCPMTokenizer, directory: str | Path,
-                dtype: torch.dtype | None = None, lora: dict[str, Any] | None = None,
-                merge: Callable[[VoxCPM2], dict[str, torch.Tensor]] | None = None) -> Path:
+def save_voxcpm(
+    model: VoxCPM2,
+    tokenizer: VoxCPMTokenizer,
+    directory: str | Path,
+    dtype: torch.dtype | None = None,
+    lora: dict[str, Any] | None = None,
+    merge: Callable[[VoxCPM2], dict[str, torch.Tensor]] | None = None,
+) -> Path:
     """Write `model` in the released layout (merged weights) so the released loader reads it.
 
     dtype: storage dtype of model.safetensors (None: the parameters' own); the AudioVAE is stored in float32.
@@ -136,10 +142,12 @@ def save_voxcpm(model: VoxCPM2, tokenizer: VoxCPMTokenizer, directory: str | Pat
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     sd = merge(model) if merge is not None else model.state_dict()
-    main = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in sd.items()
-            if not k.startswith("audio_vae.")}
-    vae = {k[len("audio_vae."):]: v.detach().to("cpu").contiguous() for k, v in sd.items()
-           if k.startswith("audio_vae.")}
+    main = {
+        k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in sd.items() if not k.startswith("audio_vae.")
+    }
+    vae = {
+        k[len("audio_vae.") :]: v.detach().to("cpu").contiguous() for k, v in sd.items() if k.startswith("audio_vae.")
+    }
     vae = {k: (v.float() if v.is_floating_point() else v) for k, v in vae.items()}
     cfg = model.cfg.to_dict()
     if dtype is not None:
@@ -153,8 +161,10 @@ def save_voxcpm(model: VoxCPM2, tokenizer: VoxCPMTokenizer, directory: str | Pat
             raise ValueError("save_voxcpm: lora needs 'base_model' (the checkpoint the adapters apply to)")
         info = {"base_model": str(lora["base_model"]), "lora_config": lora["config"]}
         (directory / "lora_config.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
-        save_file({k: v.detach().cpu().contiguous() for k, v in lora["weights"].items()},
-                  str(directory / "lora_weights.safetensors"))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in lora["weights"].items()},
+            str(directory / "lora_weights.safetensors"),
+        )
     return directory
 
 
@@ -169,8 +179,10 @@ def _write_tokenizer(directory: Path, texts: list[str]) -> int:
     vocab: dict[str, int] = {"<unk>": 0, "<s>": 1, "</s>": 2}
     for i in range(3, AUDIO_START):
         vocab[f"<reserved_{i}>"] = i
-    for i, name in zip((AUDIO_START, AUDIO_END, REF_AUDIO_START, REF_AUDIO_END),
-                       ("<|audio_start|>", "<|audio_end|>", "<|ref_audio_start|>", "<|ref_audio_end|>")):
+    for i, name in zip(
+        (AUDIO_START, AUDIO_END, REF_AUDIO_START, REF_AUDIO_END),
+        ("<|audio_start|>", "<|audio_end|>", "<|ref_audio_start|>", "<|ref_audio_end|>"),
+    ):
         vocab[name] = i
     for ch in ["\u2581"] + sorted({c for t in texts for c in t}):
         vocab.setdefault(ch, len(vocab))
@@ -180,30 +192,79 @@ def _write_tokenizer(directory: Path, texts: list[str]) -> int:
     return len(vocab)
 
 
-def tiny_config(vocab_size: int, use_mup: bool = False, hidden: int = 64, layers: int = 2,
-                local_hidden: int = 32, feat_dim: int = 16, max_length: int = 4096, local_layers: int = 2,
-                residual_layers: int = 2, head_dim: int = 16, dtype: str = "float32") -> dict[str, Any]:
+def tiny_config(
+    vocab_size: int,
+    use_mup: bool = False,
+    hidden: int = 64,
+    layers: int = 2,
+    local_hidden: int = 32,
+    feat_dim: int = 16,
+    max_length: int = 4096,
+    local_layers: int = 2,
+    residual_layers: int = 2,
+    head_dim: int = 16,
+    dtype: str = "float32",
+) -> dict[str, Any]:
     """A small config.json dict in the released schema (one head_dim on every stack, as the release's 128)."""
-    lm = {"bos_token_id": 1, "eos_token_id": 2, "hidden_size": hidden, "intermediate_size": 2 * hidden,
-          "max_position_embeddings": 8192, "num_attention_heads": hidden // head_dim, "num_hidden_layers": layers,
-          "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
-          "rope_scaling": {"type": "longrope", "long_factor": [1.0 + 0.1 * i for i in range(head_dim // 2)],
-                           "short_factor": [1.0] * (head_dim // 2), "original_max_position_embeddings": 4096},
-          "vocab_size": vocab_size, "use_mup": use_mup, "scale_emb": 12, "dim_model_base": 256,
-          "scale_depth": 1.4, "rope_theta": 10000, "kv_channels": head_dim}
-    local = {"hidden_dim": local_hidden, "ffn_dim": 2 * local_hidden, "num_heads": local_hidden // head_dim,
-             "num_layers": local_layers, "kv_channels": head_dim}
+    lm = {
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "max_position_embeddings": 8192,
+        "num_attention_heads": hidden // head_dim,
+        "num_hidden_layers": layers,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "rope_scaling": {
+            "type": "longrope",
+            "long_factor": [1.0 + 0.1 * i for i in range(head_dim // 2)],
+            "short_factor": [1.0] * (head_dim // 2),
+            "original_max_position_embeddings": 4096,
+        },
+        "vocab_size": vocab_size,
+        "use_mup": use_mup,
+        "scale_emb": 12,
+        "dim_model_base": 256,
+        "scale_depth": 1.4,
+        "rope_theta": 10000,
+        "kv_channels": head_dim,
+    }
+    local = {
+        "hidden_dim": local_hidden,
+        "ffn_dim": 2 * local_hidden,
+        "num_heads": local_hidden // head_dim,
+        "num_layers": local_layers,
+        "kv_channels": head_dim,
+    }
     return {
-        "architecture": "voxcpm2", "lm_config": lm, "patch_size": 4, "feat_dim": feat_dim,
-        "residual_lm_num_layers": residual_layers, "residual_lm_no_rope": True, "scalar_quantization_latent_dim": 32,
-        "scalar_quantization_scale": 9, "encoder_config": dict(local),
-        "dit_config": {**local, "cfm_config": {"sigma_min": 1e-6, "solver": "euler", "t_scheduler": "log-norm",
-                                               "inference_cfg_rate": 2.0}},
-        "audio_vae_config": {"encoder_dim": 4, "encoder_rates": [2, 5, 8, 8], "latent_dim": feat_dim,
-                             "decoder_dim": 64, "decoder_rates": [8, 6, 5, 2, 2, 2], "depthwise": True,
-                             "sample_rate": 16000, "out_sample_rate": 48000,
-                             "sr_bin_boundaries": [20000, 30000, 40000]},
-        "max_length": max_length, "device": "cpu", "dtype": dtype,
+        "architecture": "voxcpm2",
+        "lm_config": lm,
+        "patch_size": 4,
+        "feat_dim": feat_dim,
+        "residual_lm_num_layers": residual_layers,
+        "residual_lm_no_rope": True,
+        "scalar_quantization_latent_dim": 32,
+        "scalar_quantization_scale": 9,
+        "encoder_config": dict(local),
+        "dit_config": {
+            **local,
+            "cfm_config": {"sigma_min": 1e-6, "solver": "euler", "t_scheduler": "log-norm", "inference_cfg_rate": 2.0},
+        },
+        "audio_vae_config": {
+            "encoder_dim": 4,
+            "encoder_rates": [2, 5, 8, 8],
+            "latent_dim": feat_dim,
+            "decoder_dim": 64,
+            "decoder_rates": [8, 6, 5, 2, 2, 2],
+            "depthwise": True,
+            "sample_rate": 16000,
+            "out_sample_rate": 48000,
+            "sr_bin_boundaries": [20000, 30000, 40000],
+        },
+        "max_length": max_length,
+        "device": "cpu",
+        "dtype": dtype,
     }
 
 
@@ -238,8 +299,12 @@ def write_tiny_voxcpm(directory: str | Path, texts: list[str] = (), seed: int = 
     _randomise(model, torch.Generator().manual_seed(seed + 1))
     (directory / "config.json").write_text(json.dumps(cfg_dict, indent=2), encoding="utf-8")
     sd = model.state_dict()
-    save_file({k: v.contiguous() for k, v in sd.items() if not k.startswith("audio_vae.")},
-              str(directory / "model.safetensors"))
-    save_file({k[len("audio_vae."):]: v.contiguous() for k, v in sd.items() if k.startswith("audio_vae.")},
-              str(directory / "audiovae.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in sd.items() if not k.startswith("audio_vae.")},
+        str(directory / "model.safetensors"),
+    )
+    save_file(
+        {k[len("audio_vae.") :]: v.contiguous() for k, v in sd.items() if k.startswith("audio_vae.")},
+        str(directory / "audiovae.safetensors"),
+    )
     return directory

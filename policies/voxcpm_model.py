@@ -28,8 +28,14 @@ from policies.voxcpm_config import LMConfig, VoxCPMConfig, sub_lm_config
 from policies.voxcpm_vae import AudioVAE
 
 AUDIO_START, AUDIO_END, REF_AUDIO_START, REF_AUDIO_END = 101, 102, 103, 104
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "float32": torch.float32, "fp32": torch.float32}
+DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -84,8 +90,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.hk * self.d, bias=False)
         self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: tuple | None, mask: torch.Tensor | None, causal: bool,
-                cache: tuple[torch.Tensor, torch.Tensor, int] | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple | None,
+        mask: torch.Tensor | None,
+        causal: bool,
+        cache: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    ):
         """x [B, T, C]; mask: bool [B, 1, T, S] or None; cache: (K, V, start) with K/V [B, hk, Tmax, d].
 
         Returns (out [B, T, C], k [B, hk, T, d], v [B, hk, T, d]).
@@ -99,11 +111,17 @@ class Attention(nn.Module):
         kk, vv = k, v
         if cache is not None:
             kc, vc, start = cache
-            kc[:, :, start:start + t] = k
-            vc[:, :, start:start + t] = v
-            kk, vv = kc[:, :, :start + t], vc[:, :, :start + t]
-        o = F.scaled_dot_product_attention(q.contiguous(), kk.contiguous(), vv.contiguous(), attn_mask=mask,
-                                           is_causal=causal and mask is None and cache is None, enable_gqa=True)
+            kc[:, :, start : start + t] = k
+            vc[:, :, start : start + t] = v
+            kk, vv = kc[:, :, : start + t], vc[:, :, : start + t]
+        o = F.scaled_dot_product_attention(
+            q.contiguous(),
+            kk.contiguous(),
+            vv.contiguous(),
+            attn_mask=mask,
+            is_causal=causal and mask is None and cache is None,
+            enable_gqa=True,
+        )
         o = o.transpose(1, 2).reshape(b, t, self.h * self.d)
         return self.o_proj(o), k, v
 
@@ -163,11 +181,17 @@ class MiniCPM(nn.Module):
         if self.rope is None:
             return None
         if pos is None:
-            return self.rope.cos[start:start + t], self.rope.sin[start:start + t]
+            return self.rope.cos[start : start + t], self.rope.sin[start : start + t]
         return self.rope.cos[pos].unsqueeze(1), self.rope.sin[pos].unsqueeze(1)
 
-    def forward(self, x: torch.Tensor, causal: bool, pos: torch.Tensor | None = None,
-                valid: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        causal: bool,
+        pos: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         """x [B, T, C] -> hidden [B, T, C] (after the final norm).
 
         pos: [B, T] per-row positions (None: 0..T-1 for every row). valid: [B, T] bool key mask of these T
@@ -178,9 +202,9 @@ class MiniCPM(nn.Module):
         mask = None
         start = cache.length if cache is not None else 0
         if cache is not None:
-            cache.valid[:, start:start + t] = True if valid is None else valid
+            cache.valid[:, start : start + t] = True if valid is None else valid
         if valid is not None or cache is not None:
-            keys = cache.valid[:, :start + t] if cache is not None else valid
+            keys = cache.valid[:, : start + t] if cache is not None else valid
             qi = torch.arange(start, start + t, device=x.device).view(t, 1)
             ki = torch.arange(start + t, device=x.device).view(1, -1)
             allowed = keys.view(b, 1, 1, -1) & ((ki <= qi) if causal else torch.ones_like(ki <= qi))
@@ -196,8 +220,11 @@ class MiniCPM(nn.Module):
     def new_cache(self, batch: int, max_len: int, device, dtype: torch.dtype) -> KVCache:
         c = self.cfg
         shape = (c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim)
-        return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
-                       torch.zeros(batch, max_len, dtype=torch.bool, device=device))
+        return KVCache(
+            torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros(batch, max_len, dtype=torch.bool, device=device),
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -252,15 +279,16 @@ class LocDiT(nn.Module):
         self.delta_time_mlp = TimestepMLP(cfg.hidden_size)
         self.decoder = MiniCPM(cfg)
 
-    def forward(self, x: torch.Tensor, mu: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                dt: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mu: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, dt: torch.Tensor
+    ) -> torch.Tensor:
         h = self.in_proj(x.transpose(1, 2))
         c = self.cond_proj(cond.transpose(1, 2))
         te = self.time_mlp(timestep_embedding(t, self.hidden).to(h.dtype))
         te = te + self.delta_time_mlp(timestep_embedding(dt, self.hidden).to(h.dtype))
         mu = mu.view(h.shape[0], -1, h.shape[-1])
         seq = torch.cat([mu, te.unsqueeze(1), c, h], dim=1)
-        out = self.decoder(seq, causal=False)[:, mu.shape[1] + 1 + c.shape[1]:]
+        out = self.decoder(seq, causal=False)[:, mu.shape[1] + 1 + c.shape[1] :]
         return self.out_proj(out).transpose(1, 2)
 
 
@@ -272,8 +300,9 @@ class CFM(nn.Module):
         self.estimator = estimator
 
 
-def cfm_schedule(n_steps: int, sway: float = 1.0, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+def cfm_schedule(
+    n_steps: int, sway: float = 1.0, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The released Euler schedule: [(t_k, dt_k)] for k = 0..n-1, 0-dim tensors of `dtype`.
 
     t_span = linspace(1, 0, n + 1) + sway * (cos(pi/2 * t) - 1 + t); the step is x <- x - dt_k * v(x, t_k), with t
@@ -296,13 +325,25 @@ def zero_init_steps(n_steps: int) -> int:
     return max(1, int((n_steps + 1) * 0.04))
 
 
-def guided_velocity(est: LocDiT, x: torch.Tensor, mu: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                    cfg_value: float, zero_star: bool = True) -> torch.Tensor:
+def guided_velocity(
+    est: LocDiT,
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    t: torch.Tensor,
+    cond: torch.Tensor,
+    cfg_value: float,
+    zero_star: bool = True,
+) -> torch.Tensor:
     """CFG velocity with the CFG-Zero* optimised scale. x [N, D, P], mu [N, 2Hd], t [N] or 0-dim, cond [N, D, P]."""
     n = x.shape[0]
     tt = t.expand(n) if t.ndim == 0 else t
-    v = est(torch.cat([x, x]), torch.cat([mu, torch.zeros_like(mu)]), torch.cat([tt, tt]), torch.cat([cond, cond]),
-            torch.zeros(2 * n, device=x.device, dtype=x.dtype))
+    v = est(
+        torch.cat([x, x]),
+        torch.cat([mu, torch.zeros_like(mu)]),
+        torch.cat([tt, tt]),
+        torch.cat([cond, cond]),
+        torch.zeros(2 * n, device=x.device, dtype=x.dtype),
+    )
     pos, neg = v[:n], v[n:]
     if zero_star:
         dot = (pos.reshape(n, -1) * neg.reshape(n, -1)).sum(dim=1, keepdim=True)
@@ -342,17 +383,39 @@ class VoxCPM2(nn.Module):
         lm = cfg.lm_config
         self.patch_size, self.feat_dim = cfg.patch_size, cfg.feat_dim
         self.base_lm = MiniCPM(lm)
-        self.residual_lm = MiniCPM(sub_lm_config(lm, num_hidden_layers=cfg.residual_lm_num_layers, vocab_size=0,
-                                                 no_rope=cfg.residual_lm_no_rope))
+        self.residual_lm = MiniCPM(
+            sub_lm_config(
+                lm, num_hidden_layers=cfg.residual_lm_num_layers, vocab_size=0, no_rope=cfg.residual_lm_no_rope
+            )
+        )
         enc = cfg.encoder_config
-        self.feat_encoder = LocEnc(sub_lm_config(lm, hidden_size=enc.hidden_dim, intermediate_size=enc.ffn_dim,
-                                                 num_attention_heads=enc.num_heads, num_hidden_layers=enc.num_layers,
-                                                 kv_channels=enc.kv_channels, vocab_size=0), cfg.feat_dim)
+        self.feat_encoder = LocEnc(
+            sub_lm_config(
+                lm,
+                hidden_size=enc.hidden_dim,
+                intermediate_size=enc.ffn_dim,
+                num_attention_heads=enc.num_heads,
+                num_hidden_layers=enc.num_layers,
+                kv_channels=enc.kv_channels,
+                vocab_size=0,
+            ),
+            cfg.feat_dim,
+        )
         dit = cfg.dit_config
-        self.feat_decoder = CFM(LocDiT(sub_lm_config(lm, hidden_size=dit.hidden_dim, intermediate_size=dit.ffn_dim,
-                                                     num_attention_heads=dit.num_heads,
-                                                     num_hidden_layers=dit.num_layers, kv_channels=dit.kv_channels,
-                                                     vocab_size=0), cfg.feat_dim))
+        self.feat_decoder = CFM(
+            LocDiT(
+                sub_lm_config(
+                    lm,
+                    hidden_size=dit.hidden_dim,
+                    intermediate_size=dit.ffn_dim,
+                    num_attention_heads=dit.num_heads,
+                    num_hidden_layers=dit.num_layers,
+                    kv_channels=dit.kv_channels,
+                    vocab_size=0,
+                ),
+                cfg.feat_dim,
+            )
+        )
         h = lm.hidden_size
         self.fsq_layer = FSQ(h, cfg.scalar_quantization_latent_dim, cfg.scalar_quantization_scale)
         self.enc_to_lm_proj = nn.Linear(enc.hidden_dim, h)
@@ -368,8 +431,9 @@ class VoxCPM2(nn.Module):
     def lm_param_dtype(self) -> torch.dtype:
         return self.stop_head.weight.dtype
 
-    def embed_inputs(self, tokens: torch.Tensor, text_mask: torch.Tensor, feats: torch.Tensor,
-                     feat_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed_inputs(
+        self, tokens: torch.Tensor, text_mask: torch.Tensor, feats: torch.Tensor, feat_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens/text_mask/feat_mask [B, T], feats [B, T, P, D] -> (LM inputs [B, T, H], patch embeds [B, T, H])."""
         dt = self.lm_param_dtype()
         feat_embed = self.enc_to_lm_proj(self.feat_encoder(feats.to(dt)))
@@ -393,14 +457,21 @@ class VoxCPM2(nn.Module):
         """[..., H] -> [..., 2] (index 1 = stop)."""
         return self.stop_head(F.silu(self.stop_proj(lm_h)))
 
-    def velocity(self, x: torch.Tensor, mu: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                 cfg_value: float) -> torch.Tensor:
+    def velocity(
+        self, x: torch.Tensor, mu: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, cfg_value: float
+    ) -> torch.Tensor:
         """Guided LocDiT velocity. x, cond [N, D, P]; mu [N, 2Hd]; t [N] or 0-dim -> [N, D, P]."""
         return guided_velocity(self.feat_decoder.estimator, x, mu, t, cond, cfg_value)
 
-    def lm_hidden_states(self, tokens: torch.Tensor, text_mask: torch.Tensor, feats: torch.Tensor,
-                         feat_mask: torch.Tensor, valid: torch.Tensor | None = None,
-                         pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def lm_hidden_states(
+        self,
+        tokens: torch.Tensor,
+        text_mask: torch.Tensor,
+        feats: torch.Tensor,
+        feat_mask: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        pos: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One causal pass of both LMs. Returns (lm_h after FSQ mix [B, T, H], res_h [B, T, H]).
 
         Row t of each output is what conditions the patch that follows position t.

@@ -53,9 +53,16 @@ class VoxPrompt:
     context: torch.Tensor
 
 
-def build_prompt(text_ids, text: str, patch_size: int, feat_dim: int, prompt_text: str = "",
-                 prompt_feats: torch.Tensor | None = None, ref_feats: torch.Tensor | None = None,
-                 context_len: int = 3) -> VoxPrompt:
+def build_prompt(
+    text_ids,
+    text: str,
+    patch_size: int,
+    feat_dim: int,
+    prompt_text: str = "",
+    prompt_feats: torch.Tensor | None = None,
+    ref_feats: torch.Tensor | None = None,
+    context_len: int = 3,
+) -> VoxPrompt:
     """The released prompt layouts: zero-shot, continuation (prompt_text + prompt_feats), reference (ref_feats,
     VoxCPM2's isolated reference) or both. text_ids: str -> list[int]. *_feats: [T, P, D] VAE latent patches."""
     cont = prompt_feats is not None and prompt_feats.shape[0] > 0
@@ -77,7 +84,7 @@ def build_prompt(text_ids, text: str, patch_size: int, feat_dim: int, prompt_tex
         tmask.append(torch.zeros(p, dtype=torch.long))
         amask.append(torch.ones(p, dtype=torch.long))
         feats.append(prompt_feats.float())
-        context = prompt_feats[p - min(context_len, p):].float()
+        context = prompt_feats[p - min(context_len, p) :].float()
     return VoxPrompt(torch.cat(tokens), torch.cat(tmask), torch.cat(feats), torch.cat(amask), context)
 
 
@@ -114,18 +121,28 @@ def pad_prompts(prompts: Sequence[VoxPrompt], device) -> PromptBatch:
     t = max(p.tokens.shape[0] for p in prompts)
     b = len(prompts)
     ref = prompts[0].feats
-    out = PromptBatch(torch.zeros(b, t, dtype=torch.long), torch.zeros(b, t, dtype=torch.long),
-                      torch.zeros(b, t, *ref.shape[1:]), torch.zeros(b, t, dtype=torch.long),
-                      torch.zeros(b, t, dtype=torch.bool), torch.zeros(b, t, dtype=torch.long),
-                      torch.tensor([p.tokens.shape[0] for p in prompts]))
+    out = PromptBatch(
+        torch.zeros(b, t, dtype=torch.long),
+        torch.zeros(b, t, dtype=torch.long),
+        torch.zeros(b, t, *ref.shape[1:]),
+        torch.zeros(b, t, dtype=torch.long),
+        torch.zeros(b, t, dtype=torch.bool),
+        torch.zeros(b, t, dtype=torch.long),
+        torch.tensor([p.tokens.shape[0] for p in prompts]),
+    )
     for i, p in enumerate(prompts):
         n = p.tokens.shape[0]
-        out.tokens[i, t - n:], out.text_mask[i, t - n:], out.feat_mask[i, t - n:] = p.tokens, p.text_mask, p.feat_mask
-        out.feats[i, t - n:] = p.feats
-        out.valid[i, t - n:] = True
-        out.pos[i, t - n:] = torch.arange(n)
-    return PromptBatch(*(x.to(device) for x in (out.tokens, out.text_mask, out.feats, out.feat_mask, out.valid,
-                                                 out.pos, out.lengths)))
+        out.tokens[i, t - n :], out.text_mask[i, t - n :], out.feat_mask[i, t - n :] = (
+            p.tokens,
+            p.text_mask,
+            p.feat_mask,
+        )
+        out.feats[i, t - n :] = p.feats
+        out.valid[i, t - n :] = True
+        out.pos[i, t - n :] = torch.arange(n)
+    return PromptBatch(
+        *(x.to(device) for x in (out.tokens, out.text_mask, out.feats, out.feat_mask, out.valid, out.pos, out.lengths))
+    )
 
 
 def row_seed(seed: int, group_id: int, member: int) -> int:
@@ -146,8 +163,9 @@ class RowNoise:
     def get(self, i: int) -> torch.Tensor:  # [B, width] float32
         if i >= self.start + NOISE_CHUNK:
             self.start = i - i % NOISE_CHUNK
-            self.buf = torch.stack([torch.randn(NOISE_CHUNK, self.width, generator=g, device=self.device)
-                                    for g in self.gens])
+            self.buf = torch.stack(
+                [torch.randn(NOISE_CHUNK, self.width, generator=g, device=self.device) for g in self.gens]
+            )
         return self.buf[:, i - self.start]
 
 
@@ -200,8 +218,10 @@ def _check_spec(spec: SamplingSpec) -> None:
     z = zero_init_steps(spec.n_steps)
     bad = [k for k in spec.sde_steps if not z <= k < spec.n_steps]
     if bad or len(set(spec.sde_steps)) != len(spec.sde_steps):
-        raise ValueError(f"sde_steps {spec.sde_steps}: each must be unique and in [{z}, {spec.n_steps}) (steps "
-                         f"below {z} have zero velocity under CFG-Zero*)")
+        raise ValueError(
+            f"sde_steps {spec.sde_steps}: each must be unique and in [{z}, {spec.n_steps}) (steps "
+            f"below {z} have zero velocity under CFG-Zero*)"
+        )
     if spec.stochastic and spec.sde_steps and spec.eta <= 0:
         raise ValueError("eta must be > 0 when sde_steps are given (eta = 0 is the ODE)")
     if spec.stop_temperature <= 0:
@@ -221,8 +241,9 @@ def _prefill(model: VoxCPM2, pb: PromptBatch, cache_len: int, repeat: int):
     enc = model.base_lm(combined, causal=True, pos=pb.pos, valid=pb.valid, cache=base)
     lm_h = model.fsq_mix(enc, pb.text_mask, pb.feat_mask)
     res = model.residual_lm.new_cache(b, t0, pb.tokens.device, dt)
-    r = model.residual_lm(model.residual_inputs(lm_h, feat_embed, pb.feat_mask), causal=True, pos=pb.pos,
-                          valid=pb.valid, cache=res)
+    r = model.residual_lm(
+        model.residual_inputs(lm_h, feat_embed, pb.feat_mask), causal=True, pos=pb.pos, valid=pb.valid, cache=res
+    )
     for lm, small in ((model.base_lm, base), (model.residual_lm, res)):
         full = lm.new_cache(b * repeat, cache_len, pb.tokens.device, dt)
         full.k[:, :, :, :t0] = small.k.repeat_interleave(repeat, dim=1)
@@ -233,8 +254,16 @@ def _prefill(model: VoxCPM2, pb: PromptBatch, cache_len: int, repeat: int):
     return lm_h[:, -1].repeat_interleave(repeat, 0), r[:, -1].repeat_interleave(repeat, 0), tuple(caches)
 
 
-def _denoise_patch(model: VoxCPM2, spec: SamplingSpec, mu: torch.Tensor, cond: torch.Tensor, z: torch.Tensor,
-                   sde_noise: torch.Tensor | None, sched, gs: list[torch.Tensor]):
+def _denoise_patch(
+    model: VoxCPM2,
+    spec: SamplingSpec,
+    mu: torch.Tensor,
+    cond: torch.Tensor,
+    z: torch.Tensor,
+    sde_noise: torch.Tensor | None,
+    sched,
+    gs: list[torch.Tensor],
+):
     """One patch of the LocDiT sampler. mu [B, 2Hd]; cond, z [B, D, P]; sde_noise [B, K, D, P].
 
     Returns (x0 [B, D, P], records: list of (x_t, x_next, mean, std) per SDE step, float32).
@@ -256,11 +285,23 @@ def _denoise_patch(model: VoxCPM2, spec: SamplingSpec, mu: torch.Tensor, cond: t
 
 
 @torch.no_grad()
-def sample_groups(model: VoxCPM2, prompts: Sequence[VoxPrompt], group_size: int, seeds: int | Sequence[int],
-                  sde_steps: Sequence[int] | None = None, eta: float = 0.7, stop_temperature: float = 1.0,
-                  min_len: int = 2, max_len: int = 200, n_steps: int = 10, cfg_value: float = 2.0,
-                  noise_schedule: str = "flow_grpo", stochastic: bool = True,
-                  group_ids: Sequence[int] | None = None, initial_noise: torch.Tensor | None = None) -> GroupRollout:
+def sample_groups(
+    model: VoxCPM2,
+    prompts: Sequence[VoxPrompt],
+    group_size: int,
+    seeds: int | Sequence[int],
+    sde_steps: Sequence[int] | None = None,
+    eta: float = 0.7,
+    stop_temperature: float = 1.0,
+    min_len: int = 2,
+    max_len: int = 200,
+    n_steps: int = 10,
+    cfg_value: float = 2.0,
+    noise_schedule: str = "flow_grpo",
+    stochastic: bool = True,
+    group_ids: Sequence[int] | None = None,
+    initial_noise: torch.Tensor | None = None,
+) -> GroupRollout:
     """Sample `group_size` rows per prompt in one batch. seeds: one base seed, or one per prompt.
 
     sde_steps: 0-based denoising steps run as SDE (None: every step after the CFG-Zero* zero step).
@@ -270,8 +311,17 @@ def sample_groups(model: VoxCPM2, prompts: Sequence[VoxPrompt], group_size: int,
     device = next(model.parameters()).device
     if sde_steps is None:
         sde_steps = tuple(range(zero_init_steps(n_steps), n_steps))
-    spec = SamplingSpec(n_steps, cfg_value, 1.0, tuple(int(k) for k in sde_steps) if stochastic else (), eta,
-                        noise_schedule, stop_temperature, min_len, stochastic)
+    spec = SamplingSpec(
+        n_steps,
+        cfg_value,
+        1.0,
+        tuple(int(k) for k in sde_steps) if stochastic else (),
+        eta,
+        noise_schedule,
+        stop_temperature,
+        min_len,
+        stochastic,
+    )
     _check_spec(spec)
     g_count = len(prompts)
     gids = list(range(g_count)) if group_ids is None else [int(g) for g in group_ids]
@@ -281,8 +331,12 @@ def sample_groups(model: VoxCPM2, prompts: Sequence[VoxPrompt], group_size: int,
     rows = [(g, j) for g in range(g_count) for j in range(group_size)]
     rseeds = [row_seed(bases[g], gids[g], j) for g, j in rows]
     pb1 = pad_prompts(list(prompts), device)
-    pb = PromptBatch(*(x.repeat_interleave(group_size, 0) for x in (pb1.tokens, pb1.text_mask, pb1.feats,
-                                                                     pb1.feat_mask, pb1.valid, pb1.pos, pb1.lengths)))
+    pb = PromptBatch(
+        *(
+            x.repeat_interleave(group_size, 0)
+            for x in (pb1.tokens, pb1.text_mask, pb1.feats, pb1.feat_mask, pb1.valid, pb1.pos, pb1.lengths)
+        )
+    )
     n, t0 = pb.tokens.shape
     p, d, k_sde = model.patch_size, model.feat_dim, len(spec.sde_steps)
     noise = RowNoise(rseeds, (1 + k_sde) * d * p + 1, device)
@@ -298,7 +352,7 @@ def sample_groups(model: VoxCPM2, prompts: Sequence[VoxPrompt], group_size: int,
     for i in range(max_len):
         draw = noise.get(i)
         z = draw[:, : d * p].view(n, d, p) if initial_noise is None else initial_noise[:, i].to(device)
-        sde_noise = draw[:, d * p: (1 + k_sde) * d * p].view(n, k_sde, d, p)
+        sde_noise = draw[:, d * p : (1 + k_sde) * d * p].view(n, k_sde, d, p)
         mu = model.dit_condition(lm_h, res_h)
         x0, recs = _denoise_patch(model, spec, mu, prefix.transpose(1, 2), z, sde_noise, sched, gs)
         patch = x0.transpose(1, 2)  # [N, P, D]
@@ -323,8 +377,9 @@ def sample_groups(model: VoxCPM2, prompts: Sequence[VoxPrompt], group_size: int,
         step_pos = (pb.lengths + i).view(n, 1)
         h = model.base_lm(curr.unsqueeze(1), causal=True, pos=step_pos, cache=base_c)[:, 0]
         lm_h = model.fsq_layer(h)
-        res_h = model.residual_lm(model.fusion_concat_proj(torch.cat((lm_h, curr), -1)).unsqueeze(1), causal=True,
-                                  pos=step_pos, cache=res_c)[:, 0]
+        res_h = model.residual_lm(
+            model.fusion_concat_proj(torch.cat((lm_h, curr), -1)).unsqueeze(1), causal=True, pos=step_pos, cache=res_c
+        )[:, 0]
     length_max = int(lengths.max())
     return rec.finish(spec, list(prompts), rows, gids, rseeds, lengths, finished, length_max)
 
@@ -361,11 +416,25 @@ class _Recorder:
         cut = slice(0, max(length_max, 1))
         dev = lengths.device
         return GroupRollout(
-            spec, prompts, torch.tensor([g for g, _ in rows], device=dev),
-            torch.tensor([gids[g] for g, _ in rows], device=dev), torch.tensor([j for _, j in rows], device=dev),
-            torch.tensor(rseeds, dtype=torch.long, device=dev), self.patches[:, cut], lengths, finished,
-            self.x_t[:, cut], self.x_next[:, cut], self.mean[:, cut], self.std[:, cut], self.sde_logp[:, cut],
-            self.sde_mask[:, cut], self.stop_action[:, cut], self.stop_logp[:, cut], self.stop_mask[:, cut])
+            spec,
+            prompts,
+            torch.tensor([g for g, _ in rows], device=dev),
+            torch.tensor([gids[g] for g, _ in rows], device=dev),
+            torch.tensor([j for _, j in rows], device=dev),
+            torch.tensor(rseeds, dtype=torch.long, device=dev),
+            self.patches[:, cut],
+            lengths,
+            finished,
+            self.x_t[:, cut],
+            self.x_next[:, cut],
+            self.mean[:, cut],
+            self.std[:, cut],
+            self.sde_logp[:, cut],
+            self.sde_mask[:, cut],
+            self.stop_action[:, cut],
+            self.stop_logp[:, cut],
+            self.stop_mask[:, cut],
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -385,8 +454,10 @@ class TeacherForced:
     def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(logp [N, L*K + L], mask [N, L*K + L]): every SDE action, then every stop decision."""
         n = self.sde_logp.shape[0]
-        return (torch.cat([self.sde_logp.reshape(n, -1), self.stop_logp], 1),
-                torch.cat([self.sde_mask.reshape(n, -1), self.stop_mask], 1))
+        return (
+            torch.cat([self.sde_logp.reshape(n, -1), self.stop_logp], 1),
+            torch.cat([self.sde_mask.reshape(n, -1), self.stop_mask], 1),
+        )
 
 
 def _teacher_lm(model: VoxCPM2, ro: GroupRollout):
@@ -404,7 +475,7 @@ def _teacher_lm(model: VoxCPM2, ro: GroupRollout):
     valid = torch.cat([pb.valid, torch.ones(n, length, dtype=torch.bool, device=device)], 1)
     pos = torch.cat([pb.pos, pb.lengths.view(-1, 1) + torch.arange(length, device=device).view(1, -1)], 1)
     lm_h, res_h = model.lm_hidden_states(tokens, text_mask, feats, feat_mask, valid=valid, pos=pos)
-    return lm_h[:, t0 - 1: t0 - 1 + length], res_h[:, t0 - 1: t0 - 1 + length], pb.feats[:, -1]
+    return lm_h[:, t0 - 1 : t0 - 1 + length], res_h[:, t0 - 1 : t0 - 1 + length], pb.feats[:, -1]
 
 
 def teacher_forced_logprobs(model: VoxCPM2, ro: GroupRollout, dit_chunk: int = 4096) -> TeacherForced:
@@ -424,12 +495,16 @@ def teacher_forced_logprobs(model: VoxCPM2, ro: GroupRollout, dit_chunk: int = 4
         sched = cfm_schedule(spec.n_steps, spec.sway, mu.dtype, mu.device)
         ts = torch.stack([sched[s][0] for s in spec.sde_steps])
         dts = torch.stack([sched[s][1] for s in spec.sde_steps])
-        gs = torch.stack([diffusion_coefficient(sched[s][0].float(), spec.eta, VOXCPM_TIME, spec.noise_schedule)
-                          for s in spec.sde_steps])
+        gs = torch.stack(
+            [
+                diffusion_coefficient(sched[s][0].float(), spec.eta, VOXCPM_TIME, spec.noise_schedule)
+                for s in spec.sde_steps
+            ]
+        )
         idx = ro.sde_mask.nonzero(as_tuple=False)  # [A, 3] (row, patch, slot)
         lps, means = [], []
         for c in range(0, idx.shape[0], dit_chunk):
-            r, i, s = idx[c:c + dit_chunk].unbind(1)
+            r, i, s = idx[c : c + dit_chunk].unbind(1)
             x = ro.x_t[r, i, s]
             v = model.velocity(x.to(mu.dtype), mu[r, i], ts[s], cond[r, i].transpose(1, 2), spec.cfg_value)
             mean, std = sde_step_mean_std(x, v, ts[s].float(), -dts[s].float(), gs[s], VOXCPM_TIME)
@@ -445,8 +520,11 @@ def gaussian_kl_to_reference(policy: TeacherForced, reference: TeacherForced, ro
     """Closed-form KL(pi || ref) per SDE action [N, L, K] (same std for both; zero where masked)."""
     n, length, k = ro.std.shape
     std = ro.std.clamp_min(1e-12).reshape(-1, 1, 1)
-    kl = gaussian_kl_same_std(policy.sde_mean.reshape(n * length * k, *policy.sde_mean.shape[-2:]),
-                              reference.sde_mean.reshape(n * length * k, *policy.sde_mean.shape[-2:]), std)
+    kl = gaussian_kl_same_std(
+        policy.sde_mean.reshape(n * length * k, *policy.sde_mean.shape[-2:]),
+        reference.sde_mean.reshape(n * length * k, *policy.sde_mean.shape[-2:]),
+        std,
+    )
     return torch.where(ro.sde_mask, kl.view(n, length, k), torch.zeros_like(ro.std))
 
 
@@ -465,5 +543,5 @@ def decode_rollout(model: VoxCPM2, ro: GroupRollout) -> list[torch.Tensor]:
         lat = torch.cat([ctx.unsqueeze(0).expand(len(rows), -1, -1, -1), ro.patches[rows]], 1)  # [R, C+L, P, D]
         wav = vae.decode(lat.flatten(1, 2).transpose(1, 2).float())[:, 0]  # [R, S]
         for n_, r in enumerate(rows.tolist()):
-            out.append((r, wav[n_, ctx.shape[0] * up: (ctx.shape[0] + int(ro.lengths[r])) * up]))
+            out.append((r, wav[n_, ctx.shape[0] * up : (ctx.shape[0] + int(ro.lengths[r])) * up]))
     return [w for _, w in sorted(out, key=lambda x: x[0])]

@@ -19,8 +19,19 @@ from policies.voxcpm_config import AudioVAEConfig
 class WNConv(nn.Module):
     """Weight-normed causal Conv1d / ConvTranspose1d (left padding, or right trimming for the transpose)."""
 
-    def __init__(self, cin: int, cout: int, kernel_size: int, stride: int = 1, dilation: int = 1, groups: int = 1,
-                 padding: int = 0, output_padding: int = 0, bias: bool = True, transpose: bool = False) -> None:
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel_size: int,
+        stride: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+        padding: int = 0,
+        output_padding: int = 0,
+        bias: bool = True,
+        transpose: bool = False,
+    ) -> None:
         super().__init__()
         self.transpose, self.stride, self.dilation, self.groups = transpose, stride, dilation, groups
         self.causal = padding * 2 - output_padding
@@ -37,8 +48,9 @@ class WNConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, T] -> [B, C', T']
         if self.transpose:
-            y = F.conv_transpose1d(x, self.weight(), self.bias, stride=self.stride, groups=self.groups,
-                                   dilation=self.dilation)
+            y = F.conv_transpose1d(
+                x, self.weight(), self.bias, stride=self.stride, groups=self.groups, dilation=self.dilation
+            )
             return y[..., : y.shape[-1] - self.causal] if self.causal > 0 else y
         x = F.pad(x, (self.causal, 0))
         return F.conv1d(x, self.weight(), self.bias, stride=self.stride, dilation=self.dilation, groups=self.groups)
@@ -60,8 +72,10 @@ class ResidualUnit(nn.Module):
     def __init__(self, dim: int, dilation: int, groups: int = 1) -> None:
         super().__init__()
         self.block = nn.Sequential(
-            Snake1d(dim), WNConv(dim, dim, 7, dilation=dilation, padding=3 * dilation, groups=groups),
-            Snake1d(dim), WNConv(dim, dim, 1),
+            Snake1d(dim),
+            WNConv(dim, dim, 7, dilation=dilation, padding=3 * dilation, groups=groups),
+            Snake1d(dim),
+            WNConv(dim, dim, 1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +87,9 @@ class EncoderBlock(nn.Module):
         super().__init__()
         half = dim // 2
         self.block = nn.Sequential(
-            ResidualUnit(half, 1, groups), ResidualUnit(half, 3, groups), ResidualUnit(half, 9, groups),
+            ResidualUnit(half, 1, groups),
+            ResidualUnit(half, 3, groups),
+            ResidualUnit(half, 9, groups),
             Snake1d(half),
             WNConv(half, dim, 2 * stride, stride=stride, padding=math.ceil(stride / 2), output_padding=stride % 2),
         )
@@ -112,8 +128,15 @@ class DecoderBlock(nn.Module):
         super().__init__()
         layers: list[nn.Module] = [
             Snake1d(cin),
-            WNConv(cin, cout, 2 * stride, stride=stride, padding=math.ceil(stride / 2), output_padding=stride % 2,
-                   transpose=True),
+            WNConv(
+                cin,
+                cout,
+                2 * stride,
+                stride=stride,
+                padding=math.ceil(stride / 2),
+                output_padding=stride % 2,
+                transpose=True,
+            ),
         ]
         if use_noise_block:
             layers.append(NoiseBlock(cout))
@@ -165,7 +188,7 @@ class Decoder(nn.Module):
             layers = [WNConv(cin, ch, 7, padding=3)]
         out = ch
         for i, stride in enumerate(cfg.decoder_rates):
-            inp, out = ch // 2 ** i, ch // 2 ** (i + 1)
+            inp, out = ch // 2**i, ch // 2 ** (i + 1)
             layers.append(DecoderBlock(inp, out, stride, out if cfg.depthwise else 1, cfg.use_noise_block))
         layers += [Snake1d(out), WNConv(out, 1, 7, padding=3), nn.Tanh()]
         if cfg.sr_bin_boundaries is None:
@@ -175,10 +198,14 @@ class Decoder(nn.Module):
             self.model = nn.ModuleList(layers)
             self.register_buffer("sr_bin_boundaries", torch.tensor(cfg.sr_bin_boundaries, dtype=torch.int32))
             buckets = len(cfg.sr_bin_boundaries) + 1
-            self.sr_cond_model = nn.ModuleList([
-                SampleRateCondition(m.input_channels, buckets, cfg.cond_type, cfg.cond_dim, cfg.cond_out_layer)
-                if isinstance(m, DecoderBlock) else None for m in layers
-            ])
+            self.sr_cond_model = nn.ModuleList(
+                [
+                    SampleRateCondition(m.input_channels, buckets, cfg.cond_type, cfg.cond_dim, cfg.cond_out_layer)
+                    if isinstance(m, DecoderBlock)
+                    else None
+                    for m in layers
+                ]
+            )
 
     def forward(self, z: torch.Tensor, sr: torch.Tensor | None) -> torch.Tensor:  # [B, D, T] -> [B, 1, T * up]
         if self.sr_cond_model is None:

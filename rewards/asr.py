@@ -69,9 +69,14 @@ class ParaformerASR:
             from funasr import AutoModel
 
             self.model = AutoModel(
-                model=str(d), device=device, disable_update=True, disable_pbar=True, disable_log=True,
+                model=str(d),
+                device=device,
+                disable_update=True,
+                disable_pbar=True,
+                disable_log=True,
                 trust_remote_code=False,  # whatever the model directory's config.yaml says: no code from it runs
-                frontend_conf={"dither": 0.0}, ncpu=torch.get_num_threads(),
+                frontend_conf={"dither": 0.0},
+                ncpu=torch.get_num_threads(),
             )
         self.batch_size = max(1, batch_size)
 
@@ -79,7 +84,7 @@ class ParaformerASR:
         out = [""] * len(wavs)
         order = sorted(range(len(wavs)), key=lambda i: -len(wavs[i]))
         for start in range(0, len(order), self.batch_size):
-            idx = order[start: start + self.batch_size]
+            idx = order[start : start + self.batch_size]
             inputs = [np.ascontiguousarray(wavs[i], dtype=np.float32) for i in idx]
             with keep_torch_state():
                 res = self.model.generate(input=inputs, batch_size=len(inputs), disable_pbar=True)
@@ -103,13 +108,14 @@ class WhisperASR:
     def transcribe(self, wavs: list[np.ndarray]) -> list[str]:
         if not wavs:
             return []
-        feats = self.processor([np.asarray(w, dtype=np.float32) for w in wavs], sampling_rate=ASR_RATE,
-                               return_tensors="pt").input_features.to(self.device)
+        feats = self.processor(
+            [np.asarray(w, dtype=np.float32) for w in wavs], sampling_rate=ASR_RATE, return_tensors="pt"
+        ).input_features.to(self.device)
         ids = self.model.generate(feats, language="en", task="transcribe", do_sample=False, num_beams=1)
         return self.processor.batch_decode(ids, skip_special_tokens=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_asr(kind: str, model_dir: str, device: str = "cpu", batch_size: int = 16):
     """One shared instance per (kind, directory, device, batch size)."""
     if kind == "paraformer":

@@ -8,7 +8,8 @@ A scorer is a small class:
 
 Config picks a scorer by name (`SCORERS` below) or by dotted path (`my_pkg.my_module:MyScorer`); its kwargs are
 checked against the constructor's signature at start-up, and by the scorer's own `check_kwargs(**kwargs)`
-classmethod when it has one (range checks that load no model; raise `KwargError(key, message)` to name the kwarg). A sample the scorer cannot score (no audio, NaN audio,
+classmethod when it has one (range checks that load no model; raise `KwargError(key, message)` to name the
+kwarg). A sample the scorer cannot score (no audio, NaN audio,
 a failed model call) is marked invalid with a reason: it becomes NaN, is left out of the group statistics and is
 counted in the logs. A missing reward is never a 0.
 """
@@ -17,8 +18,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -61,7 +63,7 @@ class ScoreResult:
             raise ValueError(f"reasons has {len(self.reasons)} entries, expected {n}")
 
     @staticmethod
-    def build(values, reasons: list[str | None], sub_scores: dict | None = None) -> "ScoreResult":
+    def build(values, reasons: list[str | None], sub_scores: dict | None = None) -> ScoreResult:
         """values: [N] floats (ignored where reasons[i] is set). Invalid entries become NaN."""
         v = np.asarray(values, dtype=np.float64).copy()
         valid = np.array([r is None for r in reasons], dtype=bool)
@@ -154,12 +156,15 @@ def check_scorer_kwargs(cls: type, kwargs: dict, where: str) -> None:
             close = difflib.get_close_matches(key, params, n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ScorerConfigError(
-                f"{where}.kwargs: unknown argument '{key}' for {cls.__name__}{hint} (it takes: {', '.join(params) or 'nothing'})"
+                f"{where}.kwargs: unknown argument '{key}' for {cls.__name__}{hint} "
+                f"(it takes: {', '.join(params) or 'nothing'})"
             )
     try:
         sig.bind(**kwargs)
     except TypeError as e:
-        raise ScorerConfigError(f"{where}.kwargs: {e} ({cls.__name__} takes: {', '.join(params) or 'nothing'})") from None
+        raise ScorerConfigError(
+            f"{where}.kwargs: {e} ({cls.__name__} takes: {', '.join(params) or 'nothing'})"
+        ) from None
     check = getattr(cls, "check_kwargs", None)  # the scorer's own range checks, which load no model
     if callable(check):
         try:

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import string
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 

@@ -15,7 +15,8 @@ characters has no expected duration: that sample is invalid.
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -43,8 +44,9 @@ class DurationScorer:
         self.cps_zh, self.cps_en, self.tolerance, self.rate_source = cps_zh, cps_en, tolerance, rate_source
 
     @classmethod
-    def check_kwargs(cls, cps_zh: float = 4.5, cps_en: float = 12.0, tolerance: float = 0.5,
-                     rate_source: str = "lang", **_: object) -> None:
+    def check_kwargs(
+        cls, cps_zh: float = 4.5, cps_en: float = 12.0, tolerance: float = 0.5, rate_source: str = "lang", **_: object
+    ) -> None:
         """Range checks of the constructor's arguments (config check calls this without building the scorer)."""
         for key, value in (("cps_zh", cps_zh), ("cps_en", cps_en), ("tolerance", tolerance)):
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0

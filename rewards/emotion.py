@@ -11,7 +11,7 @@ The label indices are checked against the model's own label list, by name.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -37,16 +37,26 @@ class EmotionScorer:
             from funasr import AutoModel
 
             # trust_remote_code=False whatever the model directory's config.yaml says: no code from it runs
-            self.model = AutoModel(model=str(d), device=device, disable_update=True, trust_remote_code=False,
-                                   disable_pbar=True,
-                                   disable_log=True, ncpu=torch.get_num_threads())
+            self.model = AutoModel(
+                model=str(d),
+                device=device,
+                disable_update=True,
+                trust_remote_code=False,
+                disable_pbar=True,
+                disable_log=True,
+                ncpu=torch.get_num_threads(),
+            )
 
     def probabilities(self, wavs: list[np.ndarray]) -> np.ndarray:
         """[N, 9] class probabilities, columns in LABELS order."""
         with keep_torch_state():
-            res = self.model.generate(input=[np.ascontiguousarray(w, dtype=np.float32) for w in wavs],
-                                      granularity="utterance", extract_embedding=False, batch_size=len(wavs),
-                                      disable_pbar=True)
+            res = self.model.generate(
+                input=[np.ascontiguousarray(w, dtype=np.float32) for w in wavs],
+                granularity="utterance",
+                extract_embedding=False,
+                batch_size=len(wavs),
+                disable_pbar=True,
+            )
         if len(res) != len(wavs):
             raise RuntimeError(f"emotion2vec returned {len(res)} results for {len(wavs)} inputs")
         probs = np.zeros((len(wavs), len(LABELS)))
@@ -65,7 +75,8 @@ class EmotionScorer:
             if reasons[i] is None and s.emotion is not None and not 0 <= s.emotion < len(LABELS):
                 reasons[i] = f"target emotion {s.emotion} is not a label index 0..{len(LABELS) - 1}"
         ok = [i for i in range(n) if reasons[i] is None]
-        probs = self.probabilities([resample(samples[i].audio, samples[i].sample_rate, EMO_RATE) for i in ok]) if ok else None
+        wavs = [resample(samples[i].audio, samples[i].sample_rate, EMO_RATE) for i in ok]
+        probs = self.probabilities(wavs) if ok else None
         values = np.zeros(n)
         neutral, hit = np.full(n, np.nan), np.full(n, np.nan)
         targets = {samples[i].emotion for i in ok if samples[i].emotion is not None}

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from rewards.asr import ASR_RATE, require_dir, to_asr_rate
 from rewards.base import Sample, ScoreResult, audio_problem, resolve_scorer_class
-from rewards.cer import CERScorer, PUNCTUATION, detect_lang
+from rewards.cer import PUNCTUATION, CERScorer, detect_lang
 
 HAN_LAUGH = set("哈嘿呵嘻")
 LATIN_UNIT = re.compile(r"hey|h[aeio](?:h(?![aeio]))?")  # "haha" = ha + ha, "hah" = hah, "hehe" = he + he
@@ -87,8 +87,16 @@ def deleted_fraction(ref_tokens: list[str], flags: list[bool], hyp: str, lang: s
 class ASTLaughterDetector:
     """AudioSet classifier (transformers ASTForAudioClassification) over sliding windows."""
 
-    def __init__(self, model_dir: str, device: str = "cpu", window_s: float = 2.0, hop_s: float = 1.0,
-                 threshold: float = 0.5, label: str = "Laughter", batch_size: int = 16):
+    def __init__(
+        self,
+        model_dir: str,
+        device: str = "cpu",
+        window_s: float = 2.0,
+        hop_s: float = 1.0,
+        threshold: float = 0.5,
+        label: str = "Laughter",
+        batch_size: int = 16,
+    ):
         d = require_dir(model_dir, ("config.json", "preprocessor_config.json"), "laughter")
         from transformers import ASTFeatureExtractor, ASTForAudioClassification
 
@@ -109,14 +117,14 @@ class ASTLaughterDetector:
         for i, w in enumerate(wavs):
             start = 0
             while True:
-                windows.append((w[start: start + win], start / ASR_RATE))
+                windows.append((w[start : start + win], start / ASR_RATE))
                 owner.append(i)
                 if start + win >= len(w):
                     break
                 start += hop
         probs = []
         for b in range(0, len(windows), self.batch_size):
-            chunk = [np.asarray(w, np.float32) for w, _ in windows[b: b + self.batch_size]]
+            chunk = [np.asarray(w, np.float32) for w, _ in windows[b : b + self.batch_size]]
             with warnings.catch_warnings():  # transformers' numpy fbank warns about empty mel filters at 128 bins
                 warnings.simplefilter("ignore", UserWarning)
                 feats = self.extractor(chunk, sampling_rate=ASR_RATE, return_tensors="pt").input_values.to(self.device)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from rewards.base import Sample, ScoreResult, Scorer, build_scorer
+from rewards.base import Sample, Scorer, ScoreResult, build_scorer
 from rollouts.token2wav import VocodeResult
 from rollouts.types import PromptRecord, Rollout
 
@@ -18,11 +18,10 @@ from rollouts.types import PromptRecord, Rollout
 def samples_from_rollout(
     rollout: Rollout,
     records: list[PromptRecord],  # records[rollout.prompt_index[i]] is row i's prompt
-    ats: int,
+    codes: list[torch.Tensor],  # per row its [L_i] speech codes (the policy's `speech_codes`)
     vocoded: VocodeResult | None = None,  # audio per row (None: not vocoded)
     prompt_audio: dict[str, tuple[np.ndarray, int] | None] | None = None,  # uttid -> (waveform, rate)
 ) -> list[Sample]:
-    codes = rollout.codes(ats)
     out = []
     for i in range(rollout.num_rows):
         rec = records[int(rollout.prompt_index[i])]
@@ -59,8 +58,13 @@ class Scores:
     service: dict[str, dict] = field(default_factory=dict)  # name -> counters of remote scorers (pop_stats)
 
 
-def score(scorers: dict[str, Scorer], samples: list[Sample], invalid: list[str | None] | None = None,
-          *, concurrent: bool = True) -> Scores:
+def score(
+    scorers: dict[str, Scorer],
+    samples: list[Sample],
+    invalid: list[str | None] | None = None,
+    *,
+    concurrent: bool = True,
+) -> Scores:
     """Run every scorer on every sample, all scorers at once (one thread each; remote scorers send their requests
     asynchronously inside theirs). `invalid[i]` (e.g. "empty generation") makes sample i invalid for every reward
     without asking the scorers. A scorer that raises makes its reward invalid for the whole batch (with the error
@@ -139,7 +143,9 @@ def select_scores(scores: Scores, rows: list[int]) -> Scores:
     idx = np.asarray(rows, dtype=np.int64)
     results = {
         k: ScoreResult(
-            r.values[idx], r.valid[idx], {s: v[idx] for s, v in r.sub_scores.items()},
+            r.values[idx],
+            r.valid[idx],
+            {s: v[idx] for s, v in r.sub_scores.items()},
             [r.reasons[i] for i in idx] if r.reasons else [],
         )
         for k, r in scores.results.items()
@@ -155,8 +161,9 @@ def cat_scores(parts: list[Scores]) -> Scores:
         rs = [p.results[k] for p in parts]
         subs = {s: np.concatenate([r.sub_scores[s] for r in rs]) for s in rs[0].sub_scores}
         reasons = [x for r in rs for x in (r.reasons or [None] * len(r.values))]
-        results[k] = ScoreResult(np.concatenate([r.values for r in rs]), np.concatenate([r.valid for r in rs]),
-                                 subs, reasons)
+        results[k] = ScoreResult(
+            np.concatenate([r.values for r in rs]), np.concatenate([r.valid for r in rs]), subs, reasons
+        )
         values[k] = torch.cat([p.values[k] for p in parts])
     service: dict[str, dict] = {}
     for p in parts:

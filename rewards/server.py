@@ -13,7 +13,6 @@ queued than the `X-Client-Timeout` seconds the client sent) is dropped unscored 
 client's retry never waits behind its own abandoned attempt.
 """
 
-
 import asyncio
 import hmac
 import json
@@ -26,8 +25,15 @@ from rewards.wire import WireError, decode_request, encode_result
 log = logging.getLogger("ttsrl.reward_service")
 
 
-def create_app(scorer: Scorer, name: str, *, describe: dict | None = None, token: str | None = None,
-               max_request_mb: float = 256.0, max_batch: int = 1024):
+def create_app(
+    scorer: Scorer,
+    name: str,
+    *,
+    describe: dict | None = None,
+    token: str | None = None,
+    max_request_mb: float = 256.0,
+    max_batch: int = 1024,
+):
     from fastapi import FastAPI, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse
@@ -51,10 +57,16 @@ def create_app(scorer: Scorer, name: str, *, describe: dict | None = None, token
     async def health(request: Request):
         if not authorised(request):
             return error(401, "missing or wrong bearer token")
-        return {"scorer": name, **(describe or {}), "ready": True, "max_batch": max_batch,
-                "needs_prompt_audio": bool(getattr(scorer, "needs_prompt_audio", False)),
-                "max_request_mb": max_request_mb, **{k: v for k, v in stats.items() if k != "started"},
-                "uptime_s": time.time() - stats["started"]}
+        return {
+            "scorer": name,
+            **(describe or {}),
+            "ready": True,
+            "max_batch": max_batch,
+            "needs_prompt_audio": bool(getattr(scorer, "needs_prompt_audio", False)),
+            "max_request_mb": max_request_mb,
+            **{k: v for k, v in stats.items() if k != "started"},
+            "uptime_s": time.time() - stats["started"],
+        }
 
     @app.post("/score")
     async def score(request: Request):

@@ -21,8 +21,8 @@ from __future__ import annotations
 import hashlib
 import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -39,17 +39,35 @@ IGNORED_PREFIXES = ("loss_calculator.",)
 # WavLM-Large (what wavlm_large_finetune.pth was trained on). Shape-derivable fields match the checkpoint;
 # max_distance, layer_norm_first and normalize follow microsoft/wavlm-large's configuration.
 WAVLM_LARGE = dict(
-    extractor_mode="layer_norm", encoder_layers=24, encoder_embed_dim=1024, encoder_ffn_embed_dim=4096,
-    encoder_attention_heads=16, activation_fn="gelu", layer_norm_first=True,
-    conv_feature_layers="[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2", conv_bias=False,
-    feature_grad_mult=0.0, normalize=True, conv_pos=128, conv_pos_groups=16, relative_position_embedding=True,
-    num_buckets=320, max_distance=800, gru_rel_pos=True, dropout=0.0, attention_dropout=0.0,
-    activation_dropout=0.0, encoder_layerdrop=0.0, dropout_input=0.0, dropout_features=0.0,
+    extractor_mode="layer_norm",
+    encoder_layers=24,
+    encoder_embed_dim=1024,
+    encoder_ffn_embed_dim=4096,
+    encoder_attention_heads=16,
+    activation_fn="gelu",
+    layer_norm_first=True,
+    conv_feature_layers="[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2",
+    conv_bias=False,
+    feature_grad_mult=0.0,
+    normalize=True,
+    conv_pos=128,
+    conv_pos_groups=16,
+    relative_position_embedding=True,
+    num_buckets=320,
+    max_distance=800,
+    gru_rel_pos=True,
+    dropout=0.0,
+    attention_dropout=0.0,
+    activation_dropout=0.0,
+    encoder_layerdrop=0.0,
+    dropout_input=0.0,
+    dropout_features=0.0,
 )
 _CONV_SPEC = re.compile(r"^[\[\]\(\)\d\s,+*]+$")
 
 
 # --- ECAPA-TDNN head --------------------------------------------------------------------------------------------
+
 
 class ConvReluBn(nn.Module):
     def __init__(self, c_in: int, c_out: int, kernel: int = 1, padding: int = 0, dilation: int = 1):
@@ -123,8 +141,16 @@ class AttentiveStatsPool(nn.Module):
 class ECAPAHead(nn.Module):
     """seed-tts-eval's ECAPA_TDNN head on WavLM features (attribute names = checkpoint keys)."""
 
-    def __init__(self, num_states: int, feat_dim: int, channels: int = 512, emb_dim: int = 256,
-                 se_bottleneck: int = 128, attention: int = 128, scale: int = 8):
+    def __init__(
+        self,
+        num_states: int,
+        feat_dim: int,
+        channels: int = 512,
+        emb_dim: int = 256,
+        se_bottleneck: int = 128,
+        attention: int = 128,
+        scale: int = 8,
+    ):
         super().__init__()
         self.feature_weight = nn.Parameter(torch.zeros(num_states))
         self.layer1 = ConvReluBn(feat_dim, channels, kernel=5, padding=2)
@@ -161,11 +187,13 @@ class ECAPAHead(nn.Module):
             "emb_dim": int(state["linear.weight"].shape[0]),
             "se_bottleneck": int(state["layer2.SE_Connect.linear1.weight"].shape[0]),
             "attention": int(state["pooling.linear1.weight"].shape[0]),
-            "scale": len([k for k in state if k.startswith("layer2.Res2Conv1dReluBn.convs.") and k.endswith(".weight")]) + 1,
+            "scale": 1
+            + len([k for k in state if k.startswith("layer2.Res2Conv1dReluBn.convs.") and k.endswith(".weight")]),
         }
 
 
 # --- WavLM features -----------------------------------------------------------------------------------------------
+
 
 class WavLMFeatures(nn.Module):
     """s3prl's WavLM with UpstreamExpert's hidden states, exact over padded batches."""
@@ -206,8 +234,10 @@ class WavLMFeatures(nn.Module):
         chunk = padded.shape[1] // t
         sample_pad = F.pad((~frame_mask).repeat_interleave(chunk, dim=1), (0, padded.shape[1] - t * chunk), value=True)
         states: list[torch.Tensor] = []
-        hooks = [layer.register_forward_hook(lambda mod, inp, out: states.append(inp[0].transpose(0, 1)))
-                 for layer in self.model.encoder.layers]
+        hooks = [
+            layer.register_forward_hook(lambda mod, inp, out: states.append(inp[0].transpose(0, 1)))
+            for layer in self.model.encoder.layers
+        ]
         hooks.append(self.model.encoder.register_forward_hook(lambda mod, inp, out: states.append(out[0])))
         try:
             with warnings.catch_warnings():  # s3prl's attention mixes mask types; its weight norm is the legacy one
@@ -221,6 +251,7 @@ class WavLMFeatures(nn.Module):
 
 # --- the scorer ------------------------------------------------------------------------------------------------
 
+
 class SpeakerVerifier(nn.Module):
     def __init__(self, checkpoint: str | Path, wavlm_cfg: dict | None = None):
         super().__init__()
@@ -231,12 +262,16 @@ class SpeakerVerifier(nn.Module):
         state = obj.get("model", obj) if isinstance(obj, dict) else None
         if not isinstance(state, dict):
             raise ValueError(f"{path}: expected {{'model': state dict}}")
-        head_state = {k: v for k, v in state.items() if not k.startswith(WAVLM_PREFIX) and not k.startswith(IGNORED_PREFIXES)}
-        wavlm_state = {k[len(WAVLM_PREFIX):]: v for k, v in state.items() if k.startswith(WAVLM_PREFIX)}
+        head_state = {
+            k: v for k, v in state.items() if not k.startswith(WAVLM_PREFIX) and not k.startswith(IGNORED_PREFIXES)
+        }
+        wavlm_state = {k[len(WAVLM_PREFIX) :]: v for k, v in state.items() if k.startswith(WAVLM_PREFIX)}
         try:
             sizes = ECAPAHead.sizes_from_state(head_state)
         except KeyError as e:
-            raise ValueError(f"{path}: no {e.args[0]}: not a WavLM + ECAPA-TDNN speaker-verification checkpoint") from None
+            raise ValueError(
+                f"{path}: no {e.args[0]}: not a WavLM + ECAPA-TDNN speaker-verification checkpoint"
+            ) from None
         self.head = ECAPAHead(**sizes)
         self.features = WavLMFeatures({**WAVLM_LARGE, **(wavlm_cfg or {})})
         problems = []
@@ -262,7 +297,7 @@ class SpeakerVerifier(nn.Module):
         order = sorted(range(len(wavs)), key=lambda i: -len(wavs[i]))
         out = [None] * len(wavs)
         for start in range(0, len(order), batch_size):
-            idx = order[start: start + batch_size]
+            idx = order[start : start + batch_size]
             hidden, mask = self.features([torch.from_numpy(np.asarray(wavs[i], np.float32)).to(dev) for i in idx])
             emb = self.head(hidden, mask)
             for j, i in enumerate(idx):
@@ -288,10 +323,16 @@ class SimScorer:
     @classmethod
     def check_kwargs(cls, checkpoint: str = "", batch_size: int = 16, **_: object) -> None:
         """Range checks of the constructor's arguments (no model is loaded)."""
-        require(isinstance(checkpoint, str) and bool(checkpoint), "checkpoint",
-                "must be the path of a local wavlm_large_finetune.pth")
-        require(isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1, "batch_size",
-                f"must be an integer >= 1, got {batch_size!r}")
+        require(
+            isinstance(checkpoint, str) and bool(checkpoint),
+            "checkpoint",
+            "must be the path of a local wavlm_large_finetune.pth",
+        )
+        require(
+            isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1,
+            "batch_size",
+            f"must be an integer >= 1, got {batch_size!r}",
+        )
 
     def __call__(self, samples: Sequence[Sample]) -> ScoreResult:
         n = len(samples)
@@ -305,7 +346,9 @@ class SimScorer:
         keys = {i: _key(samples[i].prompt_audio) for i in ok}
         new_prompts = {keys[i]: i for i in ok if keys[i] not in self.prompt_cache}
         wavs = [resample(samples[i].audio, samples[i].sample_rate, SV_RATE) for i in ok]
-        wavs += [resample(samples[i].prompt_audio, samples[i].prompt_sample_rate, SV_RATE) for i in new_prompts.values()]
+        wavs += [
+            resample(samples[i].prompt_audio, samples[i].prompt_sample_rate, SV_RATE) for i in new_prompts.values()
+        ]
         emb = self.model.embed(wavs, self.batch_size) if wavs else torch.zeros(0)
         for j, key in enumerate(new_prompts):
             self.prompt_cache[key] = emb[len(ok) + j]

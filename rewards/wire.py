@@ -70,13 +70,20 @@ def encode_request(samples: list[Sample], encoding: str = "float32") -> dict:
             ref = hashlib.blake2b(np.ascontiguousarray(s.prompt_audio).tobytes(), digest_size=12).hexdigest()
             if ref not in prompts:
                 prompts[ref] = encode_audio(s.prompt_audio, s.prompt_sample_rate or 0, encoding)
-        out.append({
-            "uttid": s.uttid, "group_id": int(s.group_id), "target_text": s.target_text,
-            "prompt_text": s.prompt_text, "codes": [int(c) for c in s.codes], "finished": bool(s.finished),
-            "prompt_codes": [int(c) for c in s.prompt_codes], "emotion": s.emotion,
-            "audio": None if s.audio is None else encode_audio(s.audio, s.sample_rate or 0, encoding),
-            "prompt_audio_ref": ref,
-        })
+        out.append(
+            {
+                "uttid": s.uttid,
+                "group_id": int(s.group_id),
+                "target_text": s.target_text,
+                "prompt_text": s.prompt_text,
+                "codes": [int(c) for c in s.codes],
+                "finished": bool(s.finished),
+                "prompt_codes": [int(c) for c in s.prompt_codes],
+                "emotion": s.emotion,
+                "audio": None if s.audio is None else encode_audio(s.audio, s.sample_rate or 0, encoding),
+                "prompt_audio_ref": ref,
+            }
+        )
     return {"samples": out, "prompt_audio": prompts}
 
 
@@ -96,7 +103,7 @@ def decode_request(obj, max_samples: int) -> list[Sample]:
         if not isinstance(it, dict):
             raise WireError(f"{where}: expected an object")
 
-        def field(name, types, required=True, default=None):
+        def field(name, types, required=True, default=None, *, it=it, where=where):  # bind this sample
             if name not in it or it[name] is None:
                 if required:
                     raise WireError(f"{where}.{name}: missing")
@@ -109,7 +116,7 @@ def decode_request(obj, max_samples: int) -> list[Sample]:
         codes = field("codes", list, required=False, default=[])
         prompt_codes = field("prompt_codes", list, required=False, default=[])
         for name, arr in (("codes", codes), ("prompt_codes", prompt_codes)):
-            if not all(isinstance(c, int) and not isinstance(c, bool) and -2**63 <= c < 2**63 for c in arr):
+            if not all(isinstance(c, int) and not isinstance(c, bool) and -(2**63) <= c < 2**63 for c in arr):
                 raise WireError(f"{where}.{name}: must be a list of 64-bit integers")
         audio = it.get("audio")
         wav, rate = decode_audio(audio, f"{where}.audio") if audio is not None else (None, None)
@@ -122,13 +129,22 @@ def decode_request(obj, max_samples: int) -> list[Sample]:
         emotion = it.get("emotion")
         if emotion is not None and (isinstance(emotion, bool) or not isinstance(emotion, int)):
             raise WireError(f"{where}.emotion: must be an integer or null")
-        samples.append(Sample(
-            uttid=field("uttid", str), group_id=field("group_id", int, required=False, default=0),
-            target_text=field("target_text", str), prompt_text=field("prompt_text", str, required=False, default=""),
-            codes=np.asarray(codes, dtype=np.int64), finished=bool(field("finished", bool, required=False, default=True)),
-            prompt_codes=np.asarray(prompt_codes, dtype=np.int64), emotion=emotion, audio=wav, sample_rate=rate,
-            prompt_audio=pwav, prompt_sample_rate=prate,
-        ))
+        samples.append(
+            Sample(
+                uttid=field("uttid", str),
+                group_id=field("group_id", int, required=False, default=0),
+                target_text=field("target_text", str),
+                prompt_text=field("prompt_text", str, required=False, default=""),
+                codes=np.asarray(codes, dtype=np.int64),
+                finished=bool(field("finished", bool, required=False, default=True)),
+                prompt_codes=np.asarray(prompt_codes, dtype=np.int64),
+                emotion=emotion,
+                audio=wav,
+                sample_rate=rate,
+                prompt_audio=pwav,
+                prompt_sample_rate=prate,
+            )
+        )
     return samples
 
 
@@ -185,6 +201,8 @@ def decode_result(obj, n: int) -> ScoreResult:
     subs = {str(k): _numbers(v, n, f"sub_scores[{k!r}]") for k, v in subs_in.items()}
     values[~valid] = np.nan
     reasons = [r if not ok else None for r, ok in zip(reasons, valid.tolist())]
-    reasons = [r or (None if ok else "the reward service marked it invalid without a reason")
-               for r, ok in zip(reasons, valid.tolist())]
+    reasons = [
+        r or (None if ok else "the reward service marked it invalid without a reason")
+        for r, ok in zip(reasons, valid.tolist())
+    ]
     return ScoreResult(values, valid, subs, reasons)

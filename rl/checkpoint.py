@@ -85,8 +85,16 @@ def _run_id(path: Path) -> str | None:
         return None
 
 
-def _write(tmp: Path, final: Path, root: Path, policy_state: dict, optimizer_state: dict, trainer_state: dict,
-           config_yaml: str, pending: dict | None) -> None:
+def _write(
+    tmp: Path,
+    final: Path,
+    root: Path,
+    policy_state: dict,
+    optimizer_state: dict,
+    trainer_state: dict,
+    config_yaml: str,
+    pending: dict | None,
+) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()

@@ -10,7 +10,11 @@ from rl.configlib import ConfigError, describe
 
 def _add_set(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config value, e.g. --set optim.lr=1e-5 (repeatable)",
     )
 
@@ -26,8 +30,10 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.action == "show":
         print(dump(cfg, derived), end="")
     else:
-        print(f"{args.file}: ok ({len(cfg.rewards)} rewards: {', '.join(cfg.rewards)}; "
-              f"{derived.rows_per_step} samples per step)")
+        print(
+            f"{args.file}: ok ({len(cfg.rewards)} rewards: {', '.join(cfg.rewards)}; "
+            f"{derived.rows_per_step} samples per step)"
+        )
     return 0
 
 
@@ -71,8 +77,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def check_remote_code(configured: bool, allowed: bool, where: str) -> None:
     """A config (or a saved run) never turns remote code on by itself: the command line has to allow it."""
     if configured and not allowed:
-        raise ConfigError(f"{where}: policy.trust_remote_code is true, which runs the Python code shipped in the "
-                          f"checkpoint's tokenizer directory; pass --trust-remote-code to allow it")
+        raise ConfigError(
+            f"{where}: policy.trust_remote_code is true, which runs the Python code shipped in the "
+            f"checkpoint's tokenizer directory; pass --trust-remote-code to allow it"
+        )
 
 
 RESUME_FREE = ("train.steps", "train.save_every", "train.keep_last", "train.output_dir", "wandb.")
@@ -106,11 +114,21 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
     token = read_token(args)
     from rewards.server import serve
 
-    print(f"ttsrl: serving reward '{args.scorer}' ({SCORERS.get(spec, spec)}) on http://{args.host}:{args.port}"
-          + (" with a bearer token" if token else ""), flush=True)
-    serve(scorer, args.scorer, host=args.host, port=args.port, token=token,
-          describe={"class": SCORERS.get(spec, spec), "kwargs": kwargs},
-          max_request_mb=args.max_request_mb, max_batch=args.max_batch)
+    print(
+        f"ttsrl: serving reward '{args.scorer}' ({SCORERS.get(spec, spec)}) on http://{args.host}:{args.port}"
+        + (" with a bearer token" if token else ""),
+        flush=True,
+    )
+    serve(
+        scorer,
+        args.scorer,
+        host=args.host,
+        port=args.port,
+        token=token,
+        describe={"class": SCORERS.get(spec, spec), "kwargs": kwargs},
+        max_request_mb=args.max_request_mb,
+        max_batch=args.max_batch,
+    )
     return 0
 
 
@@ -127,8 +145,11 @@ def read_token(args: argparse.Namespace) -> str | None:
             raise ConfigError(f"--token-file {args.token_file}: the file is empty")
         return token
     if args.token:
-        print("ttsrl: warning: --token is visible to every user of this machine in `ps`; prefer "
-              "TTSRL_REWARD_TOKEN or --token-file", file=sys.stderr)
+        print(
+            "ttsrl: warning: --token is visible to every user of this machine in `ps`; prefer "
+            "TTSRL_REWARD_TOKEN or --token-file",
+            file=sys.stderr,
+        )
         return args.token
     return os.environ.get("TTSRL_REWARD_TOKEN") or None
 
@@ -140,10 +161,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.tiny_models:
             return tiny_models(args.lang, read_meta(args.meta))
         if not args.frontend:
-            raise ConfigError("ttsrl eval needs --frontend DIR (speech_tokenizer/ and frontend/campplus.onnx) "
-                              "or --tiny-models")
-        return EvalModels(frontend_dir=args.frontend, asr_dir=args.asr, sim_checkpoint=args.sim,
-                          emotion_dir=args.emotion)
+            raise ConfigError(
+                "ttsrl eval needs --frontend DIR (speech_tokenizer/ and frontend/campplus.onnx) or --tiny-models"
+            )
+        return EvalModels(
+            frontend_dir=args.frontend, asr_dir=args.asr, sim_checkpoint=args.sim, emotion_dir=args.emotion
+        )
 
     from pathlib import Path
 
@@ -154,9 +177,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if not args.meta or not args.lang:
             raise ConfigError("evaluating a checkpoint needs --meta META.lst and --lang zh|en")
         out = out or default_out(ckpt)
-        report = evaluate(ckpt, args.meta, args.lang, out, models(), device=args.device, seed=args.seed,
-                          batch_size=args.batch_size, flow_steps=args.flow_steps,
-                          trust_remote_code=args.trust_remote_code)
+        report = evaluate(
+            ckpt,
+            args.meta,
+            args.lang,
+            out,
+            models(),
+            device=args.device,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            flow_steps=args.flow_steps,
+            trust_remote_code=args.trust_remote_code,
+        )
         print((Path(out) / "eval.md").read_text(), end="")
         print(f"ttsrl: wrote {out}/eval.json, {out}/eval.md and {report['metrics']['synthesised']} wavs")
         return report
@@ -169,8 +201,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.compare:
             a, b = args.compare
             same = default_out(a) == default_out(b)  # two checkpoints of the same name: keep their outputs apart
-            reports = [load_report(path) or run(path, default_out(path, f"-{tag}") if same else None)
-                       for path, tag in ((a, "A"), (b, "B"))]
+            reports = [
+                load_report(path) or run(path, default_out(path, f"-{tag}") if same else None)
+                for path, tag in ((a, "A"), (b, "B"))
+            ]
             print(compare_table(*reports), end="")
             return 0
         if not args.ckpt:
@@ -200,24 +234,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML experiment config")
     _add_set(p)
     p.add_argument("--output-dir", help="where metrics and checkpoints go (overrides train.output_dir)")
-    p.add_argument("--resume", metavar="DIR", help="continue a run from its latest checkpoint (a run or checkpoint dir)")
+    p.add_argument(
+        "--resume", metavar="DIR", help="continue a run from its latest checkpoint (a run or checkpoint dir)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--overwrite", action="store_true",
-                   help="train into an output dir that holds another run: delete that run's files first")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow policy.trust_remote_code: run the tokenizer code shipped in the checkpoint directory")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train into an output dir that holds another run: delete that run's files first",
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow policy.trust_remote_code: run the tokenizer code shipped in the checkpoint directory",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("serve-reward", help="serve a reward scorer over HTTP (POST /score, GET /health)")
-    p.add_argument("--scorer", required=True, help="with --config: a reward name in it; else a scorer name or dotted path")
+    p.add_argument(
+        "--scorer", required=True, help="with --config: a reward name in it; else a scorer name or dotted path"
+    )
     p.add_argument("--config", help="experiment config whose rewards.<scorer> entry gives the scorer and its kwargs")
     _add_set(p)
     p.add_argument("--kwargs", help="without --config: the scorer's constructor arguments as JSON")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--token-file", help="require the bearer token held in this file (or set $TTSRL_REWARD_TOKEN)")
-    p.add_argument("--token", help="require this bearer token (visible in `ps`: prefer --token-file or "
-                                   "$TTSRL_REWARD_TOKEN; none of them: open)")
+    p.add_argument(
+        "--token",
+        help="require this bearer token (visible in `ps`: prefer --token-file or "
+        "$TTSRL_REWARD_TOKEN; none of them: open)",
+    )
     p.add_argument("--max-batch", type=int, default=1024, help="samples per request at most")
     p.add_argument("--max-request-mb", type=float, default=256.0, help="request body size limit")
     p.set_defaults(func=cmd_serve_reward)
@@ -231,17 +278,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--meta", help="seed-tts-eval meta file: utt|prompt_text|prompt_wav|target_text[|emotion]")
     p.add_argument("--lang", choices=["zh", "en"], help="zh: CER with Paraformer; en: WER with Whisper")
     p.add_argument("--out", help="output dir (default runs/eval/<ckpt name>-<meta name>)")
-    p.add_argument("--compare", nargs=2, metavar=("A", "B"),
-                   help="side-by-side table of two evaluations (eval output dirs, or checkpoints evaluated first)")
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A", "B"),
+        help="side-by-side table of two evaluations (eval output dirs, or checkpoints evaluated first)",
+    )
     p.add_argument("--frontend", help="dir with speech_tokenizer/ and frontend/campplus.onnx (upstream layout)")
     p.add_argument("--asr", help="local Paraformer (zh) or Whisper (en) model dir; without it no CER/WER")
     p.add_argument("--sim", help="local wavlm_large_finetune.pth; without it no SIM")
     p.add_argument("--emotion", help="local emotion2vec+ dir; without it no emotion accuracy")
-    p.add_argument("--tiny-models", action="store_true",
-                   help="tiny random front end and scorers (built on first use in .cache/): tries the pipeline")
+    p.add_argument(
+        "--tiny-models",
+        action="store_true",
+        help="tiny random front end and scorers (built on first use in .cache/): tries the pipeline",
+    )
     p.add_argument("--device", default="cpu")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow a run saved with policy.trust_remote_code to run its tokenizer's own code")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow a run saved with policy.trust_remote_code to run its tokenizer's own code",
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling and flow-noise seed")
     p.add_argument("--batch-size", type=int, default=16, help="items synthesised per batch")
     p.add_argument("--flow-steps", type=int, default=10, help="flow-matching Euler steps (upstream 10)")
@@ -274,8 +331,17 @@ def _input_errors() -> tuple[type, ...]:
     from rollouts.prepare import PrepareError
     from rollouts.token2wav import VocoderCheckpointError
 
-    return (InputError, ManifestError, CheckpointError, VocoderCheckpointError, PrepareError, MetaError,
-            ScorerConfigError, RewardServiceError, ModelDirError)
+    return (
+        InputError,
+        ManifestError,
+        CheckpointError,
+        VocoderCheckpointError,
+        PrepareError,
+        MetaError,
+        ScorerConfigError,
+        RewardServiceError,
+        ModelDirError,
+    )
 
 
 def _run_errors() -> tuple[type, ...]:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from policies.base import POLICIES
 from rl.configlib import ConfigError, opt, overlay, read_yaml, resolve_paths, set_override, to_dict
 from rl.schedules import Schedule
 
@@ -43,11 +44,14 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    ckpt_dir: str = opt("", "GLM-TTS checkpoint directory in the upstream layout (llm/, vq32k-phoneme-tokenizer/, ...)",
-                        path=True)
+    kind: str = opt("glmtts", "the registered policy to train (policies/base.py POLICIES)")
+    ckpt_dir: str = opt(
+        "", "GLM-TTS checkpoint directory in the upstream layout (llm/, vq32k-phoneme-tokenizer/, ...)", path=True
+    )
     build_tiny: bool = opt(False, "write a tiny random checkpoint to ckpt_dir first if it does not exist")
     dtype: Literal["float32", "bfloat16", "float16"] = opt(
-        "float32", "dtype of the speech LM's weights; trained weights stay float32 (bf16/fp16: a frozen LoRA base only)")
+        "float32", "dtype of the speech LM's weights; trained weights stay float32 (bf16/fp16: a frozen LoRA base only)"
+    )
     trust_remote_code: bool = opt(
         False, "load the tokenizer through transformers with its own Python code instead of the built-in reader"
     )
@@ -56,23 +60,40 @@ class PolicyConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    manifest: str = opt("", "upstream GRPO jsonl manifest; relative paths inside it are relative to the file",
-                        path=True)
-    root: str = opt("", "base directory for relative paths in the manifest instead of the manifest's directory",
-                    path=True)
+    manifest: str = opt(
+        "", "upstream GRPO jsonl manifest; relative paths inside it are relative to the file", path=True
+    )
+    root: str = opt(
+        "", "base directory for relative paths in the manifest instead of the manifest's directory", path=True
+    )
     prompts_per_step: int = opt(1, "prompts drawn per step (B); each is sampled group_size times")
     shuffle: bool = opt(True, "reshuffle the manifest every epoch (seeded by train.seed)")
-    max_text_tokens: int = opt(512, "a prompt or target text longer than this many LM tokens is an error naming "
-                                    "its manifest line (the prompt must also fit the LM's context)")
+    max_text_tokens: int = opt(
+        512,
+        "a prompt or target text longer than this many LM tokens is an error naming "
+        "its manifest line (the prompt must also fit the LM's context)",
+    )
     text_normalize: Literal["upstream", "none"] = opt(
-        "upstream", "upstream: normalise prompt and target texts as GLM-TTS does before tokenising (WeTextProcessing "
-                    "1.0.3); none: the manifest's texts are already normalised")
-    custom_replace: str = opt("", "zh substitutions applied before normalising (GLM-TTS configs/custom_replace.jsonl, "
-                                  "as upstream's CLI applies it); empty = none", path=True)
-    phoneme: bool = opt(False, "hybrid phoneme input (upstream --use_phoneme): target characters outside "
-                               "G2P_able_1word.json become phoneme tags (pypinyin + jieba)")
-    phoneme_dicts: str = opt("", "directory with G2P_able_1word.json and G2P_replace_dict.jsonl (GLM-TTS configs/); "
-                                 "needed by data.phoneme", path=True)
+        "upstream",
+        "upstream: normalise prompt and target texts as GLM-TTS does before tokenising (WeTextProcessing "
+        "1.0.3); none: the manifest's texts are already normalised",
+    )
+    custom_replace: str = opt(
+        "",
+        "zh substitutions applied before normalising (GLM-TTS configs/custom_replace.jsonl, "
+        "as upstream's CLI applies it); empty = none",
+        path=True,
+    )
+    phoneme: bool = opt(
+        False,
+        "hybrid phoneme input (upstream --use_phoneme): target characters outside "
+        "G2P_able_1word.json become phoneme tags (pypinyin + jieba)",
+    )
+    phoneme_dicts: str = opt(
+        "",
+        "directory with G2P_able_1word.json and G2P_replace_dict.jsonl (GLM-TTS configs/); needed by data.phoneme",
+        path=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -102,7 +123,9 @@ class VocoderConfig:
     n_timesteps: int = opt(10, "Euler steps of the flow-matching ODE (upstream: 10)")
     batch_size: int = opt(0, "rollouts per flow/HiFT batch at most (0 = as many as padding allows)")
     dtype: Literal["float32", "bfloat16"] = opt(
-        "float32", "flow compute dtype: float32 (upstream) or bfloat16 autocast on GPU (faster, not exact); HiFT float32")
+        "float32",
+        "flow compute dtype: float32 (upstream) or bfloat16 autocast on GPU (faster, not exact); HiFT float32",
+    )
 
 
 @dataclass(frozen=True)
@@ -128,7 +151,9 @@ class DynamicSamplingConfig:
     min_std: float = opt(1e-2, "a group whose fused std (over `keys`) is below this is uninformative")
     max_tries: int = opt(3, "reroll: generation attempts per step in all (upstream: 3)")
     max_gen_batches: int = opt(4, "refill: generation rounds per step at most")
-    on_exhausted: Literal["keep", "error"] = opt("keep", "refill: after max_gen_batches, train on what there is or stop")
+    on_exhausted: Literal["keep", "error"] = opt(
+        "keep", "refill: after max_gen_batches, train on what there is or stop"
+    )
 
 
 @dataclass(frozen=True)
@@ -154,8 +179,11 @@ class OptimConfig:
     ppo_epochs: int = opt(1, "passes over each rollout batch")
     minibatches: int = opt(1, "optimizer steps per pass; > 1 (or ppo_epochs > 1) lets an old-policy clip bind")
     micro_batch_size: int = opt(0, "rows per forward pass inside a minibatch (0 = the whole minibatch)")
-    zero_stage: int = opt(0, "2 = ZeRO-2: AdamW state and reduced gradients partitioned across ranks (rl/zero.py); "
-                             "0 = every rank holds all of them")
+    zero_stage: int = opt(
+        0,
+        "2 = ZeRO-2: AdamW state and reduced gradients partitioned across ranks (rl/zero.py); "
+        "0 = every rank holds all of them",
+    )
 
 
 @dataclass(frozen=True)
@@ -166,13 +194,17 @@ class TrainConfig:
     save_every: int = opt(100, "write a checkpoint every this many steps (0 = only at the end)")
     keep_last: int = opt(3, "checkpoints kept on disk")
     mixed_precision: Literal["no", "bf16"] = opt("no", "bf16 autocast for forward passes (GPU); fp32 master weights")
-    samples_every: int = opt(10, "every this many steps, save a few samples (wav, samples.jsonl, wandb audio table); 0 = off")
+    samples_every: int = opt(
+        10, "every this many steps, save a few samples (wav, samples.jsonl, wandb audio table); 0 = off"
+    )
     samples_per_step: int = opt(4, "samples saved per logged step (one per group)")
     pipeline: bool = opt(False, "sample the next step's first round while this one is scored (one step off-policy)")
-    max_dead_reward_steps: int = opt(3, "stop the run when a weighted reward is invalid for every sample this many "
-                                        "steps in a row (0 = never)")
-    max_skipped_updates: int = opt(3, "stop the run after this many optimizer steps in a row skipped for a "
-                                      "non-finite loss or gradient norm")
+    max_dead_reward_steps: int = opt(
+        3, "stop the run when a weighted reward is invalid for every sample this many steps in a row (0 = never)"
+    )
+    max_skipped_updates: int = opt(
+        3, "stop the run after this many optimizer steps in a row skipped for a non-finite loss or gradient norm"
+    )
 
 
 @dataclass(frozen=True)
@@ -217,15 +249,25 @@ def _validate(cfg: Config) -> None:
         (s.top_k >= 0, "sampling.top_k must be >= 0 (0 = off)"),
         (0.0 < s.top_p <= 1.0, "sampling.top_p must be in (0, 1]"),
         (s.ras_window >= 1 and s.ras_tau > 0, "sampling.ras_window must be >= 1 and ras_tau > 0"),
-        (0 <= s.min_token_text_ratio <= s.max_token_text_ratio,
-         "sampling.min_token_text_ratio must be >= 0 and <= max_token_text_ratio"),
+        (
+            0 <= s.min_token_text_ratio <= s.max_token_text_ratio,
+            "sampling.min_token_text_ratio must be >= 0 and <= max_token_text_ratio",
+        ),
         (s.max_new_tokens >= 1, "sampling.max_new_tokens must be >= 1"),
-        (s.backend != "vllm" or not s.ras, "sampling.backend vllm has no repetition-aware sampling: set sampling.ras "
-                                           "false (or use the builtin sampler)"),
+        (
+            s.backend != "vllm" or not s.ras,
+            "sampling.backend vllm has no repetition-aware sampling: set sampling.ras "
+            "false (or use the builtin sampler)",
+        ),
         (s.backend != "vllm" or not s.compile_decode, "sampling.compile_decode is for the builtin sampler, not vllm"),
         (0.0 < s.vllm_gpu_memory_utilization < 1.0, "sampling.vllm_gpu_memory_utilization must be in (0, 1)"),
         (d.prompts_per_step >= 1, "data.prompts_per_step must be >= 1"),
         (bool(d.manifest), "data.manifest is empty: give the prompt manifest (upstream GRPO jsonl)"),
+        (
+            cfg.policy.kind in POLICIES,
+            f"policy.kind {cfg.policy.kind!r} is not a registered policy "
+            f"({', '.join(sorted(POLICIES))}; policies/base.py)",
+        ),
         (bool(cfg.policy.ckpt_dir), "policy.ckpt_dir is empty: give a GLM-TTS checkpoint directory"),
         (a.std_ddof in (0, 1), "advantage.std_ddof must be 0 or 1"),
         (a.eps >= 0 and a.min_std >= 0, "advantage.eps and advantage.min_std must be >= 0"),
@@ -238,15 +280,19 @@ def _validate(cfg: Config) -> None:
         (o.ppo_epochs >= 1 and o.minibatches >= 1, "optim.ppo_epochs and optim.minibatches must be >= 1"),
         (o.micro_batch_size >= 0, "optim.micro_batch_size must be >= 0"),
         (o.zero_stage in (0, 2), "optim.zero_stage must be 0 (no sharding) or 2 (ZeRO-2)"),
-        (cfg.policy.dtype == "float32" or (cfg.policy.lora.enabled and not cfg.policy.lora.modules_to_save),
-         f"policy.dtype {cfg.policy.dtype} would train {cfg.policy.dtype} weights, where AdamW updates smaller than "
-         f"the weights' resolution (lr 1e-6 is) are lost: keep policy.dtype float32 and set "
-         f"train.mixed_precision bf16 for bf16 compute, or train LoRA adapters with lora.modules_to_save: []"),
+        (
+            cfg.policy.dtype == "float32" or (cfg.policy.lora.enabled and not cfg.policy.lora.modules_to_save),
+            f"policy.dtype {cfg.policy.dtype} would train {cfg.policy.dtype} weights, where AdamW updates smaller than "
+            f"the weights' resolution (lr 1e-6 is) are lost: keep policy.dtype float32 and set "
+            f"train.mixed_precision bf16 for bf16 compute, or train LoRA adapters with lora.modules_to_save: []",
+        ),
         (cfg.train.steps >= 1, "train.steps must be >= 1"),
         (cfg.vocoder.n_timesteps >= 1 and cfg.vocoder.batch_size >= 0, "vocoder.n_timesteps >= 1, batch_size >= 0"),
         (cfg.train.save_every >= 0 and cfg.train.keep_last >= 1, "train.save_every >= 0 and train.keep_last >= 1"),
-        (cfg.train.samples_every >= 0 and cfg.train.samples_per_step >= 1,
-         "train.samples_every >= 0 and train.samples_per_step >= 1"),
+        (
+            cfg.train.samples_every >= 0 and cfg.train.samples_per_step >= 1,
+            "train.samples_every >= 0 and train.samples_per_step >= 1",
+        ),
         (not cfg.policy.lora.enabled or cfg.policy.lora.r >= 1, "policy.lora.r must be >= 1"),
     ]
     for ok, msg in checks:
@@ -261,8 +307,10 @@ def _validate(cfg: Config) -> None:
     if d.max_text_tokens < 1:
         raise ConfigError("data.max_text_tokens must be >= 1")
     if d.phoneme and not d.phoneme_dicts:
-        raise ConfigError("data.phoneme needs data.phoneme_dicts: the directory holding G2P_able_1word.json and "
-                          "G2P_replace_dict.jsonl (the GLM-TTS repository's configs/)")
+        raise ConfigError(
+            "data.phoneme needs data.phoneme_dicts: the directory holding G2P_able_1word.json and "
+            "G2P_replace_dict.jsonl (the GLM-TTS repository's configs/)"
+        )
     if not cfg.rewards:
         raise ConfigError("rewards: at least one reward is needed, e.g. rewards.duration.scorer=duration")
     from rewards.base import ScorerConfigError, check_scorer_kwargs, resolve_scorer_class
@@ -290,7 +338,10 @@ def _check_schedules(cfg: Config) -> None:
         ("loss.eps_high", cfg.loss.eps_high, 0.0, True, math.inf, ">= 0"),
     )
     for key, sched, low, low_ok, high, want in ranges:
-        sched.validate(key)
+        try:
+            sched.validate(key)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         lo_v, hi_v = sched.bounds(last)
         below = lo_v < low or (lo_v == low and not low_ok)
         if not (math.isfinite(lo_v) and math.isfinite(hi_v)) or below or hi_v >= high:
@@ -332,7 +383,9 @@ def _yaml_layers(path: Path, chain: tuple[Path, ...]) -> list[tuple[dict, Path]]
         raise ConfigError(f"{path}: `base` must be the path of another config file")
     base_path = Path(os.path.normpath(path.parent / base))
     if base_path in chain + (path,):
-        raise ConfigError(f"{path}: `base: {base}` makes a cycle ({' -> '.join(str(p) for p in chain + (path, base_path))})")
+        raise ConfigError(
+            f"{path}: `base: {base}` makes a cycle ({' -> '.join(str(p) for p in chain + (path, base_path))})"
+        )
     return _yaml_layers(base_path, chain + (path,)) + [(data, path)]
 
 

@@ -30,7 +30,10 @@ def opt(default: Any, help: str, *, path: bool = False) -> Any:
     """A config field with a default and a one-line help text. path=True: a file system path (see resolve_paths)."""
     meta = {"help": help, "path": path}
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
-        factory = (lambda d=default: _copy(d))
+
+        def factory(d=default):
+            return _copy(d)
+
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
@@ -259,7 +262,9 @@ def _set_path(obj: Any, keys: list[str], raw: str, where: str) -> Any:
             child = new[entry] if entry in new else val_tp()
             new[entry] = _set_path(child, entry_rest, raw, entry_path)
         else:
-            raise ConfigError(f"'{entry_path}' is a value, not a section; cannot set '{entry_path}.{'.'.join(entry_rest)}'")
+            raise ConfigError(
+                f"'{entry_path}' is a value, not a section; cannot set '{entry_path}.{'.'.join(entry_rest)}'"
+            )
     else:
         raise ConfigError(f"'{path}' is a value, not a section; cannot set '{path}.{'.'.join(rest)}'")
     return dataclasses.replace(obj, **{key: new})

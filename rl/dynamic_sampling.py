@@ -172,6 +172,6 @@ class DynamicSampling:
             return [self._by_slot[s] for s in sorted(self._by_slot)]
         kept = list(self._kept)
         deficit = self.num_prompts - len(kept)
-        fill = self._spare[len(self._spare) - deficit:] if deficit > 0 else []
+        fill = self._spare[len(self._spare) - deficit :] if deficit > 0 else []
         self.discarded = len(self._spare) - len(fill)
         return sorted(kept + fill, key=lambda r: r.slot)

@@ -8,7 +8,8 @@ Lines that are empty or start with `#` are skipped.
 
 For every item: the voice prompt goes through the GLM-TTS front end (speech tokenizer, CAMPPlus embedding, 24 kHz
 prompt mel; `rollouts/prepare.py`), the policy samples one utterance (the upstream inference sampler: RAS,
-top-k 25, top-p 0.8, T 1; seeded per item), Token2Wav vocodes it and the wav is written to OUT/wavs/<utt>.wav (uttid made file-safe).
+top-k 25, top-p 0.8, T 1; seeded per item), Token2Wav vocodes it and the wav is written to OUT/wavs/<utt>.wav
+(uttid made file-safe).
 The LM reads the texts normalised as in training (rollouts/text.py); a long target goes piece by piece as upstream's
 generate_long (rl/long_text.py). The metrics score the raw target text. Then, as seed-tts-eval does:
     CER (zh, Paraformer) / WER (en, Whisper)   mean over items of the per-item rate, x 100; plus the
@@ -30,11 +31,14 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from rewards.emotion import LABELS
+
+if TYPE_CHECKING:
+    from rollouts.text import LMTexts
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODELS = REPO / ".cache" / "tiny-eval-models"
@@ -82,8 +86,9 @@ def read_meta(path: str | Path) -> list[MetaItem]:
         where = f"{path}:{n}"
         parts = line.rstrip("\n").split("|")
         if len(parts) not in (4, 5, 6):
-            raise MetaError(f"{where}: expected utt|prompt_text|prompt_wav|target_text[|gt_wav][|emotion], "
-                            f"got {len(parts)} fields")
+            raise MetaError(
+                f"{where}: expected utt|prompt_text|prompt_wav|target_text[|gt_wav][|emotion], got {len(parts)} fields"
+            )
         utt, prompt_text, wav, target = (p.strip() for p in parts[:4])
         for name, value in (("utt", utt), ("prompt_text", prompt_text), ("prompt_wav", wav), ("target_text", target)):
             if not value:
@@ -99,8 +104,10 @@ def read_meta(path: str | Path) -> list[MetaItem]:
         if extra and extra[0].lower().endswith(AUDIO_SUFFIXES):
             gt_wav = extra.pop(0)
         if len(extra) > 1:  # six fields, the fifth no audio file
-            raise MetaError(f"{where}: field 'gt_wav': a 6-field line is utt|prompt_text|prompt_wav|target_text|"
-                            f"gt_wav|emotion, with an audio file in field 5 (got {parts[4].strip()!r})")
+            raise MetaError(
+                f"{where}: field 'gt_wav': a 6-field line is utt|prompt_text|prompt_wav|target_text|"
+                f"gt_wav|emotion, with an audio file in field 5 (got {parts[4].strip()!r})"
+            )
         if extra and extra[0]:
             emotion = _emotion(extra[0], where)
         items.append(MetaItem(utt, prompt_text, wav_path, target, emotion, where, gt_wav))
@@ -133,10 +140,13 @@ def tiny_models(lang: str, meta_items: list[MetaItem] | None = None, root: Path 
         write_tiny_frontend(root / "frontend")
         stamp.write_text(json.dumps(paths, indent=1))
     paths = json.loads(stamp.read_text())
-    return EvalModels(frontend_dir=str(root / "frontend"),
-                      asr_dir=paths["paraformer_dir"] if lang == "zh" else paths["whisper_dir"],
-                      sim_checkpoint=paths["sv_checkpoint"], sim_wavlm_cfg=paths["wavlm_cfg"],
-                      emotion_dir=paths["emotion_dir"])
+    return EvalModels(
+        frontend_dir=str(root / "frontend"),
+        asr_dir=paths["paraformer_dir"] if lang == "zh" else paths["whisper_dir"],
+        sim_checkpoint=paths["sv_checkpoint"],
+        sim_wavlm_cfg=paths["wavlm_cfg"],
+        emotion_dir=paths["emotion_dir"],
+    )
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------------------
@@ -149,8 +159,9 @@ class LoadedCheckpoint:
     policy: object  # GLMTTSPolicy
 
 
-def load_for_eval(path: str | Path, device: str = "cpu", dtype: str = "float32", *,
-                  trust_remote_code: bool = False) -> LoadedCheckpoint:
+def load_for_eval(
+    path: str | Path, device: str = "cpu", dtype: str = "float32", *, trust_remote_code: bool = False
+) -> LoadedCheckpoint:
     """A GLM-TTS checkpoint directory (llm/ ...) or a ttsrl run / checkpoint directory (its policy on top of the
     GLM-TTS checkpoint the run trained). A run saved with policy.trust_remote_code loads only when the caller
     allows remote code (`--trust-remote-code`): a saved config never turns it on by itself."""
@@ -169,16 +180,21 @@ def load_for_eval(path: str | Path, device: str = "cpu", dtype: str = "float32",
     try:
         ckpt = find_checkpoint(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: neither a GLM-TTS checkpoint (no llm/) nor a ttsrl run or checkpoint "
-                                f"(no trainer_state.json, no checkpoints/step-*/)") from None
+        raise FileNotFoundError(
+            f"{path}: neither a GLM-TTS checkpoint (no llm/) nor a ttsrl run or checkpoint "
+            f"(no trainer_state.json, no checkpoints/step-*/)"
+        ) from None
     cfg, _ = config_from_data(yaml.safe_load((ckpt / "config.yaml").read_text()), str(ckpt / "config.yaml"))
     if cfg.policy.trust_remote_code and not trust_remote_code:
-        raise MetaError(f"{ckpt / 'config.yaml'}: the run was trained with policy.trust_remote_code: true, which runs "
-                        f"the Python code shipped in the checkpoint's tokenizer directory; pass --trust-remote-code "
-                        f"to allow it")
+        raise MetaError(
+            f"{ckpt / 'config.yaml'}: the run was trained with policy.trust_remote_code: true, which runs "
+            f"the Python code shipped in the checkpoint's tokenizer directory; pass --trust-remote-code "
+            f"to allow it"
+        )
     base = Path(cfg.policy.ckpt_dir)
-    policy = GLMTTSPolicy.from_pretrained(base, dtype=DTYPES[dtype], device=device, lora=cfg.policy.lora,
-                                          trust_remote_code=cfg.policy.trust_remote_code)
+    policy = GLMTTSPolicy.from_pretrained(
+        base, dtype=DTYPES[dtype], device=device, lora=cfg.policy.lora, trust_remote_code=cfg.policy.trust_remote_code
+    )
     policy.load_checkpoint_state(load_file(str(ckpt / "policy.safetensors")))
     return LoadedCheckpoint(str(ckpt), base, policy)
 
@@ -221,15 +237,15 @@ def evaluate(
     batch_size: int = 16,
     flow_steps: int = 10,
     trust_remote_code: bool = False,
-    texts: "LMTexts | None" = None,  # how texts become LM input; default upstream normalisation, no phonemes
+    texts: LMTexts | None = None,  # how texts become LM input; default upstream normalisation, no phonemes
 ) -> dict:
     from policies.sampling import SamplingParams
-    from rollouts.text import LMTexts
     from rewards.base import Sample
     from rewards.cer import edit_counts
     from rollouts.audio import write_wav
     from rollouts.paths import inside, safe_stem
     from rollouts.prepare import PromptFrontend
+    from rollouts.text import LMTexts
     from rollouts.token2wav import Token2Wav, VoicePrompt
 
     if lang not in ("zh", "en"):
@@ -271,11 +287,18 @@ def evaluate(
     enc = policy.encode_text
     for start in range(0, len(todo), batch_size):
         jobs = []
-        for k in todo[start: start + batch_size]:
+        for k in todo[start : start + batch_size]:
             it, pf = items[k], prompt_feats[items[k].prompt_wav]
             pieces = [enc(p) for p in lm.target_chunks(it.target_text)]  # upstream generate_long's pieces
-            jobs.append(LongJob(k, enc(lm.prompt(it.prompt_text) + " "), pieces,
-                                VoicePrompt(pf.tokens, pf.feat, pf.embedding), it.where))
+            jobs.append(
+                LongJob(
+                    k,
+                    enc(lm.prompt(it.prompt_text) + " "),
+                    pieces,
+                    VoicePrompt(pf.tokens, pf.feat, pf.embedding),
+                    it.where,
+                )
+            )
         synthesize_long(policy, token2wav, jobs, params, seed=seed)
         for job in jobs:
             res = results[items[job.key].utt]
@@ -294,19 +317,35 @@ def evaluate(
 
     ok = [it for it in items if it.utt in audio]
     prompt_wavs = {p: read_wav(p) for p in {it.prompt_wav for it in ok}}
-    samples = [Sample(uttid=it.utt, group_id=k, target_text=it.target_text, prompt_text=it.prompt_text,
-                      codes=np.zeros(0, np.int64), finished=not results[it.utt].truncated,
-                      prompt_codes=np.zeros(0, np.int64), emotion=it.emotion, audio=audio[it.utt],
-                      sample_rate=token2wav_rate(), prompt_audio=prompt_wavs[it.prompt_wav][0],
-                      prompt_sample_rate=prompt_wavs[it.prompt_wav][1]) for k, it in enumerate(ok)]
+    samples = [
+        Sample(
+            uttid=it.utt,
+            group_id=k,
+            target_text=it.target_text,
+            prompt_text=it.prompt_text,
+            codes=np.zeros(0, np.int64),
+            finished=not results[it.utt].truncated,
+            prompt_codes=np.zeros(0, np.int64),
+            emotion=it.emotion,
+            audio=audio[it.utt],
+            sample_rate=token2wav_rate(),
+            prompt_audio=prompt_wavs[it.prompt_wav][0],
+            prompt_sample_rate=prompt_wavs[it.prompt_wav][1],
+        )
+        for k, it in enumerate(ok)
+    ]
     measured = {"cer": False, "sim": False, "emotion": False}
     if models.asr_dir and samples:
         from rewards.cer import CERScorer
 
         measured["cer"] = True
         kind = asr_kind or ("paraformer" if lang == "zh" else "whisper")
-        scorer = CERScorer(paraformer_dir=models.asr_dir if kind == "paraformer" else None,
-                           whisper_dir=models.asr_dir if kind == "whisper" else None, lang=lang, device=device)
+        scorer = CERScorer(
+            paraformer_dir=models.asr_dir if kind == "paraformer" else None,
+            whisper_dir=models.asr_dir if kind == "whisper" else None,
+            lang=lang,
+            device=device,
+        )
         hyps, _, reasons = scorer.transcribe(samples)
         for s, hyp, why in zip(samples, hyps, reasons):
             res = results[s.uttid]
@@ -419,9 +458,14 @@ def metric_rows(report: dict) -> list[tuple[str, float | int | None, int, int | 
 
 
 def markdown_report(report: dict) -> str:
-    lines = [f"# Evaluation of {report['ckpt']}", "",
-             f"meta `{report['meta']}`, lang {report['lang']}, seed {report['seed']}, {report['flow_steps']} flow steps", "",
-             "| metric | value | items |", "|---|---|---|"]
+    lines = [
+        f"# Evaluation of {report['ckpt']}",
+        "",
+        f"meta `{report['meta']}`, lang {report['lang']}, seed {report['seed']}, {report['flow_steps']} flow steps",
+        "",
+        "| metric | value | items |",
+        "|---|---|---|",
+    ]
     for label, value, digits, n in metric_rows(report):
         lines.append(f"| {label} | {_fmt(value, digits)} | {_fmt(n)} |")
     not_measured = [k for k, v in report["measured"].items() if not v]
@@ -436,20 +480,28 @@ def markdown_report(report: dict) -> str:
 def compare_table(a: dict, b: dict) -> str:
     """Markdown: the two reports' headline figures side by side, with B - A."""
     if a["lang"] != b["lang"] or a["meta"] != b["meta"]:
-        raise ValueError(f"the two evaluations used different test sets ({a['meta']} [{a['lang']}] vs "
-                         f"{b['meta']} [{b['lang']}]); they cannot be compared")
+        raise ValueError(
+            f"the two evaluations used different test sets ({a['meta']} [{a['lang']}] vs "
+            f"{b['meta']} [{b['lang']}]); they cannot be compared"
+        )
     lines = [f"A = {a['ckpt']}", f"B = {b['ckpt']}", "", "| metric | A | B | B - A |", "|---|---|---|---|"]
     for (label, va, digits, na), (_, vb, _, nb) in zip(metric_rows(a), metric_rows(b)):
         delta = None if va is None or vb is None else vb - va
         counts = f" (n = {na} / {nb})" if na is not None else ""
         lines.append(f"| {label}{counts} | {_fmt(va, digits)} | {_fmt(vb, digits)} | {_fmt(delta, digits)} |")
     per = {r["utt"]: r for r in a["items"]}
-    both = [(per[r["utt"]]["error_rate"], r["error_rate"]) for r in b["items"]
-            if r["utt"] in per and r["error_rate"] is not None and per[r["utt"]]["error_rate"] is not None]
+    both = [
+        (per[r["utt"]]["error_rate"], r["error_rate"])
+        for r in b["items"]
+        if r["utt"] in per and r["error_rate"] is not None and per[r["utt"]]["error_rate"] is not None
+    ]
     if both:
         better = sum(eb < ea for ea, eb in both)
         worse = sum(eb > ea for ea, eb in both)
-        lines += ["", f"per-item error rate, B vs A: {better} better, {worse} worse, {len(both) - better - worse} equal"]
+        lines += [
+            "",
+            f"per-item error rate, B vs A: {better} better, {worse} worse, {len(both) - better - worse} equal",
+        ]
     return "\n".join(lines) + "\n"
 
 

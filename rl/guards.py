@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 import shutil
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -44,8 +44,10 @@ def refuse_other_run(out: Path, overwrite: bool) -> list[Path]:
     found = run_files(out)
     if found and not overwrite:
         names = ", ".join(p.name for p in found)
-        raise InputError(f"{out} already holds a run ({names}): continue it with `ttsrl train --resume {out}`, "
-                         f"train into another --output-dir, or pass --overwrite to delete that run's files first")
+        raise InputError(
+            f"{out} already holds a run ({names}): continue it with `ttsrl train --resume {out}`, "
+            f"train into another --output-dir, or pass --overwrite to delete that run's files first"
+        )
     return found
 
 
@@ -65,15 +67,20 @@ def check_prompt_lengths(records, prompts, *, max_text_tokens: int, context: int
     generation within the LM's context. `prompts[i]` holds `ids` and `text_len` (target-text tokens)."""
     for rec, p in zip(records, prompts):
         if p.text_len > max_text_tokens:
-            raise InputError(f"{rec.source}: field 'syn_text': {p.text_len} tokens, above data.max_text_tokens="
-                             f"{max_text_tokens} (split long texts, or raise the bound)")
+            raise InputError(
+                f"{rec.source}: field 'syn_text': {p.text_len} tokens, above data.max_text_tokens="
+                f"{max_text_tokens} (split long texts, or raise the bound)"
+            )
         prompt_text = len(p.ids) - p.text_len - 1 - len(rec.prompt_speech_tokens)
         if prompt_text > max_text_tokens:
-            raise InputError(f"{rec.source}: field 'prompt_text': {prompt_text} tokens, above data.max_text_tokens="
-                             f"{max_text_tokens}")
+            raise InputError(
+                f"{rec.source}: field 'prompt_text': {prompt_text} tokens, above data.max_text_tokens={max_text_tokens}"
+            )
         if context is not None and len(p.ids) + max_new_tokens > context:
-            raise InputError(f"{rec.source}: the prompt is {len(p.ids)} tokens; with sampling.max_new_tokens="
-                             f"{max_new_tokens} it exceeds the LM's context of {context} positions")
+            raise InputError(
+                f"{rec.source}: the prompt is {len(p.ids)} tokens; with sampling.max_new_tokens="
+                f"{max_new_tokens} it exceeds the LM's context of {context} positions"
+            )
 
 
 def check_text_size(records, max_text_tokens: int) -> None:
@@ -83,8 +90,10 @@ def check_text_size(records, max_text_tokens: int) -> None:
     for rec in records:
         for field, text in (("syn_text", rec.target_text), ("prompt_text", rec.prompt_text)):
             if len(text) > limit:
-                raise InputError(f"{rec.source}: field '{field}': {len(text)} characters, far above "
-                                 f"data.max_text_tokens={max_text_tokens}")
+                raise InputError(
+                    f"{rec.source}: field '{field}': {len(text)} characters, far above "
+                    f"data.max_text_tokens={max_text_tokens}"
+                )
 
 
 def check_prompt_audio(records, needing: list[str]) -> None:
@@ -98,8 +107,10 @@ def check_prompt_audio(records, needing: list[str]) -> None:
             why = f"file not found: {rec.prompt_wav}"
         else:
             continue
-        raise InputError(f"{rec.source}: field 'prompt_speech' {why}; reward(s) {', '.join(needing)} compare "
-                         f"against the voice prompt's audio")
+        raise InputError(
+            f"{rec.source}: field 'prompt_speech' {why}; reward(s) {', '.join(needing)} compare "
+            f"against the voice prompt's audio"
+        )
 
 
 class RewardHealth:
@@ -132,9 +143,11 @@ class RewardHealth:
         """Why the run must stop now (a weighted reward dead for max_dead_steps steps in a row), or None."""
         for k in self.weighted:
             if self.max_dead_steps and self.dead[k] >= self.max_dead_steps:
-                return (f"reward '{k}' was invalid for every sample {self.dead[k]} steps in a row (last step {step}: "
-                        f"{self.last.get(k, '')}); check its scorer or service "
-                        f"(train.max_dead_reward_steps={self.max_dead_steps})")
+                return (
+                    f"reward '{k}' was invalid for every sample {self.dead[k]} steps in a row (last step {step}: "
+                    f"{self.last.get(k, '')}); check its scorer or service "
+                    f"(train.max_dead_reward_steps={self.max_dead_steps})"
+                )
         return None
 
     def state_dict(self) -> dict:
@@ -163,9 +176,11 @@ class UpdateGuard:
             return True
         self.in_a_row += 1
         if self.in_a_row >= self.max_skipped:
-            raise RunError(f"step {step}: {self.in_a_row} optimizer steps in a row had a non-finite loss ({loss}) or "
-                           f"gradient norm ({grad_norm}) and were skipped; the weights were not changed by them. "
-                           f"Lower optim.lr or check the rewards (train.max_skipped_updates={self.max_skipped})")
+            raise RunError(
+                f"step {step}: {self.in_a_row} optimizer steps in a row had a non-finite loss ({loss}) or "
+                f"gradient norm ({grad_norm}) and were skipped; the weights were not changed by them. "
+                f"Lower optim.lr or check the rewards (train.max_skipped_updates={self.max_skipped})"
+            )
         return False
 
     def state_dict(self) -> dict:

@@ -70,11 +70,11 @@ def synthesize_long(policy, token2wav, jobs: list[LongJob], params, *, seed: int
             inputs.append(PromptInput(ids=ids, text_len=len(j.piece_ids[r])))
         try:
             with torch.no_grad():
-                ro = policy.sample_groups(inputs, 1, params, group_ids=[j.key for j in active],
-                                          seed=seed if r == 0 else seed * 7919 + r)
+                ro = policy.sample_groups(
+                    inputs, 1, params, group_ids=[j.key for j in active], seed=seed if r == 0 else seed * 7919 + r
+                )
             codes = ro.codes(s.ats)
-            voc = token2wav(codes, [j.voice for j in active],
-                            [seed * 1_000_003 + j.key + 104_729 * r for j in active])
+            voc = token2wav(codes, [j.voice for j in active], [seed * 1_000_003 + j.key + 104_729 * r for j in active])
         except (ValueError, RuntimeError) as e:  # the whole round failed for these items
             for j in active:
                 j.failed["synthesis"] = f"{type(e).__name__}: {e}"

@@ -6,13 +6,22 @@ Per token t of sequence i, with advantage A_i:
     ratio_i   = exp( sum_t m_i,t (logp - anchor)_i,t / sum_t m_i,t )   ratio_level="sequence" (GSPO)
     L_i,t     = -min(ratio * A_i, clamp(ratio, 1 - eps_low, 1 + eps_high) * A_i)
 
-Aggregation over the valid tokens m:
-    token_mean     sum m L / sum m                                   (DAPO, upstream GLM-TTS)
-    seq_mean       mean_i ( sum_t m L / sum_t m )                    (GRPO; sequences without tokens skipped)
-    seq_sum_const  sum m L / (B * norm_len)                          (Dr.GRPO; B = rows, norm_len given)
+Aggregation over the valid tokens m (`agg_loss`), with the denominators N_tok (valid tokens), N_seq (sequences
+holding at least one valid token) and N_rows (rows, valid or not):
+    token_mean     sum m L / N_tok                                   (DAPO, upstream GLM-TTS)
+    seq_mean       sum_i ( sum_t m L / sum_t m ) / N_seq             (GRPO; sequences without tokens add nothing)
+    seq_sum_const  sum m L / (N_rows * norm_len)                     (Dr.GRPO; norm_len a fixed length)
 
 Optional KL to a reference, k3 estimator: kl_t = exp(ref - logp) - (ref - logp) - 1, added as
-kl_coef * (token mean of kl_t).
+kl_coef * (sum m kl / N_tok).
+
+Whose denominators. Without `denom`, `policy_loss` uses the batch's own (N_* counted from `mask`), so its loss is
+the batch's mean. A minibatch split into micro-batches (and over ranks) must instead divide every micro-batch's
+sums by the WHOLE minibatch's denominators, over all ranks (`LossDenominators`, as verl's `agg_loss` takes
+`batch_num_tokens` / `global_batch_size`): then each micro-batch's loss is already its share of the minibatch loss,
+and summing the micro-batches' gradients (backward of each) and the ranks' gradients (all-reduce SUM, not mean)
+gives exactly the gradient of the whole minibatch's loss, whatever the split. Dividing by a micro-batch's own
+denominators and averaging is not the same when micro-batches hold different numbers of tokens or sequences.
 
 The anchor: `anchor_logp` is either the behaviour (old) policy's log-probs or a frozen reference's; the caller
 chooses. With an old-policy anchor and a single update per rollout the ratio is exactly 1 and the clip never
@@ -26,6 +35,8 @@ inf * 0 = NaN; the clamp is far outside any clip range, so it never changes a cl
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -33,16 +44,79 @@ import torch
 
 _LOG_RATIO_LIMIT = 20.0
 
+Agg = Literal["token_mean", "seq_mean", "seq_sum_const"]
+
+
+@dataclass(frozen=True)
+class LossDenominators:
+    """The denominators of one minibatch's loss: counted over ALL its rows, on all ranks, not over one micro-batch.
+
+    tokens:   valid tokens, sum of the [B, T] mask over every row of the minibatch (token_mean, and the KL term)
+    seqs:     rows with at least one valid token (seq_mean)
+    rows:     rows, with or without valid tokens (seq_sum_const)
+    norm_len: seq_sum_const's fixed length (e.g. sampling.max_new_tokens); None when not used. `policy_loss`
+              fills it from its `norm_len` argument when None here.
+
+    Counts are plain numbers (an all-reduce SUM of each rank's counts), so the loss needs no device sync. A zero
+    count divides as 1 (the sums over no tokens are 0 then)."""
+
+    tokens: float
+    seqs: float
+    rows: float
+    norm_len: int | None = None
+
+    def __post_init__(self):
+        for name in ("tokens", "seqs", "rows"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"LossDenominators.{name} must be a finite count >= 0, got {v!r}")
+        if self.seqs > self.tokens or self.seqs > self.rows:
+            raise ValueError(
+                f"LossDenominators: seqs ({self.seqs}) cannot exceed tokens ({self.tokens}) or rows ({self.rows})"
+            )
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor, norm_len: int | None = None) -> LossDenominators:
+        """The counts of one [B, T] mask (one rank's rows; all-reduce SUM them for the global ones). Syncs."""
+        valid = mask.bool()
+        return cls(
+            tokens=float(valid.sum()), seqs=float(valid.any(-1).sum()), rows=float(mask.shape[0]), norm_len=norm_len
+        )
+
+
+def agg_loss(per_token: torch.Tensor, mask: torch.Tensor, agg: Agg, denom: LossDenominators) -> torch.Tensor:
+    """Aggregate per-token losses [B, T] over the valid tokens of `mask` [B, T], dividing by `denom` (see the module
+    docstring: token_mean sum / tokens, seq_mean sum of per-sequence means / seqs, seq_sum_const sum / (rows *
+    norm_len)). With the batch's own denominators (`LossDenominators.from_mask(mask)`) this is its mean loss; with
+    a minibatch's global ones it is this batch's share of the minibatch loss, so shares add up. Masked entries
+    may hold NaN/inf: they are replaced by 0 (no value, no gradient)."""
+    if per_token.dim() != 2 or mask.shape != per_token.shape:
+        raise ValueError(
+            f"per_token and mask must share one [B, T] shape; got {tuple(per_token.shape)}, {tuple(mask.shape)}"
+        )
+    valid = mask.bool()
+    per_token = torch.where(valid, per_token, torch.zeros_like(per_token))
+    if agg == "token_mean":
+        return per_token.sum() / max(denom.tokens, 1.0)
+    if agg == "seq_mean":
+        tok_per_seq = valid.sum(-1).to(per_token.dtype)
+        return (per_token.sum(-1) / tok_per_seq.clamp(min=1.0)).sum() / max(denom.seqs, 1.0)
+    if agg == "seq_sum_const":
+        if denom.norm_len is None or denom.norm_len <= 0:
+            raise ValueError("agg='seq_sum_const' needs norm_len > 0 (e.g. the maximum generation length)")
+        return per_token.sum() / (max(denom.rows, 1.0) * denom.norm_len)
+    raise ValueError(f"agg must be token_mean, seq_mean or seq_sum_const, got {agg!r}")
+
 
 @dataclass
 class LossOutput:
+    """Without `denom`: the batch's own means. With `denom`: this micro-batch's shares of the minibatch's loss
+    (sum them over micro-batches and ranks). `metrics` are always this batch's own (local) values."""
+
     loss: torch.Tensor  # scalar: pg + kl_coef * kl
     pg: torch.Tensor  # scalar policy-gradient term (aggregated as `agg` says)
-    kl: torch.Tensor  # scalar token-mean k3 KL (0 without a reference)
+    kl: torch.Tensor  # scalar k3 KL: token sum / tokens (0 without a reference)
     metrics: dict[str, float] = field(default_factory=dict)
-
-    def __iter__(self):  # `loss, metrics = policy_loss(...)`
-        return iter((self.loss, self.metrics))
 
 
 def policy_loss(
@@ -54,14 +128,18 @@ def policy_loss(
     eps_low: float,
     eps_high: float,
     ratio_level: Literal["token", "sequence"] = "token",
-    agg: Literal["token_mean", "seq_mean", "seq_sum_const"] = "token_mean",
+    agg: Agg = "token_mean",
     norm_len: int | None = None,
     kl_coef: float = 0.0,
     ref_logp: torch.Tensor | None = None,  # [B, T], required when kl_coef > 0
+    denom: LossDenominators | None = None,
 ) -> LossOutput:
-    """Returns LossOutput (unpacks as `loss, metrics`). The pg and kl terms are kept apart so that micro-batches
-    can weight them by their own denominators (sequences or tokens). Metrics: clip/low_frac, clip/high_frac (sign-aware, over valid tokens),
-    ratio/mean, ratio/min, ratio/max, kl (token mean, 0 without a reference), pg_loss."""
+    """Returns LossOutput. `denom` None: pg and kl are this batch's own means (local denominators). `denom` given
+    (the whole minibatch's counts over all ranks): pg = agg_loss(..., denom) and kl = token sum / denom.tokens, so
+    `loss` is directly this micro-batch's share: backward each micro-batch's loss and sum gradients over ranks.
+    `norm_len` fills denom.norm_len when that is None (they must agree when both are given).
+    Metrics (always local): clip/low_frac, clip/high_frac (sign-aware, over valid tokens), ratio/mean, ratio/min,
+    ratio/max, kl (token mean, 0 without a reference), pg_loss (this batch's own aggregate)."""
     if logp.dim() != 2 or anchor_logp.shape != logp.shape or mask.shape != logp.shape:
         raise ValueError(
             f"logp, anchor_logp and mask must share one [B, T] shape; got {tuple(logp.shape)}, "
@@ -71,6 +149,19 @@ def policy_loss(
         raise ValueError(f"advantages must be [B]={logp.shape[0]}, got {tuple(advantages.shape)}")
     if eps_low < 0 or eps_high < 0:
         raise ValueError("eps_low and eps_high must be >= 0")
+    if ref_logp is None and kl_coef != 0.0:
+        raise ValueError("kl_coef > 0 needs ref_logp")
+    local = LossDenominators.from_mask(mask, norm_len)
+    if denom is not None:
+        if denom.norm_len is None:
+            denom = dataclasses.replace(denom, norm_len=norm_len)
+        elif norm_len is not None and norm_len != denom.norm_len:
+            raise ValueError(f"norm_len={norm_len} disagrees with denom.norm_len={denom.norm_len}")
+        if local.tokens > denom.tokens or local.seqs > denom.seqs or local.rows > denom.rows:
+            raise ValueError(
+                f"denom ({denom}) is smaller than this batch's own counts ({local}): it must count the "
+                f"whole minibatch over all ranks"
+            )
     m = mask.to(logp.dtype)
     adv = advantages.detach().to(logp.dtype)[:, None]  # [B, 1]
     log_ratio = (logp - anchor_logp.detach()).clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT)
@@ -86,33 +177,20 @@ def policy_loss(
 
     clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
     per_token = -torch.minimum(ratio * adv, clipped * adv)  # [B, T]
-    per_token = torch.where(valid, per_token, torch.zeros_like(per_token))
-
-    n_tok = m.sum()
-    if agg == "token_mean":
-        pg = per_token.sum() / n_tok.clamp(min=1.0)
-    elif agg == "seq_mean":
-        tok_per_seq = m.sum(-1)
-        has = tok_per_seq > 0
-        seq_loss = per_token.sum(-1) / tok_per_seq.clamp(min=1.0)
-        pg = seq_loss[has].sum() / has.sum().clamp(min=1)
-    elif agg == "seq_sum_const":
-        if norm_len is None or norm_len <= 0:
-            raise ValueError("agg='seq_sum_const' needs norm_len > 0 (e.g. the maximum generation length)")
-        pg = per_token.sum() / (logp.shape[0] * norm_len)
-    else:
-        raise ValueError(f"agg must be token_mean, seq_mean or seq_sum_const, got {agg!r}")
+    pg = agg_loss(per_token, mask, agg, denom if denom is not None else local)
 
     kl = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    kl_local = kl
     if ref_logp is not None:
         delta = (ref_logp.detach() - logp).clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT)
         kl_tok = torch.where(valid, torch.exp(delta) - delta - 1.0, torch.zeros_like(delta))
-        kl = kl_tok.sum() / n_tok.clamp(min=1.0)
-    elif kl_coef != 0.0:
-        raise ValueError("kl_coef > 0 needs ref_logp")
+        kl_sum = kl_tok.sum()
+        kl_local = kl_sum / max(local.tokens, 1.0)
+        kl = kl_sum / max(denom.tokens, 1.0) if denom is not None else kl_local
     loss = pg + kl_coef * kl
 
     with torch.no_grad():
+        pg_local = pg if denom is None else agg_loss(per_token.detach(), mask, agg, local)
         n = valid.sum().clamp(min=1)
         r = ratio.detach()
         low = (r < 1.0 - eps_low) & (adv < 0) & valid
@@ -124,7 +202,7 @@ def policy_loss(
             "ratio/mean": float(rv.mean()) if rv.numel() else 1.0,
             "ratio/min": float(rv.min()) if rv.numel() else 1.0,
             "ratio/max": float(rv.max()) if rv.numel() else 1.0,
-            "kl": float(kl.detach()),
-            "pg_loss": float(pg.detach()),
+            "kl": float(kl_local.detach()),
+            "pg_loss": float(pg_local.detach()),
         }
     return LossOutput(loss=loss, pg=pg, kl=kl, metrics=metrics)

@@ -18,8 +18,9 @@ def _clean(v):
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: Path, *, config: dict, wandb_cfg, resume_step: int | None = None,
-                 wandb_id: str | None = None):
+    def __init__(
+        self, output_dir: Path, *, config: dict, wandb_cfg, resume_step: int | None = None, wandb_id: str | None = None
+    ):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
@@ -27,8 +28,10 @@ class MetricsLogger:
             # torn last line left by a crash mid-write
             rows, torn = read_rows(self.path)
             if torn:
-                print(f"ttsrl: warning: {self.path}: dropped a torn last line (the run was killed while writing it)",
-                      file=sys.stderr)
+                print(
+                    f"ttsrl: warning: {self.path}: dropped a torn last line (the run was killed while writing it)",
+                    file=sys.stderr,
+                )
             rewrite_rows(self.path, [r for r in rows if int(r.get("step", 0)) <= resume_step])
         elif resume_step is None and self.path.exists():
             self.path.unlink()
@@ -41,8 +44,13 @@ class MetricsLogger:
             mode = wandb_cfg.mode
             if mode == "auto":
                 mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-            kw = dict(project=wandb_cfg.project, name=wandb_cfg.run_name or Path(output_dir).name, config=config,
-                      dir=str(output_dir), mode=mode)
+            kw = dict(
+                project=wandb_cfg.project,
+                name=wandb_cfg.run_name or Path(output_dir).name,
+                config=config,
+                dir=str(output_dir),
+                mode=mode,
+            )
             try:
                 run = wandb.init(**kw, id=wandb_id, resume="allow" if wandb_id else None)
             except Exception as e:  # noqa: BLE001 - e.g. "run ID ... is in use" right after a killed run
@@ -67,12 +75,34 @@ class MetricsLogger:
         import wandb
 
         names = sorted({k for s in samples for k in s["rewards"]})
-        table = wandb.Table(columns=["step", "uttid", "group", "audio", "target_text", "prompt_text", "seconds",
-                                     "finished", "advantage", *names])
+        table = wandb.Table(
+            columns=[
+                "step",
+                "uttid",
+                "group",
+                "audio",
+                "target_text",
+                "prompt_text",
+                "seconds",
+                "finished",
+                "advantage",
+                *names,
+            ]
+        )
         for s, wav in zip(samples, audio):
             clip = wandb.Audio(wav, sample_rate=sample_rate) if wav is not None else None
-            table.add_data(step, s["uttid"], s["group_id"], clip, s["target_text"], s["prompt_text"], s["seconds"],
-                           s["finished"], s["advantage"], *[s["rewards"].get(k) for k in names])
+            table.add_data(
+                step,
+                s["uttid"],
+                s["group_id"],
+                clip,
+                s["target_text"],
+                s["prompt_text"],
+                s["seconds"],
+                s["finished"],
+                s["advantage"],
+                *[s["rewards"].get(k) for k in names],
+            )
         self.wandb.log({"samples": table}, step=step)
 
     def close(self) -> None:

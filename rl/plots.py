@@ -1,9 +1,9 @@
 """`ttsrl plot RUN_DIR`: PNG curves from metrics.jsonl, for people without wandb.
 
-    <run>/plots/rewards.png   every reward's mean (raw) and the fused reward, with a moving average
-    <run>/plots/length.png    mean generated length and the truncated fraction
-    <run>/plots/clip.png      clip fractions (low, high) and the eps_low / eps_high / temperature schedules
-    <run>/plots/loss.png      loss, KL, entropy, grad norm
+<run>/plots/rewards.png   every reward's mean (raw) and the fused reward, with a moving average
+<run>/plots/length.png    mean generated length and the truncated fraction
+<run>/plots/clip.png      clip fractions (low, high) and the eps_low / eps_high / temperature schedules
+<run>/plots/loss.png      loss, KL, entropy, grad norm
 """
 
 from __future__ import annotations
@@ -54,12 +54,19 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     out_dir = run_dir / "plots"
     out_dir.mkdir(exist_ok=True)
     k = max(1, len(rows) // 20)
-    rewards = sorted({key.split("/")[1] for r in rows for key in r if key.startswith("reward/") and key.endswith("/mean")})
+    rewards = sorted(
+        {key.split("/")[1] for r in rows for key in r if key.startswith("reward/") and key.endswith("/mean")}
+    )
     panels = {
         "rewards.png": [(f"reward/{name}/mean", name) for name in rewards],
         "length.png": [("len/mean", "mean length (tokens)"), ("len/truncated_frac", "truncated fraction")],
-        "clip.png": [("clip/low_frac", "clip low fraction"), ("clip/high_frac", "clip high fraction"),
-                     ("clip/eps_low", "eps_low"), ("clip/eps_high", "eps_high"), ("sampling/temperature", "temperature")],
+        "clip.png": [
+            ("clip/low_frac", "clip low fraction"),
+            ("clip/high_frac", "clip high fraction"),
+            ("clip/eps_low", "eps_low"),
+            ("clip/eps_high", "eps_high"),
+            ("sampling/temperature", "temperature"),
+        ],
         "loss.png": [("loss", "loss"), ("kl", "KL"), ("entropy", "entropy"), ("grad_norm", "grad norm")],
     }
     written = []

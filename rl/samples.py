@@ -30,7 +30,9 @@ def pick_rows(group_ids: list[int], n: int) -> list[int]:
     return rows
 
 
-def write_samples(output_dir: Path, step: int, rows: list[dict], audio: list[np.ndarray | None], sample_rate: int) -> list[dict]:
+def write_samples(
+    output_dir: Path, step: int, rows: list[dict], audio: list[np.ndarray | None], sample_rate: int
+) -> list[dict]:
     """rows: one dict per sample (uttid, group_id, target_text, prompt_text, finished, rewards, reasons, advantage);
     writes the wavs and appends to samples.jsonl. Returns the rows with their wav paths."""
     folder = Path(output_dir) / "samples" / f"step-{step:06d}"
@@ -42,8 +44,12 @@ def write_samples(output_dir: Path, step: int, rows: list[dict], audio: list[np.
             if wav is not None:  # the file is named after a sanitised uttid; the true one is in the JSON row
                 path = inside(folder, f"{safe_stem(row['uttid'])}_g{int(row['group_id'])}.wav")
                 write_wav(path, wav, sample_rate)
-            rec = {"step": step, **row, "wav": str(path) if path else None,
-                   "seconds": None if wav is None else len(wav) / sample_rate}
+            rec = {
+                "step": step,
+                **row,
+                "wav": str(path) if path else None,
+                "seconds": None if wav is None else len(wav) / sample_rate,
+            }
             rec["rewards"] = {k: (None if v is None or not math.isfinite(v) else v) for k, v in row["rewards"].items()}
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             out.append(rec)

@@ -12,10 +12,12 @@ uninterrupted run would have read.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
-from rl.configlib import ConfigError, opt
+
+def _opt(default, help: str):  # a field with its help line (plain data: the config layer reads the metadata)
+    return field(default=default, metadata={"help": help, "path": False})
 
 
 def constant(value: float, step: int) -> float:
@@ -39,25 +41,26 @@ def exp_decay(start: float, rate: float, step: int, end: float = 1.0, steps: int
 class Schedule:
     """A value that may change with the training step. A bare number in YAML means `constant`."""
 
-    kind: Literal["constant", "linear", "exp_decay"] = opt("constant", "constant | linear | exp_decay")
-    start: float = opt(0.0, "value at step 0")
-    end: float | None = opt(None, "linear: value reached at `steps`; exp_decay: asymptote (default 1.0)")
-    steps: int = opt(0, "linear: steps from start to end; exp_decay: step from which the value is `end` (0 = never)")
-    rate: float = opt(0.0, "exp_decay: decay rate k in exp(-k * step)")
+    kind: Literal["constant", "linear", "exp_decay"] = _opt("constant", "constant | linear | exp_decay")
+    start: float = _opt(0.0, "value at step 0")
+    end: float | None = _opt(None, "linear: value reached at `steps`; exp_decay: asymptote (default 1.0)")
+    steps: int = _opt(0, "linear: steps from start to end; exp_decay: step from which the value is `end` (0 = never)")
+    rate: float = _opt(0.0, "exp_decay: decay rate k in exp(-k * step)")
 
     @classmethod
-    def from_scalar(cls, value: float) -> "Schedule":
+    def from_scalar(cls, value: float) -> Schedule:
         return cls(kind="constant", start=float(value))
 
     def validate(self, where: str) -> None:
+        """ValueError naming `where` when the keys do not make a schedule of this kind."""
         if self.kind == "linear":
             if self.end is None or self.steps <= 0:
-                raise ConfigError(f"{where}: a linear schedule needs `end` and `steps` > 0")
+                raise ValueError(f"{where}: a linear schedule needs `end` and `steps` > 0")
         elif self.kind == "exp_decay":
             if self.rate <= 0:
-                raise ConfigError(f"{where}: an exp_decay schedule needs `rate` > 0")
+                raise ValueError(f"{where}: an exp_decay schedule needs `rate` > 0")
         elif self.end is not None or self.steps or self.rate:
-            raise ConfigError(f"{where}: a constant schedule takes only `start`")
+            raise ValueError(f"{where}: a constant schedule takes only `start`")
 
     def bounds(self, last_step: int) -> tuple[float, float]:
         """(lowest, highest) value the schedule takes over steps 0..last_step. Every kind is monotone between its

@@ -1,4 +1,5 @@
-"""The GRPO training loop for a speech-LM policy.
+"""The GRPO training loop for a speech-LM policy: `train()` reads top to bottom, one short loop over the steps
+calling the named stages below (setup once; then per step collect -> advantages -> update -> metrics -> write).
 
 Each step:
   1. rollouts     draw prompts, sample a group of `sampling.group_size` sequences per prompt (behaviour log-probs
@@ -26,10 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
-from policies.glmtts import GLMTTSPolicy
-from policies.sampling import SamplingParams
+from policies.base import Policy, policy_class
 from rewards.runner import build_scorers, cat_scores, samples_from_rollout, score, select_scores
 from rl.advantages import fused_reward_mean, normalize_fuse_normalize
 from rl.checkpoint import clean_partial, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
@@ -38,16 +37,24 @@ from rl.configlib import to_dict
 from rl.distributed import Dist
 from rl.dynamic_sampling import DynamicSampling, GroupResult, informative_groups
 from rl.errors import RunError
-from rl.guards import (RewardHealth, UpdateGuard, check_finite, check_prompt_audio, check_prompt_lengths,
-                       check_text_size, clear_run, refuse_other_run)
-from rl.losses import policy_loss
+from rl.guards import (
+    RewardHealth,
+    UpdateGuard,
+    check_finite,
+    check_prompt_audio,
+    check_prompt_lengths,
+    check_text_size,
+    clear_run,
+    refuse_other_run,
+)
+from rl.losses import LossDenominators, policy_loss
 from rl.metrics import MetricsLogger
 from rl.samples import pick_rows, truncate_samples, write_samples
 from rl.zero import ShardedAdamW
 from rollouts.audio import read_wav
 from rollouts.manifest import ManifestError, PromptStream, read_manifest
 from rollouts.token2wav import Token2Wav, VoicePrompt
-from rollouts.types import PromptRecord, Rollout
+from rollouts.types import PromptRecord, Rollout, SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -90,12 +97,26 @@ class RewardFailure(RunError):
 
         common = Counter(r for r in reasons if r).most_common(3)
         why = "; ".join(f"{n} x {r}" for r, n in common)
-        super().__init__(f"reward '{name}': {frac:.0%} of step {step}'s samples are invalid, above its limit "
-                         f"rewards.{name}.max_invalid_frac={limit:g}. Most common reasons: {why}")
+        super().__init__(
+            f"reward '{name}': {frac:.0%} of step {step}'s samples are invalid, above its limit "
+            f"rewards.{name}.max_invalid_frac={limit:g}. Most common reasons: {why}"
+        )
 
 
-_ROLLOUT_TENSORS = ("prompt_ids", "prompt_mask", "tokens", "token_mask", "behaviour_logp", "group_ids",
-                    "prompt_index", "finished", "truncated", "lengths", "min_lengths", "text_lengths")
+_ROLLOUT_TENSORS = (
+    "prompt_ids",
+    "prompt_mask",
+    "tokens",
+    "token_mask",
+    "behaviour_logp",
+    "group_ids",
+    "prompt_index",
+    "finished",
+    "truncated",
+    "lengths",
+    "min_lengths",
+    "text_lengths",
+)
 
 
 def rollout_tensors(ro: Rollout) -> dict[str, torch.Tensor]:
@@ -111,462 +132,852 @@ def step_seed(seed: int, step: int, salt: int = 0) -> int:
     return (seed * 1_000_003 + step) * 1_009 + salt
 
 
-def train(cfg: Config, derived: Derived, *, resume: str | None = None, progress: bool = True,
-          overwrite: bool = False) -> dict:
-    """Run the configured training (one process, or one rank of `accelerate launch`). Returns the last metrics.
+@dataclass
+class Run:
+    """What `setup` builds once; the stages read it. `state` is the only part that changes (step by step)."""
 
-    Every input is checked before anything is written to the output directory; a directory that holds another run
-    is refused unless `overwrite` (which then deletes that run's files). Raises InputError / ManifestError / ...
-    for bad input and RunError when the run cannot go on (rl/guards.py)."""
+    cfg: Config
+    derived: Derived
+    out: Path  # the run directory
+    accelerator: object  # accelerate.Accelerator
+    dist: Dist
+    records: list[PromptRecord]  # the manifest, raw texts
+    policy: Policy
+    generator: Generator
+    scorers: dict
+    prompt_audio: PromptAudio
+    optimizer: torch.optim.Optimizer
+    stream: PromptStream
+    state: TrainState
+    health: RewardHealth
+    guard: UpdateGuard
+    config_yaml: str
+    logger: MetricsLogger | None = None  # rank 0
+    bar: object = None  # tqdm, rank 0 with progress
+
+    def say(self, line: str, file=None) -> None:
+        if self.dist.main:
+            (self.bar.write if self.bar is not None else print)(line, file=file)
+
+
+class Generator:
+    """One generation round: sample a group per prompt (built-in sampler or vLLM), then vocode it."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        policy: Policy,
+        vllm,
+        token2wav: Token2Wav | None,
+        voices: list[VoicePrompt],
+        prompts: list,
+        dist: Dist,
+        accelerator,
+    ):
+        self.cfg, self.policy, self.vllm, self.token2wav = cfg, policy, vllm, token2wav
+        self.voices, self.prompts, self.dist, self.accelerator = voices, prompts, dist, accelerator
+
+    def params(self, step: int) -> SamplingParams:
+        s = self.cfg.sampling
+        return SamplingParams(
+            temperature=s.temperature(step),
+            top_k=s.top_k,
+            top_p=s.top_p,
+            ras=s.ras,
+            ras_window=s.ras_window,
+            ras_tau=s.ras_tau,
+        )
+
+    def vocode(self, ro: Rollout):
+        if self.token2wav is None:
+            return None
+        # one noise seed per group: decoder noise is shared inside a group and cannot leak into the advantages
+        return self.token2wav(
+            self.policy.speech_codes(ro),
+            [self.voices[int(k)] for k in ro.prompt_index],
+            [step_seed(self.cfg.train.seed, 0, int(g)) for g in ro.group_ids],
+            batch_size=self.cfg.vocoder.batch_size,
+        )
+
+    def __call__(self, prompt_idx: list[int], gids: list[int], params: SamplingParams, seed: int) -> Generated | None:
+        """This rank's share of a round: one group per prompt (manifest indices), sampled and vocoded. None when the
+        round has no slot for this rank."""
+        mine = self.dist.shard(len(gids))
+        if not mine:
+            return None
+        s = self.cfg.sampling
+        t0 = time.perf_counter()
+        kw = dict(
+            group_ids=[gids[i] for i in mine],
+            seed=seed,
+            min_ratio=s.min_token_text_ratio,
+            max_ratio=s.max_token_text_ratio,
+            max_new_tokens=s.max_new_tokens,
+        )
+        prompts = [self.prompts[prompt_idx[i]] for i in mine]
+        gap = math.nan
+        if self.vllm is not None:  # the engine syncs the policy's weights first when they changed
+            ro, gap = self._trainer_logprobs(self.vllm.sample_groups(prompts, s.group_size, params, **kw))
+        else:
+            with self.accelerator.autocast():  # the precision of the update's forward passes (autocast is per thread)
+                ro = self.policy.sample_groups(
+                    prompts, s.group_size, params, **kw, decode="compiled" if s.compile_decode else "dynamic"
+                )
+        ro = dataclasses.replace(ro, prompt_index=torch.tensor([prompt_idx[mine[int(i)]] for i in ro.prompt_index]))
+        t1 = time.perf_counter()
+        vocoded = self.vocode(ro)
+        return Generated(ro, vocoded, t1 - t0, time.perf_counter() - t1, vllm_gap=gap)
+
+    def _trainer_logprobs(self, ro: Rollout) -> tuple[Rollout, float]:
+        """vLLM's log-probs match the trainer's only to kernel precision, so the ratio is anchored on the trainer's
+        own log-probs of the same tokens, under the weights vLLM sampled with (now, before any update)."""
+        model = self.policy.model
+        was_training = model.training
+        model.eval()
+        micro = self.cfg.optim.micro_batch_size or ro.num_rows
+        with torch.no_grad(), self.accelerator.autocast():
+            own = torch.cat(
+                [
+                    self.policy.token_logprobs(ro.select(m))[0].float().cpu()
+                    for m in torch.split(torch.arange(ro.num_rows), micro)
+                ]
+            )
+        model.train(was_training)
+        return dataclasses.replace(ro, behaviour_logp=own), float((own - ro.behaviour_logp)[ro.token_mask].abs().mean())
+
+
+class Prefetch:
+    """train.pipeline: the next step's first round, sampled on a worker thread while this round is scored (one step
+    off-policy). `submit` starts it, `join` waits for it, `take` hands it to the next step; the pending round is part
+    of every checkpoint (`state` + `tensors`), so a resumed pipelined run repeats the uninterrupted one."""
+
+    def __init__(self, enabled: bool, pending: PendingRound | None = None):
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") if enabled else None
+        self.pending = pending
+        self._future = None
+
+    @staticmethod
+    def restore(
+        run_state: TrainState, ckpt: dict | None, dist: Dist, generator: Generator, pad_id: int, resume: str | None
+    ) -> PendingRound | None:
+        if ckpt is None or run_state.pending is None:
+            return None
+        if run_state.pending["world"] != dist.world:
+            raise RuntimeError(
+                f"{resume}: this pipelined run was saved by {run_state.pending['world']} processes; "
+                f"resume it with as many (got {dist.world})"
+            )
+        prefix = f"rank{dist.rank}."
+        part = {k[len(prefix) :]: v for k, v in ckpt["pending"].items() if k.startswith(prefix)}
+        gen = None
+        if part:
+            ro = rollout_from_state(part, run_state.pending, pad_id)
+            gen = Generated(ro, generator.vocode(ro), 0.0, lag=1)
+        return PendingRound(run_state.pending["prompt_idx"], run_state.pending["gids"], gen)
+
+    def take(self) -> PendingRound | None:
+        pending, self.pending = self.pending, None
+        return pending
+
+    def submit(
+        self, generator: Generator, prompt_idx: list[int], gids: list[int], params: SamplingParams, seed: int
+    ) -> None:
+        self._future = (prompt_idx, gids, self.executor.submit(generator, prompt_idx, gids, params, seed))
+
+    def join(self) -> float:
+        """Wait for the submitted round; returns the seconds of it that were hidden behind this round's scoring."""
+        if self._future is None:
+            return 0.0
+        prompt_idx, gids, future = self._future
+        self._future = None
+        t = time.perf_counter()
+        ahead = future.result()
+        self.pending = PendingRound(prompt_idx, gids, dataclasses.replace(ahead, lag=1) if ahead else None)
+        if ahead is None:
+            return 0.0
+        return max(0.0, ahead.seconds + ahead.vocode_seconds - (time.perf_counter() - t))
+
+    def tensors(self, dist: Dist) -> dict[str, torch.Tensor] | None:
+        """Every rank's pending rollout (a collective), for the checkpoint."""
+        mine = None if self.pending is None or self.pending.gen is None else rollout_tensors(self.pending.gen.rollout)
+        every = dist.gather(mine)
+        tensors = {f"rank{r}.{k}": v for r, t in enumerate(every) if t is not None for k, v in t.items()}
+        return tensors or None
+
+    def state(self, world: int, params: SamplingParams) -> dict | None:
+        if self.pending is None:
+            return None
+        return {
+            "prompt_idx": self.pending.prompt_idx,
+            "gids": self.pending.gids,
+            "world": world,
+            "params": dataclasses.asdict(params),
+        }  # sampled with the next step's parameters
+
+    def shutdown(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown()
+
+
+# ---- setup --------------------------------------------------------------------------------------------------------
+
+
+def setup(cfg: Config, derived: Derived, resume: str | None, overwrite: bool, progress: bool) -> tuple[Run, Prefetch]:
+    """Data, policy, vocoder, scorers, optimizer and the resumed state, all checked before anything is written;
+    then the run directory is opened (rank 0)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
     out = Path(cfg.train.output_dir)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision)
     if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-        raise RuntimeError(f"launched with {accelerator.distributed_type.value}: ttsrl does its own data parallelism; "
-                           f"use `accelerate launch --multi_gpu` and optim.zero_stage=2 for ZeRO-2 sharding")
+        raise RuntimeError(
+            f"launched with {accelerator.distributed_type.value}: ttsrl does its own data parallelism; "
+            f"use `accelerate launch --multi_gpu` and optim.zero_stage=2 for ZeRO-2 sharding"
+        )
     dist = Dist(accelerator)
-    say = print if dist.main else (lambda *a, **k: None)
     other_run = [] if resume else refuse_other_run(out, overwrite)
-
-    # ---- setup: data, policy, vocoder, scorers, optimizer (all checked before anything is written) ------------
     records = read_manifest(cfg.data.manifest, cfg.data.root or None)
     check_text_size(records, cfg.data.max_text_tokens)
+    policy, vllm = _load_policy(cfg, derived, records, dist, accelerator)
+    from rollouts.text import lm_records  # the texts as the LM reads them (data.text_normalize, data.phoneme)
+
+    prompts = [policy.prompt_input(r) for r in lm_records(records, cfg.data, policy.encode_text)]
+    check_prompt_lengths(
+        records,
+        prompts,
+        max_text_tokens=cfg.data.max_text_tokens,
+        context=policy.context_length,
+        max_new_tokens=cfg.sampling.max_new_tokens,
+    )
+    token2wav = _load_vocoder(cfg, records, accelerator)
+    voices = [VoicePrompt(r.prompt_speech_tokens, r.prompt_feat, r.embedding) for r in records]
+    generator = Generator(cfg, policy, vllm, token2wav, voices, prompts, dist, accelerator)
+    scorers = build_scorers(cfg.rewards)
+    for sc in scorers.values():  # remote services: fail fast, before the first step, naming the url
+        if callable(getattr(sc, "check", None)):
+            sc.check()
+    check_prompt_audio(records, [k for k, sc in scorers.items() if getattr(sc, "needs_prompt_audio", False)])
+    run = Run(
+        cfg,
+        derived,
+        out,
+        accelerator,
+        dist,
+        records,
+        policy,
+        generator,
+        scorers,
+        PromptAudio(records),
+        _optimizer(cfg, policy, dist, accelerator),
+        PromptStream(len(records), seed=cfg.train.seed, shuffle=cfg.data.shuffle),
+        TrainState(run_id=uuid.uuid4().hex),
+        RewardHealth(derived.weights, cfg.train.max_dead_reward_steps),
+        UpdateGuard(cfg.train.max_skipped_updates),
+        dump(cfg),
+    )
+    ckpt = _resume(run, resume) if resume else None
+    prefetch = Prefetch(cfg.train.pipeline, Prefetch.restore(run.state, ckpt, dist, generator, policy.pad_id, resume))
+    if dist.main:  # every input is checked: from here on the run writes
+        _open_run_dir(run, other_run, bool(resume), progress)
+    return run, prefetch
+
+
+def _load_policy(cfg: Config, derived: Derived, records: list[PromptRecord], dist: Dist, accelerator):
     ckpt_dir = Path(cfg.policy.ckpt_dir)
     if cfg.policy.build_tiny and dist.main:
         from policies.tiny import write_tiny_checkpoint
         from rollouts.tiny_vocoder import write_tiny_vocoder
 
         if not (ckpt_dir / "llm").exists():
-            write_tiny_checkpoint(ckpt_dir, [t for r in records for t in (r.prompt_text, r.target_text)],
-                                  seed=cfg.train.seed)
-            say(f"ttsrl: wrote a tiny random GLM-TTS speech LM to {ckpt_dir}")
+            write_tiny_checkpoint(
+                ckpt_dir, [t for r in records for t in (r.prompt_text, r.target_text)], seed=cfg.train.seed
+            )
+            print(f"ttsrl: wrote a tiny random GLM-TTS speech LM to {ckpt_dir}")
         if cfg.vocoder.enabled and not (ckpt_dir / "flow").exists():
             write_tiny_vocoder(ckpt_dir, seed=cfg.train.seed)
-            say(f"ttsrl: wrote a tiny random flow + HiFT vocoder to {ckpt_dir}")
+            print(f"ttsrl: wrote a tiny random flow + HiFT vocoder to {ckpt_dir}")
     dist.barrier()
-    policy = GLMTTSPolicy.from_pretrained(
-        ckpt_dir, dtype=DTYPES[cfg.policy.dtype], device=accelerator.device,
-        lora=cfg.policy.lora, trust_remote_code=cfg.policy.trust_remote_code,
+    policy = policy_class(cfg.policy.kind).from_pretrained(
+        ckpt_dir,
+        dtype=DTYPES[cfg.policy.dtype],
+        device=accelerator.device,
+        lora=cfg.policy.lora,
+        trust_remote_code=cfg.policy.trust_remote_code,
     )
     if derived.needs_reference:
         policy.make_reference()
-    from rollouts.text import lm_records  # the texts as the LM reads them (data.text_normalize, data.phoneme)
-
-    prompts = [policy.prompt_input(r) for r in lm_records(records, cfg.data, policy.encode_text)]
-    check_prompt_lengths(records, prompts, max_text_tokens=cfg.data.max_text_tokens,
-                         context=getattr(policy.model.config, "max_position_embeddings", None),
-                         max_new_tokens=cfg.sampling.max_new_tokens)
     vllm = None  # sampling.backend vllm: the rollouts come from a vLLM engine that holds a copy of the weights
     if cfg.sampling.backend == "vllm":
         from policies.vllm_rollout import VLLMSampler
 
-        vllm = VLLMSampler(policy, gpu_memory_utilization=cfg.sampling.vllm_gpu_memory_utilization,
-                           dtype="bfloat16" if cfg.train.mixed_precision == "bf16" else "float32", seed=cfg.train.seed)
-    vllm_stale = vllm is not None and bool(resume)  # resumed weights are loaded below: sync before sampling
-    token2wav = None
-    if cfg.vocoder.enabled:
-        for r in records:
-            if r.prompt_feat is None or r.embedding is None:
-                missing = "prompt_speech_feat" if r.prompt_feat is None else "embedding"
-                raise ManifestError(f"{r.source}: field '{missing}' is missing; vocoding needs it (or vocoder.enabled=false)")
-        token2wav = Token2Wav.from_pretrained(ckpt_dir, device=accelerator.device, n_timesteps=cfg.vocoder.n_timesteps,
-                                              dtype=cfg.vocoder.dtype)
-    voices = [VoicePrompt(r.prompt_speech_tokens, r.prompt_feat, r.embedding) for r in records]
-    prompt_audio = PromptAudio(records)
-    scorers = build_scorers(cfg.rewards)
-    for sc in scorers.values():  # remote services: fail fast, before the first step, naming the url
-        if callable(getattr(sc, "check", None)):
-            sc.check()
-    check_prompt_audio(records, [k for k, sc in scorers.items() if getattr(sc, "needs_prompt_audio", False)])
-    adamw = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
-                 fused=accelerator.device.type in ("cpu", "cuda") or None)  # one kernel over all parameters
-    if cfg.optim.zero_stage == 2:  # AdamW state and reduced gradients partitioned across ranks (rl/zero.py)
-        optimizer = ShardedAdamW(policy.trainable_parameters(), dist.rank, dist.world, **adamw)
-    else:
-        optimizer = torch.optim.AdamW(policy.trainable_parameters(), **adamw)
-    stream = PromptStream(len(records), seed=cfg.train.seed, shuffle=cfg.data.shuffle)
-    state = TrainState(run_id=uuid.uuid4().hex)
-    health = RewardHealth(derived.weights, cfg.train.max_dead_reward_steps)
-    guard = UpdateGuard(cfg.train.max_skipped_updates)
-    ckpt = None
-    if resume:
-        ckpt = load_checkpoint(find_checkpoint(resume))
-        policy.load_checkpoint_state(ckpt["policy"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(list(ckpt["rng"]["cuda"]))
-        state = TrainState(**ckpt["trainer_state"])
-        stream.load_state(state.stream)
-        health.load_state_dict(state.guards.get("rewards", {}))
-        guard.load_state_dict(state.guards.get("updates", {}))
-        say(f"ttsrl: resumed from {find_checkpoint(resume)} at step {state.step}")
-    config_yaml = dump(cfg)
-    logger = None
-    if dist.main:  # every input is checked: from here on the run writes
-        clear_run(out, other_run, say)
-        out.mkdir(parents=True, exist_ok=True)
-        clean_partial(out)
-        if resume:
-            for warning in truncate_samples(out, state.step):
-                print(f"ttsrl: warning: {warning}", file=sys.stderr)
-        (out / "config.yaml").write_text(config_yaml)
-        logger = MetricsLogger(out, config=to_dict(cfg), wandb_cfg=cfg.wandb,
-                               resume_step=state.step if resume else None, wandb_id=state.wandb_id)
-        state.wandb_id = logger.wandb_id
-        say(f"ttsrl: metrics -> {logger.path}" + (f" and wandb run {logger.wandb_id}" if logger.wandb else "")
-            + (f"; {dist.world} processes" if dist.world > 1 else ""))
+        vllm = VLLMSampler(
+            policy,
+            gpu_memory_utilization=cfg.sampling.vllm_gpu_memory_utilization,
+            dtype="bfloat16" if cfg.train.mixed_precision == "bf16" else "float32",
+            seed=cfg.train.seed,
+        )
+    return policy, vllm
 
-    weights = derived.weights
-    group_size = cfg.sampling.group_size
-    metrics: dict = {}
-    bar = None
-    if progress and dist.main:
+
+def _load_vocoder(cfg: Config, records: list[PromptRecord], accelerator) -> Token2Wav | None:
+    if not cfg.vocoder.enabled:
+        return None
+    for r in records:
+        if r.prompt_feat is None or r.embedding is None:
+            missing = "prompt_speech_feat" if r.prompt_feat is None else "embedding"
+            raise ManifestError(
+                f"{r.source}: field '{missing}' is missing; vocoding needs it (or vocoder.enabled=false)"
+            )
+    return Token2Wav.from_pretrained(
+        Path(cfg.policy.ckpt_dir),
+        device=accelerator.device,
+        n_timesteps=cfg.vocoder.n_timesteps,
+        dtype=cfg.vocoder.dtype,
+    )
+
+
+def _optimizer(cfg: Config, policy: Policy, dist: Dist, accelerator) -> torch.optim.Optimizer:
+    adamw = dict(
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        weight_decay=cfg.optim.weight_decay,
+        fused=accelerator.device.type in ("cpu", "cuda") or None,
+    )  # one kernel over all parameters
+    if cfg.optim.zero_stage == 2:  # AdamW state and reduced gradients partitioned across ranks (rl/zero.py)
+        return ShardedAdamW(policy.trainable_parameters(), dist.rank, dist.world, **adamw)
+    return torch.optim.AdamW(policy.trainable_parameters(), **adamw)
+
+
+def _resume(run: Run, resume: str) -> dict:
+    """Load the latest checkpoint of `resume` into the policy, optimizer, stream and guards."""
+    found = find_checkpoint(resume)
+    ckpt = load_checkpoint(found)
+    run.policy.load_checkpoint_state(ckpt["policy"])
+    if run.generator.vllm is not None:
+        run.generator.vllm.mark_stale()  # the engine still holds the initial weights
+    run.optimizer.load_state_dict(ckpt["optimizer"])  # no rng to restore: every step seeds its own draws
+    run.state = TrainState(**ckpt["trainer_state"])
+    run.stream.load_state(run.state.stream)
+    run.health.load_state_dict(run.state.guards.get("rewards", {}))
+    run.guard.load_state_dict(run.state.guards.get("updates", {}))
+    if run.dist.main:
+        print(f"ttsrl: resumed from {found} at step {run.state.step}")
+    return ckpt
+
+
+def _open_run_dir(run: Run, other_run: list, resumed: bool, progress: bool) -> None:
+    out, state = run.out, run.state
+    clear_run(out, other_run, print)
+    out.mkdir(parents=True, exist_ok=True)
+    clean_partial(out)
+    if resumed:
+        for warning in truncate_samples(out, state.step):
+            print(f"ttsrl: warning: {warning}", file=sys.stderr)
+    (out / "config.yaml").write_text(run.config_yaml)
+    run.logger = MetricsLogger(
+        out,
+        config=to_dict(run.cfg),
+        wandb_cfg=run.cfg.wandb,
+        resume_step=state.step if resumed else None,
+        wandb_id=state.wandb_id,
+    )
+    state.wandb_id = run.logger.wandb_id
+    print(
+        f"ttsrl: metrics -> {run.logger.path}"
+        + (f" and wandb run {run.logger.wandb_id}" if run.logger.wandb else "")
+        + (f"; {run.dist.world} processes" if run.dist.world > 1 else "")
+    )
+    if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.train.steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+        run.bar = tqdm(total=run.cfg.train.steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
 
-    def sampling_params(step: int) -> SamplingParams:
-        return SamplingParams(
-            temperature=cfg.sampling.temperature(step), top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p,
-            ras=cfg.sampling.ras, ras_window=cfg.sampling.ras_window, ras_tau=cfg.sampling.ras_tau,
-        )
 
-    def vocode(ro: Rollout):
-        if token2wav is None:
-            return None
-        # one noise seed per group: decoder noise is shared inside a group and cannot leak into the advantages
-        return token2wav(ro.codes(policy.special.ats), [voices[int(k)] for k in ro.prompt_index],
-                         [step_seed(cfg.train.seed, 0, int(g)) for g in ro.group_ids], batch_size=cfg.vocoder.batch_size)
+# ---- the loop -----------------------------------------------------------------------------------------------------
 
-    def generate(prompt_idx: list[int], gids: list[int], params: SamplingParams, seed: int) -> Generated | None:
-        """This rank's share of a generation round: one group per prompt (manifest indices), sampled and vocoded.
-        None when the round has no slot for this rank."""
-        nonlocal vllm_stale
-        mine = dist.shard(len(gids))
-        if not mine:
-            return None
-        t0 = time.perf_counter()
-        kw = dict(group_ids=[gids[i] for i in mine], seed=seed, min_ratio=cfg.sampling.min_token_text_ratio,
-                  max_ratio=cfg.sampling.max_token_text_ratio, max_new_tokens=cfg.sampling.max_new_tokens)
-        gap = math.nan
-        if vllm is not None:
-            if vllm_stale:  # the policy was updated since the engine last got its weights
-                vllm.sync_weights()
-                vllm_stale = False
-            ro = vllm.sample_groups([prompts[prompt_idx[i]] for i in mine], group_size, params, **kw)
-            ro, gap = trainer_logprobs(ro)
-        else:
-            with accelerator.autocast():  # the precision of the update's forward passes (autocast is per thread)
-                ro = policy.sample_groups([prompts[prompt_idx[i]] for i in mine], group_size, params, **kw,
-                                          decode="compiled" if cfg.sampling.compile_decode else "dynamic")
-        ro = dataclasses.replace(ro, prompt_index=torch.tensor([prompt_idx[mine[int(i)]] for i in ro.prompt_index]))
-        t1 = time.perf_counter()
-        vocoded = vocode(ro)
-        return Generated(ro, vocoded, t1 - t0, time.perf_counter() - t1, vllm_gap=gap)
 
-    def trainer_logprobs(ro: Rollout) -> tuple[Rollout, float]:
-        """vLLM's log-probs match the trainer's only to kernel precision, so the ratio is anchored on the trainer's
-        own log-probs of the same tokens, under the weights vLLM sampled with (now, before any update)."""
-        was_training = policy.model.training
-        policy.model.eval()
-        with torch.no_grad(), accelerator.autocast():
-            own = torch.cat([policy.token_logprobs(ro.select(m))[0].float().cpu()
-                             for m in torch.split(torch.arange(ro.num_rows), cfg.optim.micro_batch_size or ro.num_rows)])
-        policy.model.train(was_training)
-        return dataclasses.replace(ro, behaviour_logp=own), float((own - ro.behaviour_logp)[ro.token_mask].abs().mean())
+def train(
+    cfg: Config, derived: Derived, *, resume: str | None = None, progress: bool = True, overwrite: bool = False
+) -> dict:
+    """Run the configured training (one process, or one rank of `accelerate launch`). Returns the last metrics.
 
-    def new_group_ids(n: int) -> list[int]:
-        state.next_group_id += n
-        return list(range(state.next_group_id - n, state.next_group_id))
-
-    # with train.pipeline: the next step's first round (its prompts, group ids and this rank's rollouts)
-    pending: PendingRound | None = None
-    if ckpt is not None and state.pending is not None:
-        if state.pending["world"] != dist.world:
-            raise RuntimeError(f"{resume}: this pipelined run was saved by {state.pending['world']} processes; "
-                               f"resume it with as many (got {dist.world})")
-        part = {k[len(f"rank{dist.rank}."):]: v for k, v in ckpt["pending"].items() if k.startswith(f"rank{dist.rank}.")}
-        gen = None
-        if part:
-            ro = rollout_from_state(part, state.pending, policy.special.pad)
-            gen = Generated(ro, vocode(ro), 0.0, lag=1)
-        pending = PendingRound(state.pending["prompt_idx"], state.pending["gids"], gen)
-    prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") if cfg.train.pipeline else None
-    start_step, trained_rows = state.step, 0
-
-    for step in range(state.step, cfg.train.steps):
+    Every input is checked before anything is written to the output directory; a directory that holds another run
+    is refused unless `overwrite` (which then deletes that run's files). Raises InputError / ManifestError / ...
+    for bad input and RunError when the run cannot go on (rl/guards.py)."""
+    run, prefetch = setup(cfg, derived, resume, overwrite, progress)
+    start_step, trained_rows, metrics = run.state.step, 0, {}
+    for step in range(run.state.step, cfg.train.steps):
         torch.manual_seed(step_seed(cfg.train.seed, step))  # dropout and anything else drawing globally
-        temperature = cfg.sampling.temperature(step)
-        eps_low, eps_high = cfg.loss.eps_low(step), cfg.loss.eps_high(step)
-        params = sampling_params(step)
-
-        # ---- 1. rollouts, scoring and dynamic resampling (every rank runs the same plan on its share) --------------
-        t_rollout = t_vocode = t_score = t_prefetch = 0.0
-        plan = DynamicSampling(
-            cfg.dynamic_sampling.mode, cfg.data.prompts_per_step, max_tries=cfg.dynamic_sampling.max_tries,
-            max_gen_batches=cfg.dynamic_sampling.max_gen_batches, on_exhausted=cfg.dynamic_sampling.on_exhausted,
-        )
-        slot_prompt: dict[int, int] = {}
-        parts: list[Rollout] = []
-        part_scores, part_lag, part_audio, vllm_gaps = [], [], [], []
-        while (req := plan.next_request()) is not None:
-            if plan.generations == 0 and pending is not None:  # sampled during the previous step
-                prompt_idx, gids, gen = pending.prompt_idx, pending.gids, pending.gen
-                pending = None
-            else:
-                if req.fresh:
-                    for slot, k in zip(req.slots, stream.take(len(req.slots))):
-                        slot_prompt[slot] = k
-                prompt_idx, gids = [slot_prompt[s] for s in req.slots], new_group_ids(len(req.slots))
-                gen = generate(prompt_idx, gids, params, step_seed(cfg.train.seed, step, plan.generations + 1))
-                if gen is not None:
-                    t_rollout, t_vocode = t_rollout + gen.seconds, t_vocode + gen.vocode_seconds
-            slot_prompt.update(zip(req.slots, prompt_idx))
-            prefetch = None
-            if prefetcher is not None and plan.generations == 0:
-                # overlap this round's scoring with the next step's first round (one step off-policy); the last
-                # step prefetches too, into the final checkpoint, so that a run extended by --resume is exact
-                nxt, ngids = stream.take(cfg.data.prompts_per_step), new_group_ids(cfg.data.prompts_per_step)
-                prefetch = (nxt, ngids, prefetcher.submit(generate, nxt, ngids, sampling_params(step + 1),
-                                                          step_seed(cfg.train.seed, step + 1, 1)))
-            results = []
-            if gen is not None:
-                ro = gen.rollout
-                t2 = time.perf_counter()
-                samples = samples_from_rollout(ro, records, policy.special.ats, gen.vocoded,
-                                               prompt_audio.get(ro.prompt_index) if gen.vocoded else None)
-                sc = score(scorers, samples, gen.vocoded.reasons if gen.vocoded else None)
-                t_score += time.perf_counter() - t2
-                info = informative_groups(sc.values, ro.group_ids, weights, derived.dynamic_sampling_keys,
-                                          min_std=cfg.dynamic_sampling.min_std, std_ddof=cfg.advantage.std_ddof)
-                mine = dist.shard(len(gids))
-                results = [GroupResult(slot=req.slots[i], group_id=gids[i], informative=info[gids[i]]) for i in mine]
-                parts.append(ro)
-                part_scores.append(sc)
-                part_lag.append(torch.full((ro.num_rows,), gen.lag))
-                vllm_gaps.append(gen.vllm_gap)
-                part_audio += gen.vocoded.audio if gen.vocoded else [None] * ro.num_rows
-            if prefetch is not None:
-                t3 = time.perf_counter()
-                ahead = prefetch[2].result()  # joined before the model is used again
-                pending = PendingRound(prefetch[0], prefetch[1], dataclasses.replace(ahead, lag=1) if ahead else None)
-                if ahead is not None:  # the part of the next round's generation hidden behind this round's scoring
-                    t_prefetch += max(0.0, ahead.seconds + ahead.vocode_seconds - (time.perf_counter() - t3))
-            plan.record([r for rank_results in dist.gather(results) for r in rank_results])
-
-        # this rank's rows of the chosen groups, in slot order
-        slot_of = {r.group_id: r.slot for r in plan.selected()}
-        all_rows = Rollout.cat(parts) if parts else None
-        row_gids = all_rows.group_ids.tolist() if all_rows is not None else []
-        rows = sorted((i for i, g in enumerate(row_gids) if g in slot_of), key=lambda i: (slot_of[row_gids[i]], i))
-        batch = all_rows.select(rows) if rows else None
-        scores = select_scores(cat_scores(part_scores), rows) if rows else None
-        lag = torch.cat(part_lag)[rows] if rows else torch.zeros(0, dtype=torch.long)
-        audio = [part_audio[i] for i in rows]
-        # the whole step's rows (every rank's, in rank order) for the advantages and the statistics
-        everyone = dist.gather(None if batch is None else (batch.group_ids, batch.lengths, batch.truncated, lag, scores))
-        offset = sum(x[0].shape[0] for x in everyone[: dist.rank] if x is not None)  # where this rank's rows start
-        shared = [x for x in everyone if x is not None]
-        g_gids, g_lengths, g_trunc, g_lag = (torch.cat([x[i] for x in shared]) for i in range(4))
-        g_scores = cat_scores([x[4] for x in shared])
-        n_all = g_gids.shape[0]
-        for k, r in cfg.rewards.items():  # a reward that mostly fails stops the run (configurable per reward)
-            frac = float((~g_scores.results[k].valid).mean()) if n_all else 0.0
-            if frac > r.max_invalid_frac:
-                raise RewardFailure(k, frac, r.max_invalid_frac, g_scores.results[k].reasons, step + 1)
-        for line in health.observe(step + 1, g_scores.results, n_all):
-            if dist.main:
-                (bar.write if bar is not None else print)(line, file=sys.stderr)
-        if (why := health.stop_reason(step + 1)) is not None:  # a weighted reward dead for several steps
-            raise RunError(why)
-        trained_rows += _rows_with_a_reward(g_scores.values, weights)
-
-        # ---- 2. advantages, over the whole step --------------------------------------------------------------------
-        adv = normalize_fuse_normalize(
-            g_scores.values, g_gids, weights, std_ddof=cfg.advantage.std_ddof, eps=cfg.advantage.eps,
-            min_std=cfg.advantage.min_std, second_norm=cfg.advantage.second_norm,
-        )
-        n = 0 if batch is None else batch.num_rows
-        device = policy.device
-        advantages = adv.advantages[offset: offset + n].to(device)
-        if n:
-            scored = torch.stack([~torch.isnan(scores.values[k]) for k in weights if weights[k] != 0]).any(0)  # [n]
-            train_mask = batch.token_mask & scored[:, None]  # samples without any valid reward do not train
-        else:
-            train_mask = torch.zeros(0, 1, dtype=torch.bool)
-
-        # ---- 3. update (loss denominators over all ranks; gradients summed over ranks) ---------------------------
-        t0 = time.perf_counter()
-        policy.model.train()
-        upd = {"loss": [], "pg_loss": [], "kl": [], "clip/low_frac": [], "clip/high_frac": [], "grad_norm": [],
-               "ratio/mean": [], "ratio/min": [], "ratio/max": []}
-        entropy_sum = entropy_tokens = 0.0
-        skipped = 0
-        for epoch in range(cfg.optim.ppo_epochs):
-            # minibatches partition the whole step's rows (every rank draws the same permutation of all n_all
-            # rows); each rank trains on the rows of each minibatch that it holds
-            g = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, 1000 + epoch))
-            shuffled = cfg.optim.ppo_epochs * cfg.optim.minibatches > 1
-            order = torch.randperm(n_all, generator=g) if shuffled else torch.arange(n_all)
-            for global_mb in torch.tensor_split(order, cfg.optim.minibatches):
-                mb = global_mb[(global_mb >= offset) & (global_mb < offset + n)] - offset
-                mb_tokens = dist.sum(float(train_mask[mb].sum()) if n else 0.0)
-                mb_seqs = dist.sum(float(train_mask[mb].any(-1).sum()) if n else 0.0)
-                mb_rows = len(global_mb)
-                micro = cfg.optim.micro_batch_size or max(len(mb), 1)
-                optimizer.zero_grad(set_to_none=True)
-                sums = {k: 0.0 for k in ("loss", "pg_loss", "kl", "clip/low_frac", "clip/high_frac", "ratio/mean")}
-                rmin, rmax = math.inf, -math.inf
-                for mic in torch.split(mb, micro):
-                    sub = batch.select(mic)
-                    mask = train_mask[mic].to(device)
-                    m_tokens, m_seqs = float(mask.sum()), float(mask.any(-1).sum())
-                    if m_tokens == 0:
-                        continue
-                    with accelerator.autocast():
-                        logp, ent = policy.token_logprobs(sub)
-                        ref_logp = None
-                        if derived.needs_reference:
-                            with torch.no_grad():
-                                ref_logp, _ = policy.token_logprobs(sub, reference=True)
-                    anchor = sub.behaviour_logp.to(device) if cfg.loss.ratio_anchor == "old" else ref_logp
-                    res = policy_loss(
-                        logp, anchor, advantages[mic.to(device)], mask, eps_low=eps_low, eps_high=eps_high,
-                        ratio_level=cfg.loss.ratio_level, agg=cfg.loss.agg, norm_len=cfg.sampling.max_new_tokens,
-                        kl_coef=cfg.loss.kl_coef, ref_logp=ref_logp if cfg.loss.kl_coef > 0 else None,
-                    )
-                    # weight each micro-batch by its share of the minibatch's denominator (exact accumulation)
-                    w_tok = m_tokens / max(mb_tokens, 1.0)
-                    w_pg = {"token_mean": w_tok, "seq_mean": m_seqs / max(mb_seqs, 1.0),
-                            "seq_sum_const": len(mic) / max(mb_rows, 1.0)}[cfg.loss.agg]
-                    total = res.pg * w_pg + cfg.loss.kl_coef * res.kl * w_tok
-                    accelerator.backward(total)
-                    sums["loss"] += float(total.detach())
-                    sums["pg_loss"] += float(res.pg.detach()) * w_pg
-                    sums["kl"] += float(res.kl.detach()) * w_tok
-                    for k in ("clip/low_frac", "clip/high_frac", "ratio/mean"):
-                        sums[k] += res.metrics[k] * w_tok
-                    rmin, rmax = min(rmin, res.metrics["ratio/min"]), max(rmax, res.metrics["ratio/max"])
-                    if epoch == 0:
-                        seen = mask & ~torch.isnan(ent)
-                        entropy_sum += float(ent[seen].sum())
-                        entropy_tokens += float(seen.sum())
-                # grad_clip 0 = no clipping (an infinite bound still reports the norm); a non-finite loss or norm
-                # skips the step on every rank (both are global), so the weights never see it
-                mb_loss = dist.sum(sums["loss"])
-                if cfg.optim.zero_stage == 2:  # each gradient summed onto its owner rank, which steps its parameters
-                    grad_norm = optimizer.reduce_clip_step(cfg.optim.grad_clip or math.inf,
-                                                           allow=lambda norm: guard.allow(mb_loss, norm, step + 1))
-                    stepped = guard.in_a_row == 0
-                else:  # every rank sums every gradient and steps the whole model
-                    dist.sum_grads(policy.trainable_parameters())
-                    grad_norm = accelerator.clip_grad_norm_(policy.trainable_parameters(),
-                                                            cfg.optim.grad_clip or math.inf)
-                    stepped = guard.allow(mb_loss, float(grad_norm), step + 1)
-                    if stepped:
-                        optimizer.step()
-                if not stepped:
-                    optimizer.zero_grad(set_to_none=True)
-                    skipped += 1
-                    continue
-                vllm_stale = vllm is not None  # the engine samples the next rollout with the new weights
-                for k, v in sums.items():
-                    upd[k].append(dist.sum(v))
-                upd["ratio/min"].append(dist.min(rmin))
-                upd["ratio/max"].append(dist.max(rmax))
-                upd["grad_norm"].append(float(grad_norm))
-        t_update = time.perf_counter() - t0
-        entropy_sum, entropy_tokens = dist.sum(entropy_sum), dist.sum(entropy_tokens)
-
-        # ---- 4. metrics, samples and checkpoints (rank 0) -----------------------------------------------------------
-        state.step = step + 1
-        state.stream = stream.state()
-        metrics = {
-            "loss": _mean(upd["loss"]), "pg_loss": _mean(upd["pg_loss"]), "kl": _mean(upd["kl"]),
-            "entropy": entropy_sum / entropy_tokens if entropy_tokens else float("nan"),
-            "clip/low_frac": _mean(upd["clip/low_frac"]), "clip/high_frac": _mean(upd["clip/high_frac"]),
-            "clip/eps_low": eps_low, "clip/eps_high": eps_high, "sampling/temperature": temperature,
-            "ratio/mean": _mean(upd["ratio/mean"]), "ratio/min": min(upd["ratio/min"], default=float("nan")),
-            "ratio/max": max(upd["ratio/max"], default=float("nan")),
-            "grad_norm": _mean(upd["grad_norm"]), "lr": optimizer.param_groups[0]["lr"],
-            "len/mean": float(g_lengths.float().mean()), "len/truncated_frac": float(g_trunc.float().mean()),
-            "resample/tries": plan.generations, "resample/discarded_groups": plan.discarded,
-            "adv/frac_uninformative": adv.stats["adv/frac_uninformative"],
-            "adv/mean": adv.stats["adv/mean"], "adv/std": adv.stats["adv/std"],
-            "reward/fused/mean": fused_reward_mean(adv.stats, weights),
-            "time/rollout_s": t_rollout, "time/vocode_s": t_vocode, "time/score_s": t_score,
-            "time/update_s": t_update, "time/prefetch_hidden_s": t_prefetch,
-            "pipeline/offpolicy_frac": float((g_lag > 0).float().mean()), "pipeline/lag_steps": int(g_lag.max()),
-            "update/skipped_nonfinite": skipped,
-        }
-        if vllm is not None:  # mean |log-prob of vLLM - the trainer's|, the largest over rounds and ranks
-            metrics["vllm/logp_abs_diff"] = dist.max(max([g for g in vllm_gaps if g == g], default=0.0))
-        for k, res in g_scores.results.items():
-            metrics[f"reward/{k}/mean"] = adv.stats[f"reward/{k}/mean"]
-            metrics[f"reward/{k}/std"] = adv.stats[f"reward/{k}/std"]
-            metrics[f"reward/{k}/invalid_frac"] = adv.stats[f"reward/{k}/invalid"] / max(n_all, 1)
-            metrics[f"reward/{k}/errors"] = g_scores.errors.get(k, 0)
-            if f"reward/{k}/norm_mean" in adv.stats:
-                metrics[f"reward/{k}/norm_mean"] = adv.stats[f"reward/{k}/norm_mean"]
-                metrics[f"reward/{k}/norm_std"] = adv.stats[f"reward/{k}/norm_std"]
-            for sub, v in res.sub_scores.items():
-                ok = res.valid & ~torch.isnan(torch.from_numpy(v)).numpy()
-                metrics[f"reward/{k}/{sub}"] = float(v[ok].mean()) if ok.any() else float("nan")
-            for key, v in g_scores.service.get(k, {}).items():
-                metrics[f"service/{k}/{key}"] = v
-        pend = dist.gather(None if pending is None or pending.gen is None else rollout_tensors(pending.gen.rollout))
-        save = state.step == cfg.train.steps or bool(cfg.train.save_every and state.step % cfg.train.save_every == 0)
-        state.guards = {"rewards": health.state_dict(), "updates": guard.state_dict()}
-        if save:
-            check_finite(policy.trainable_parameters(), state.step, _last_checkpoint(out))
-        optimizer_state = optimizer.state_dict() if save else None  # with zero_stage 2: gathered onto rank 0
-        if dist.main:
-            logger.log(state.step, metrics)
-            if cfg.train.samples_every and state.step % cfg.train.samples_every == 0 and n:
-                pick = pick_rows(batch.group_ids.tolist(), cfg.train.samples_per_step)
-                recs = []
-                for i in pick:
-                    rec = records[int(batch.prompt_index[i])]
-                    recs.append({
-                        "uttid": rec.uttid, "group_id": int(batch.group_ids[i]), "target_text": rec.target_text,
-                        "prompt_text": rec.prompt_text, "finished": bool(batch.finished[i]),
-                        "advantage": float(advantages[i]),
-                        "rewards": {k: float(r.values[i]) for k, r in scores.results.items()},
-                        "invalid": {k: r.reasons[i] for k, r in scores.results.items() if r.reasons and r.reasons[i]},
-                    })
-                written = write_samples(out, state.step, recs, [audio[i] for i in pick], 24000)
-                logger.log_samples(state.step, written, [audio[i] for i in pick], 24000)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(reward=f"{metrics['reward/fused/mean']:.3f}", loss=f"{metrics['loss']:.3f}",
-                                len=f"{metrics['len/mean']:.0f}")
-            if save:
-                state.pending = None if pending is None else {  # sampled with the next step's parameters
-                    "prompt_idx": pending.prompt_idx, "gids": pending.gids, "world": dist.world,
-                    "params": dataclasses.asdict(sampling_params(state.step)),
-                }
-                tensors = {f"rank{r}.{k}": v for r, t in enumerate(pend) if t is not None for k, v in t.items()}
-                save_checkpoint(
-                    out, state.step, policy_state=policy.state_for_checkpoint(),
-                    optimizer_state=optimizer_state, trainer_state=dataclasses.asdict(state),
-                    config_yaml=config_yaml, keep_last=cfg.train.keep_last, pending=tensors or None,
-                )
-        dist.barrier()
-    if prefetcher is not None:
-        prefetcher.shutdown()
-    if bar is not None:
-        bar.close()
-    if logger is not None:
-        logger.close()
+        collected = collect(run, prefetch, step)
+        batch = gather_step(run, collected, step)
+        trained_rows += _rows_with_a_reward(batch.all_scores.values, derived.weights)
+        adv, advantages, train_mask = compute_advantages(run, batch)
+        upd = update(run, batch, advantages, train_mask, step)
+        run.state.step, run.state.stream = step + 1, run.stream.state()
+        metrics = step_metrics(run, step, collected, batch, adv, upd)
+        write_step(run, prefetch, metrics, batch, advantages)
+    prefetch.shutdown()
+    if run.bar is not None:
+        run.bar.close()
+    if run.logger is not None:
+        run.logger.close()
+    state, out = run.state, run.out
     if state.step > start_step and trained_rows == 0:
-        raise RunError(f"the run trained on nothing: in steps {start_step + 1}..{state.step} no sample had a valid "
-                       f"value of any weighted reward ({', '.join(k for k, w in weights.items() if w)}); see "
-                       f"reward/<name>/invalid_frac in {out / 'metrics.jsonl'}")
-    say(f"ttsrl: done; metrics in {out / 'metrics.jsonl'}, checkpoints in {out / 'checkpoints'}")
+        raise RunError(
+            f"the run trained on nothing: in steps {start_step + 1}..{state.step} no sample had a valid "
+            f"value of any weighted reward ({', '.join(k for k, w in derived.weights.items() if w)}); "
+            f"see reward/<name>/invalid_frac in {out / 'metrics.jsonl'}"
+        )
+    if run.dist.main:
+        print(f"ttsrl: done; metrics in {out / 'metrics.jsonl'}, checkpoints in {out / 'checkpoints'}")
     return metrics
+
+
+# ---- 1. collect: rollouts, vocoding, scoring, dynamic resampling --------------------------------------------------
+
+
+@dataclass
+class Collected:
+    """This rank's rounds of one step (every rank runs the same resampling plan on its share of each round)."""
+
+    plan: DynamicSampling  # which groups were kept (`plan.selected()`), tries, discarded groups
+    parts: list[Rollout]  # one per round this rank generated in
+    scores: list  # [Scores] per part
+    lag: list[torch.Tensor]  # [rows] per part: optimizer steps between the sampling policy and this one
+    audio: list  # one waveform (or None) per row of the parts, in order
+    vllm_gaps: list[float]
+    seconds: dict[str, float]  # rollout, vocode, score, prefetch_hidden
+
+
+def collect(run: Run, prefetch: Prefetch, step: int) -> Collected:
+    cfg = run.cfg
+    plan = DynamicSampling(
+        cfg.dynamic_sampling.mode,
+        cfg.data.prompts_per_step,
+        max_tries=cfg.dynamic_sampling.max_tries,
+        max_gen_batches=cfg.dynamic_sampling.max_gen_batches,
+        on_exhausted=cfg.dynamic_sampling.on_exhausted,
+    )
+    c = Collected(plan, [], [], [], [], [], dict.fromkeys(("rollout", "vocode", "score", "prefetch_hidden"), 0.0))
+    params = run.generator.params(step)
+    slot_prompt: dict[int, int] = {}
+    while (req := plan.next_request()) is not None:
+        pending = prefetch.take() if plan.generations == 0 else None  # sampled during the previous step
+        if pending is not None:
+            prompt_idx, gids, gen = pending.prompt_idx, pending.gids, pending.gen
+        else:
+            if req.fresh:
+                for slot, k in zip(req.slots, run.stream.take(len(req.slots))):
+                    slot_prompt[slot] = k
+            prompt_idx, gids = [slot_prompt[s] for s in req.slots], _new_group_ids(run.state, len(req.slots))
+            gen = run.generator(prompt_idx, gids, params, step_seed(cfg.train.seed, step, plan.generations + 1))
+            if gen is not None:
+                c.seconds["rollout"] += gen.seconds
+                c.seconds["vocode"] += gen.vocode_seconds
+        slot_prompt.update(zip(req.slots, prompt_idx))
+        if prefetch.executor is not None and plan.generations == 0:
+            # overlap this round's scoring with the next step's first round (one step off-policy); the last step
+            # prefetches too, into the final checkpoint, so that a run extended by --resume is exact
+            nxt = run.stream.take(cfg.data.prompts_per_step)
+            ngids = _new_group_ids(run.state, cfg.data.prompts_per_step)
+            prefetch.submit(
+                run.generator, nxt, ngids, run.generator.params(step + 1), step_seed(cfg.train.seed, step + 1, 1)
+            )
+        results = _score_round(run, c, gen, req.slots, gids) if gen is not None else []
+        c.seconds["prefetch_hidden"] += prefetch.join()  # joined before the model is used again
+        plan.record([r for rank_results in run.dist.gather(results) for r in rank_results])
+    return c
+
+
+def _score_round(run: Run, c: Collected, gen: Generated, slots: list[int], gids: list[int]) -> list[GroupResult]:
+    ro = gen.rollout
+    t = time.perf_counter()
+    samples = samples_from_rollout(
+        ro,
+        run.records,
+        run.policy.speech_codes(ro),
+        gen.vocoded,
+        run.prompt_audio.get(ro.prompt_index) if gen.vocoded else None,
+    )
+    sc = score(run.scorers, samples, gen.vocoded.reasons if gen.vocoded else None)
+    c.seconds["score"] += time.perf_counter() - t
+    ds = run.cfg.dynamic_sampling
+    info = informative_groups(
+        sc.values,
+        ro.group_ids,
+        run.derived.weights,
+        run.derived.dynamic_sampling_keys,
+        min_std=ds.min_std,
+        std_ddof=run.cfg.advantage.std_ddof,
+    )
+    c.parts.append(ro)
+    c.scores.append(sc)
+    c.lag.append(torch.full((ro.num_rows,), gen.lag))
+    c.vllm_gaps.append(gen.vllm_gap)
+    c.audio += gen.vocoded.audio if gen.vocoded else [None] * ro.num_rows
+    return [GroupResult(slot=slots[i], group_id=gids[i], informative=info[gids[i]]) for i in run.dist.shard(len(gids))]
+
+
+def _new_group_ids(state: TrainState, n: int) -> list[int]:
+    state.next_group_id += n
+    return list(range(state.next_group_id - n, state.next_group_id))
+
+
+@dataclass
+class StepBatch:
+    """The step's training batch: this rank's rows of the kept groups (slot order) + the whole step's statistics."""
+
+    rollout: Rollout | None  # this rank's rows (None: no rows on this rank)
+    scores: object  # Scores of those rows (None without rows)
+    audio: list  # their waveforms
+    offset: int  # where this rank's rows start in the whole step's rows (ranks in order)
+    group_ids: torch.Tensor  # [N] every rank's rows
+    lengths: torch.Tensor  # [N]
+    truncated: torch.Tensor  # [N]
+    lag: torch.Tensor  # [N]
+    all_scores: object  # Scores of all N rows
+
+    @property
+    def num_rows(self) -> int:  # this rank's
+        return 0 if self.rollout is None else self.rollout.num_rows
+
+    @property
+    def total_rows(self) -> int:  # every rank's
+        return self.group_ids.shape[0]
+
+
+def gather_step(run: Run, c: Collected, step: int) -> StepBatch:
+    """The kept groups' rows, gathered over the ranks; stops the run when a reward mostly fails."""
+    slot_of = {r.group_id: r.slot for r in c.plan.selected()}
+    all_rows = Rollout.cat(c.parts) if c.parts else None
+    row_gids = all_rows.group_ids.tolist() if all_rows is not None else []
+    rows = sorted((i for i, g in enumerate(row_gids) if g in slot_of), key=lambda i: (slot_of[row_gids[i]], i))
+    batch = all_rows.select(rows) if rows else None
+    scores = select_scores(cat_scores(c.scores), rows) if rows else None
+    lag = torch.cat(c.lag)[rows] if rows else torch.zeros(0, dtype=torch.long)
+    dist = run.dist
+    everyone = dist.gather(None if batch is None else (batch.group_ids, batch.lengths, batch.truncated, lag, scores))
+    offset = sum(x[0].shape[0] for x in everyone[: dist.rank] if x is not None)
+    shared = [x for x in everyone if x is not None]
+    g_gids, g_lengths, g_trunc, g_lag = (torch.cat([x[i] for x in shared]) for i in range(4))
+    sb = StepBatch(
+        batch,
+        scores,
+        [c.audio[i] for i in rows],
+        offset,
+        g_gids,
+        g_lengths,
+        g_trunc,
+        g_lag,
+        cat_scores([x[4] for x in shared]),
+    )
+    n_all = sb.total_rows
+    for k, r in run.cfg.rewards.items():  # a reward that mostly fails stops the run (configurable per reward)
+        frac = float((~sb.all_scores.results[k].valid).mean()) if n_all else 0.0
+        if frac > r.max_invalid_frac:
+            raise RewardFailure(k, frac, r.max_invalid_frac, sb.all_scores.results[k].reasons, step + 1)
+    for line in run.health.observe(step + 1, sb.all_scores.results, n_all):
+        run.say(line, file=sys.stderr)
+    if (why := run.health.stop_reason(step + 1)) is not None:  # a weighted reward dead for several steps
+        raise RunError(why)
+    return sb
+
+
+# ---- 2. advantages ------------------------------------------------------------------------------------------------
+
+
+def compute_advantages(run: Run, sb: StepBatch):
+    """normalize -> weighted fuse -> normalize over the whole step; returns (AdvantageResult, this rank's [n]
+    advantages on the policy's device, [n, T] train mask: samples without any valid weighted reward do not train)."""
+    cfg, weights = run.cfg, run.derived.weights
+    adv = normalize_fuse_normalize(
+        sb.all_scores.values,
+        sb.group_ids,
+        weights,
+        std_ddof=cfg.advantage.std_ddof,
+        eps=cfg.advantage.eps,
+        min_std=cfg.advantage.min_std,
+        second_norm=cfg.advantage.second_norm,
+    )
+    n = sb.num_rows
+    advantages = adv.advantages[sb.offset : sb.offset + n].to(run.policy.device)
+    if n:
+        scored = torch.stack([~torch.isnan(sb.scores.values[k]) for k in weights if weights[k] != 0]).any(0)  # [n]
+        train_mask = sb.rollout.token_mask & scored[:, None]
+    else:
+        train_mask = torch.zeros(0, 1, dtype=torch.bool)
+    return adv, advantages, train_mask
+
+
+# ---- 3. update ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class UpdateStats:
+    """Per optimizer step (that was taken) of one training step, summed over ranks."""
+
+    per_step: dict[str, list[float]] = dataclasses.field(
+        default_factory=lambda: {
+            k: []
+            for k in (
+                "loss",
+                "pg_loss",
+                "kl",
+                "clip/low_frac",
+                "clip/high_frac",
+                "ratio/mean",
+                "ratio/min",
+                "ratio/max",
+                "grad_norm",
+            )
+        }
+    )
+    entropy_sum: float = 0.0  # over the first epoch's valid tokens
+    entropy_tokens: float = 0.0
+    skipped: int = 0  # optimizer steps skipped for a non-finite loss or gradient norm
+    seconds: float = 0.0
+
+
+def update(run: Run, sb: StepBatch, advantages: torch.Tensor, train_mask: torch.Tensor, step: int) -> UpdateStats:
+    """`optim.ppo_epochs` passes of `optim.minibatches` optimizer steps. Minibatches partition the whole step's rows
+    (every rank draws the same permutation of all N rows); each rank trains on the rows of each minibatch it holds.
+    Loss denominators are over all ranks; gradients are summed over ranks."""
+    cfg, dist = run.cfg, run.dist
+    t0 = time.perf_counter()
+    run.policy.model.train()
+    stats = UpdateStats()
+    n, n_all = sb.num_rows, sb.total_rows
+    for epoch in range(cfg.optim.ppo_epochs):
+        g = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, 1000 + epoch))
+        shuffled = cfg.optim.ppo_epochs * cfg.optim.minibatches > 1
+        order = torch.randperm(n_all, generator=g) if shuffled else torch.arange(n_all)
+        for global_mb in torch.tensor_split(order, cfg.optim.minibatches):
+            mb = global_mb[(global_mb >= sb.offset) & (global_mb < sb.offset + n)] - sb.offset
+            sums, rmin, rmax = _accumulate(
+                run, sb, advantages, train_mask, mb, len(global_mb), step, stats, first_epoch=epoch == 0
+            )
+            stepped, grad_norm = _optimizer_step(run, dist.sum(sums["loss"]), step)
+            if stepped:
+                if run.generator.vllm is not None:
+                    run.generator.vllm.mark_stale()  # the engine samples the next rollout with the new weights
+                for k, v in sums.items():
+                    stats.per_step[k].append(dist.sum(v))
+                stats.per_step["ratio/min"].append(dist.min(rmin))
+                stats.per_step["ratio/max"].append(dist.max(rmax))
+                stats.per_step["grad_norm"].append(grad_norm)
+            else:
+                stats.skipped += 1
+    stats.seconds = time.perf_counter() - t0
+    stats.entropy_sum, stats.entropy_tokens = dist.sum(stats.entropy_sum), dist.sum(stats.entropy_tokens)
+    return stats
+
+
+def _accumulate(
+    run: Run,
+    sb: StepBatch,
+    advantages: torch.Tensor,
+    train_mask: torch.Tensor,
+    mb: torch.Tensor,
+    mb_rows: int,
+    step: int,
+    stats: UpdateStats,
+    *,
+    first_epoch: bool,
+):
+    """Forward + backward of one minibatch (this rank's rows `mb`), micro-batch by micro-batch; the loss divides
+    by the minibatch's global denominators (rl/losses.py), so the summed gradient is the whole minibatch's."""
+    cfg, dist, policy = run.cfg, run.dist, run.policy
+    n = sb.num_rows
+    mb_tokens = dist.sum(float(train_mask[mb].sum()) if n else 0.0)
+    mb_seqs = dist.sum(float(train_mask[mb].any(-1).sum()) if n else 0.0)
+    denom = LossDenominators(tokens=mb_tokens, seqs=mb_seqs, rows=float(mb_rows))  # the minibatch's, all ranks
+    micro = cfg.optim.micro_batch_size or max(len(mb), 1)
+    eps_low, eps_high = cfg.loss.eps_low(step), cfg.loss.eps_high(step)
+    run.optimizer.zero_grad(set_to_none=True)
+    sums = dict.fromkeys(("loss", "pg_loss", "kl", "clip/low_frac", "clip/high_frac", "ratio/mean"), 0.0)
+    rmin, rmax = math.inf, -math.inf
+    device = policy.device
+    for mic in torch.split(mb, micro):
+        sub = sb.rollout.select(mic)
+        mask = train_mask[mic].to(device)
+        m_tokens = float(mask.sum())
+        if m_tokens == 0:
+            continue
+        with run.accelerator.autocast():
+            logp, ent = policy.token_logprobs(sub)
+            ref_logp = None
+            if run.derived.needs_reference:
+                with torch.no_grad():
+                    ref_logp, _ = policy.token_logprobs(sub, reference=True)
+        anchor = sub.behaviour_logp.to(device) if cfg.loss.ratio_anchor == "old" else ref_logp
+        res = policy_loss(
+            logp,
+            anchor,
+            advantages[mic.to(device)],
+            mask,
+            eps_low=eps_low,
+            eps_high=eps_high,
+            ratio_level=cfg.loss.ratio_level,
+            agg=cfg.loss.agg,
+            norm_len=cfg.sampling.max_new_tokens,
+            kl_coef=cfg.loss.kl_coef,
+            ref_logp=ref_logp if cfg.loss.kl_coef > 0 else None,
+            denom=denom,
+        )
+        total = res.pg + cfg.loss.kl_coef * res.kl  # already this micro-batch's share of the minibatch loss
+        run.accelerator.backward(total)
+        sums["loss"] += float(total.detach())
+        sums["pg_loss"] += float(res.pg.detach())
+        sums["kl"] += float(res.kl.detach())
+        w_tok = m_tokens / max(mb_tokens, 1.0)  # the metrics are local: averaged by token share
+        for k in ("clip/low_frac", "clip/high_frac", "ratio/mean"):
+            sums[k] += res.metrics[k] * w_tok
+        rmin, rmax = min(rmin, res.metrics["ratio/min"]), max(rmax, res.metrics["ratio/max"])
+        if first_epoch:
+            seen = mask & ~torch.isnan(ent)
+            stats.entropy_sum += float(ent[seen].sum())
+            stats.entropy_tokens += float(seen.sum())
+    return sums, rmin, rmax
+
+
+def _optimizer_step(run: Run, mb_loss: float, step: int) -> tuple[bool, float]:
+    """Sync the gradients, clip and step; returns (stepped, gradient norm). Not stepped (gradients dropped) when
+    the loss or the gradient norm is not finite (both are global, so every rank skips together). grad_clip 0 = no
+    clipping (the norm is still reported)."""
+    cfg, optimizer, guard = run.cfg, run.optimizer, run.guard
+    params = run.policy.trainable_parameters()
+    if cfg.optim.zero_stage == 2:  # each gradient summed onto its owner rank, which steps its parameters
+        grad_norm = optimizer.reduce_clip_step(
+            cfg.optim.grad_clip or math.inf, allow=lambda norm: guard.allow(mb_loss, norm, step + 1)
+        )
+        stepped = guard.in_a_row == 0
+    else:  # every rank sums every gradient and steps the whole model
+        run.dist.sum_grads(params)
+        grad_norm = run.accelerator.clip_grad_norm_(params, cfg.optim.grad_clip or math.inf)
+        stepped = guard.allow(mb_loss, float(grad_norm), step + 1)
+        if stepped:
+            optimizer.step()
+    if not stepped:
+        optimizer.zero_grad(set_to_none=True)
+    return stepped, float(grad_norm)
+
+
+# ---- 4. metrics, samples and checkpoints --------------------------------------------------------------------------
+
+
+def step_metrics(run: Run, step: int, c: Collected, sb: StepBatch, adv, upd: UpdateStats) -> dict:
+    """The step's metrics row: the one place that names the logged keys."""
+    cfg, weights = run.cfg, run.derived.weights
+    u = upd.per_step
+    metrics = {
+        "loss": _mean(u["loss"]),
+        "pg_loss": _mean(u["pg_loss"]),
+        "kl": _mean(u["kl"]),
+        "entropy": upd.entropy_sum / upd.entropy_tokens if upd.entropy_tokens else float("nan"),
+        "clip/low_frac": _mean(u["clip/low_frac"]),
+        "clip/high_frac": _mean(u["clip/high_frac"]),
+        "clip/eps_low": cfg.loss.eps_low(step),
+        "clip/eps_high": cfg.loss.eps_high(step),
+        "sampling/temperature": cfg.sampling.temperature(step),
+        "ratio/mean": _mean(u["ratio/mean"]),
+        "ratio/min": min(u["ratio/min"], default=float("nan")),
+        "ratio/max": max(u["ratio/max"], default=float("nan")),
+        "grad_norm": _mean(u["grad_norm"]),
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "len/mean": float(sb.lengths.float().mean()),
+        "len/truncated_frac": float(sb.truncated.float().mean()),
+        "resample/tries": c.plan.generations,
+        "resample/discarded_groups": c.plan.discarded,
+        "adv/frac_uninformative": adv.stats["adv/frac_uninformative"],
+        "adv/mean": adv.stats["adv/mean"],
+        "adv/std": adv.stats["adv/std"],
+        "reward/fused/mean": fused_reward_mean(adv.stats, weights),
+        "time/rollout_s": c.seconds["rollout"],
+        "time/vocode_s": c.seconds["vocode"],
+        "time/score_s": c.seconds["score"],
+        "time/update_s": upd.seconds,
+        "time/prefetch_hidden_s": c.seconds["prefetch_hidden"],
+        "pipeline/offpolicy_frac": float((sb.lag > 0).float().mean()),
+        "pipeline/lag_steps": int(sb.lag.max()),
+        "update/skipped_nonfinite": upd.skipped,
+    }
+    if run.generator.vllm is not None:  # mean |log-prob of vLLM - the trainer's|, the largest over rounds and ranks
+        metrics["vllm/logp_abs_diff"] = run.dist.max(max([g for g in c.vllm_gaps if g == g], default=0.0))
+    n_all = sb.total_rows
+    for k, res in sb.all_scores.results.items():
+        metrics[f"reward/{k}/mean"] = adv.stats[f"reward/{k}/mean"]
+        metrics[f"reward/{k}/std"] = adv.stats[f"reward/{k}/std"]
+        metrics[f"reward/{k}/invalid_frac"] = adv.stats[f"reward/{k}/invalid"] / max(n_all, 1)
+        metrics[f"reward/{k}/errors"] = sb.all_scores.errors.get(k, 0)
+        if f"reward/{k}/norm_mean" in adv.stats:
+            metrics[f"reward/{k}/norm_mean"] = adv.stats[f"reward/{k}/norm_mean"]
+            metrics[f"reward/{k}/norm_std"] = adv.stats[f"reward/{k}/norm_std"]
+        for sub, v in res.sub_scores.items():
+            ok = res.valid & ~torch.isnan(torch.from_numpy(v)).numpy()
+            metrics[f"reward/{k}/{sub}"] = float(v[ok].mean()) if ok.any() else float("nan")
+        for key, v in sb.all_scores.service.get(k, {}).items():
+            metrics[f"service/{k}/{key}"] = v
+    return metrics
+
+
+def write_step(run: Run, prefetch: Prefetch, metrics: dict, sb: StepBatch, advantages: torch.Tensor) -> None:
+    """Log the metrics row (and some samples with audio), then write the checkpoint when due (rank 0 writes;
+    the gathers are collectives every rank joins)."""
+    cfg, state, dist = run.cfg, run.state, run.dist
+    pending = prefetch.tensors(dist)
+    save = state.step == cfg.train.steps or bool(cfg.train.save_every and state.step % cfg.train.save_every == 0)
+    state.guards = {"rewards": run.health.state_dict(), "updates": run.guard.state_dict()}
+    if save:
+        check_finite(run.policy.trainable_parameters(), state.step, _last_checkpoint(run.out))
+    optimizer_state = run.optimizer.state_dict() if save else None  # with zero_stage 2: gathered onto rank 0
+    if dist.main:
+        run.logger.log(state.step, metrics)
+        if cfg.train.samples_every and state.step % cfg.train.samples_every == 0 and sb.num_rows:
+            _write_samples(run, sb, advantages)
+        if run.bar is not None:
+            run.bar.update(1)
+            run.bar.set_postfix(
+                reward=f"{metrics['reward/fused/mean']:.3f}",
+                loss=f"{metrics['loss']:.3f}",
+                len=f"{metrics['len/mean']:.0f}",
+            )
+        if save:
+            state.pending = prefetch.state(dist.world, run.generator.params(state.step))
+            save_checkpoint(
+                run.out,
+                state.step,
+                policy_state=run.policy.state_for_checkpoint(),
+                optimizer_state=optimizer_state,
+                trainer_state=dataclasses.asdict(state),
+                config_yaml=run.config_yaml,
+                keep_last=cfg.train.keep_last,
+                pending=pending,
+            )
+    dist.barrier()
+
+
+def _write_samples(run: Run, sb: StepBatch, advantages: torch.Tensor) -> None:
+    batch, scores = sb.rollout, sb.scores
+    pick = pick_rows(batch.group_ids.tolist(), run.cfg.train.samples_per_step)
+    recs = []
+    for i in pick:
+        rec = run.records[int(batch.prompt_index[i])]
+        recs.append(
+            {
+                "uttid": rec.uttid,
+                "group_id": int(batch.group_ids[i]),
+                "target_text": rec.target_text,
+                "prompt_text": rec.prompt_text,
+                "finished": bool(batch.finished[i]),
+                "advantage": float(advantages[i]),
+                "rewards": {k: float(r.values[i]) for k, r in scores.results.items()},
+                "invalid": {k: r.reasons[i] for k, r in scores.results.items() if r.reasons and r.reasons[i]},
+            }
+        )
+    audio = [sb.audio[i] for i in pick]
+    written = write_samples(run.out, run.state.step, recs, audio, 24000)
+    run.logger.log_samples(run.state.step, written, audio, 24000)
 
 
 def _rows_with_a_reward(values: dict[str, torch.Tensor], weights: dict[str, float]) -> int:
@@ -600,7 +1011,3 @@ class PromptAudio:
 
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
-
-
-def read_saved_config(checkpoint: str | Path) -> dict:
-    return yaml.safe_load(load_checkpoint(find_checkpoint(checkpoint))["config_yaml"])

@@ -39,8 +39,17 @@ class ShardedAdamW:
 
     Use: backward passes as usual (local gradients), then `reduce_clip_step(max_norm)` once per optimizer step."""
 
-    def __init__(self, params: list[torch.nn.Parameter], rank: int, world: int, *, lr: float, betas: tuple,
-                 weight_decay: float, fused: bool | None = None):
+    def __init__(
+        self,
+        params: list[torch.nn.Parameter],
+        rank: int,
+        world: int,
+        *,
+        lr: float,
+        betas: tuple,
+        weight_decay: float,
+        fused: bool | None = None,
+    ):
         self.params = list(params)
         self.rank, self.world = rank, world
         self.owner = assign_owners([p.numel() for p in self.params], world)
@@ -94,8 +103,10 @@ class ShardedAdamW:
         part = {}
         if self.inner is not None:
             inner = self.inner.state_dict()
-            part = {self.mine[j]: {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in s.items()}
-                    for j, s in inner["state"].items()}
+            part = {
+                self.mine[j]: {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in s.items()}
+                for j, s in inner["state"].items()
+            }
         parts = [part]
         if self.world > 1:
             parts = [None] * self.world if self.rank == 0 else None
@@ -105,14 +116,19 @@ class ShardedAdamW:
         state = {i: s for p in parts for i, s in p.items()}
         group = {**self.param_groups[0]}
         group.pop("params", None)
-        return {"state": {i: state[i] for i in sorted(state)}, "param_groups": [{**group, "params": list(range(len(self.params)))}]}
+        return {
+            "state": {i: state[i] for i in sorted(state)},
+            "param_groups": [{**group, "params": list(range(len(self.params)))}],
+        }
 
     def load_state_dict(self, full: dict) -> None:
         """Take this rank's entries of a full state dict (one AdamW over every parameter)."""
         groups = full["param_groups"]
         if len(groups) != 1 or len(groups[0]["params"]) != len(self.params):
-            raise ValueError(f"optimizer state holds {sum(len(g['params']) for g in groups)} parameters in "
-                             f"{len(groups)} groups; this model trains {len(self.params)} in one")
+            raise ValueError(
+                f"optimizer state holds {sum(len(g['params']) for g in groups)} parameters in "
+                f"{len(groups)} groups; this model trains {len(self.params)} in one"
+            )
         if self.inner is None:
             return
         state = {j: full["state"][i] for j, i in enumerate(self.mine) if i in full["state"]}

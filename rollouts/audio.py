@@ -49,7 +49,7 @@ def mel_filterbank(sr: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -
         lower = -ramps[i] / fdiff[i]
         upper = ramps[i + 2] / fdiff[i + 1]
         weights[i] = np.maximum(0.0, np.minimum(lower, upper))
-    weights *= (2.0 / (mel_f[2: n_mels + 2] - mel_f[:n_mels]))[:, None]
+    weights *= (2.0 / (mel_f[2 : n_mels + 2] - mel_f[:n_mels]))[:, None]
     return weights.astype(np.float32)
 
 
@@ -69,8 +69,15 @@ def mel_spectrogram(
     pad = (n_fft - hop) // 2
     y = F.pad(wav.float().unsqueeze(1), (pad, pad), mode="reflect").squeeze(1)
     spec = torch.stft(
-        y, n_fft=n_fft, hop_length=hop, win_length=n_fft, window=torch.hann_window(n_fft, device=wav.device),
-        center=False, normalized=False, onesided=True, return_complex=True,
+        y,
+        n_fft=n_fft,
+        hop_length=hop,
+        win_length=n_fft,
+        window=torch.hann_window(n_fft, device=wav.device),
+        center=False,
+        normalized=False,
+        onesided=True,
+        return_complex=True,
     )
     mag = torch.sqrt(spec.real.pow(2) + spec.imag.pow(2) + 1e-9)
     basis = torch.from_numpy(mel_filterbank(sr, n_fft, n_mels, fmin, fmax)).to(mag.device)
@@ -99,7 +106,7 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
             sr, ch, width, n = w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()
             raw = w.readframes(n)
         if width != 2:
-            raise ValueError(f"{path}: only 16-bit PCM wav can be read without soundfile")
+            raise ValueError(f"{path}: only 16-bit PCM wav can be read without soundfile") from None
         data = np.frombuffer(raw, dtype="<i2").astype(np.float32).reshape(-1, ch) / 32768.0
         return data.mean(axis=1), sr
 

@@ -27,6 +27,7 @@ SPEAKER_DIM = 192
 
 # --- building blocks -----------------------------------------------------------------------------------------------
 
+
 class TimestepEmbedding(nn.Module):
     def __init__(self, dim: int, freq_dim: int = 256):
         super().__init__()
@@ -93,8 +94,10 @@ class ConvPositionEmbedding(nn.Module):
     def __init__(self, dim: int, kernel: int = 31, groups: int = 16):
         super().__init__()
         self.conv1d = nn.Sequential(
-            nn.Conv1d(dim, dim, kernel, groups=groups, padding=kernel // 2), nn.Mish(),
-            nn.Conv1d(dim, dim, kernel, groups=groups, padding=kernel // 2), nn.Mish(),
+            nn.Conv1d(dim, dim, kernel, groups=groups, padding=kernel // 2),
+            nn.Mish(),
+            nn.Conv1d(dim, dim, kernel, groups=groups, padding=kernel // 2),
+            nn.Mish(),
         )
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # [B, T, D]
@@ -163,7 +166,8 @@ class FeedForward(nn.Module):
         super().__init__()
         inner = int(dim * mult)
         self.ff = nn.Sequential(
-            nn.Sequential(nn.Linear(dim, inner), nn.GELU(approximate="tanh")), nn.Dropout(dropout),
+            nn.Sequential(nn.Linear(dim, inner), nn.GELU(approximate="tanh")),
+            nn.Dropout(dropout),
             nn.Linear(inner, dim),
         )
 
@@ -213,8 +217,19 @@ class DiTBlock(nn.Module):
 
 class DiT(nn.Module):
     def __init__(
-        self, *, dim: int, depth: int, heads: int, dim_head: int, ff_mult: float, mel_dim: int,
-        text_vocab_size: int, text_emb_dim: int, conv_layers: int, condition_dim: int, spkr_emb_adaLN: bool,
+        self,
+        *,
+        dim: int,
+        depth: int,
+        heads: int,
+        dim_head: int,
+        ff_mult: float,
+        mel_dim: int,
+        text_vocab_size: int,
+        text_emb_dim: int,
+        conv_layers: int,
+        condition_dim: int,
+        spkr_emb_adaLN: bool,
     ):
         super().__init__()
         cond_extra = SPEAKER_DIM if spkr_emb_adaLN else 0
@@ -251,6 +266,7 @@ class DiT(nn.Module):
 
 
 # --- the flow model --------------------------------------------------------------------------------------------------
+
 
 class FlowModel(nn.Module):
     """Constructor arguments are upstream `flow.flow.Flow`'s, plus the DiT sizes upstream hard-codes (trans_dim,
@@ -365,4 +381,4 @@ class FlowModel(nn.Module):
             t = t + dt
             if step < n_timesteps:
                 dt = t_span[step + 1] - t
-        return [x[i, pf.shape[0]: n].T.contiguous() for i, (pf, n) in enumerate(zip(prompt_feats, lens))]
+        return [x[i, pf.shape[0] : n].T.contiguous() for i, (pf, n) in enumerate(zip(prompt_feats, lens))]

@@ -56,7 +56,10 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, kernel: int):
         super().__init__()
         self.convs1 = nn.ModuleList(
-            [weight_norm(nn.Conv1d(channels, channels, kernel, dilation=d, padding=_padding(kernel, d))) for d in DILATIONS]
+            [
+                weight_norm(nn.Conv1d(channels, channels, kernel, dilation=d, padding=_padding(kernel, d)))
+                for d in DILATIONS
+            ]
         )
         self.convs2 = nn.ModuleList(
             [weight_norm(nn.Conv1d(channels, channels, kernel, padding=_padding(kernel, 1))) for _ in DILATIONS]
@@ -76,7 +79,8 @@ class F0Predictor(nn.Module):
         super().__init__()
         layers = []
         for i in range(5):
-            layers += [weight_norm(nn.Conv1d(in_channels if i == 0 else cond_channels, cond_channels, 3, padding=1)), nn.ELU()]
+            conv = nn.Conv1d(in_channels if i == 0 else cond_channels, cond_channels, 3, padding=1)
+            layers += [weight_norm(conv), nn.ELU()]
         self.condnet = nn.Sequential(*layers)
         self.classifier = nn.Linear(cond_channels, 1)
 
@@ -109,7 +113,7 @@ class HiFTGenerator(nn.Module):
         self.conv_pre = weight_norm(nn.Conv1d(in_channels, base_channels, 7, padding=3))
         self.ups = nn.ModuleList()
         for i, (u, k) in enumerate(zip(UPSAMPLE_RATES, UPSAMPLE_KERNELS)):
-            c_in, c_out = base_channels // 2 ** i, base_channels // 2 ** (i + 1)
+            c_in, c_out = base_channels // 2**i, base_channels // 2 ** (i + 1)
             self.ups.append(weight_norm(nn.ConvTranspose1d(c_in, c_out, k, u, padding=(k - u) // 2)))
         self.source_downs = nn.ModuleList()
         self.source_resblocks = nn.ModuleList()
@@ -128,7 +132,9 @@ class HiFTGenerator(nn.Module):
         self.f0_predictor = F0Predictor(in_channels, cond_channels)
 
     # --- source -----------------------------------------------------------------------------------------------
-    def source(self, f0: torch.Tensor, frames: list[int], generators: list[torch.Generator], noise=None) -> torch.Tensor:
+    def source(
+        self, f0: torch.Tensor, frames: list[int], generators: list[torch.Generator], noise=None
+    ) -> torch.Tensor:
         """f0 [B, T] -> merged harmonic source [B, 1, 480 T]. noise: optional [B, 480 T, 9] to use instead of
         drawing (tests)."""
         b, t = f0.shape
@@ -146,7 +152,9 @@ class HiFTGenerator(nn.Module):
             noise = torch.zeros_like(sines)
             for i, n in enumerate(frames):
                 g = generators[i]
-                noise[i, : n * HOP_SAMPLES] = torch.randn(n * HOP_SAMPLES, HARMONICS + 1, generator=g, device=g.device).to(f0.device)
+                noise[i, : n * HOP_SAMPLES] = torch.randn(
+                    n * HOP_SAMPLES, HARMONICS + 1, generator=g, device=g.device
+                ).to(f0.device)
         noise_amp = uv * 0.003 + (1 - uv) * 0.1 / 3
         waves = sines * uv + noise_amp * noise
         return self.m_source.l_tanh(self.m_source.l_linear(waves)).transpose(1, 2)
@@ -159,7 +167,7 @@ class HiFTGenerator(nn.Module):
         half = N_FFT // 2
         padded = torch.zeros(b, l_max + N_FFT, device=s.device, dtype=s.dtype)
         for i, n in enumerate(lengths):
-            padded[i, : n + N_FFT] = F.pad(s[i: i + 1, :n][None], (half, half), mode="reflect")[0, 0]
+            padded[i, : n + N_FFT] = F.pad(s[i : i + 1, :n][None], (half, half), mode="reflect")[0, 0]
         frames = padded.unfold(1, N_FFT, HOP) * _hann(s.device, s.dtype)  # [B, F, 16]
         spec = torch.fft.rfft(frames, dim=-1)  # [B, F, 9]
         return torch.cat([spec.real, spec.imag], dim=-1).transpose(1, 2)
@@ -180,11 +188,13 @@ class HiFTGenerator(nn.Module):
         y = F.fold(chunks.transpose(1, 2), **fold).reshape(b, out_len)
         env = F.fold((win * win * valid).transpose(1, 2), **fold).reshape(b, out_len)
         y = torch.where(env > 1e-11, y / env.clamp(min=1e-11), y)
-        return y[:, N_FFT // 2: N_FFT // 2 + HOP * (f - 1)]
+        return y[:, N_FFT // 2 : N_FFT // 2 + HOP * (f - 1)]
 
     # --- inference ----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def inference(self, mel: torch.Tensor, frames: list[int], generators: list[torch.Generator], noise=None) -> torch.Tensor:
+    def inference(
+        self, mel: torch.Tensor, frames: list[int], generators: list[torch.Generator], noise=None
+    ) -> torch.Tensor:
         """mel [B, 80, T_max] (rows valid for frames[i] frames) -> [B, 480 T_max] (row i valid for 480 frames[i])."""
         b, _, t_max = mel.shape
         dev = mel.device
@@ -219,13 +229,14 @@ class HiFTGenerator(nn.Module):
             in_mask = m
         x = self.conv_post(F.leaky_relu(x) * in_mask)
         magnitude = torch.exp(x[:, : N_FFT // 2 + 1])
-        phase = torch.sin(x[:, N_FFT // 2 + 1:])
+        phase = torch.sin(x[:, N_FFT // 2 + 1 :])
         wav = self.istft(magnitude, phase, [120 * n + 1 for n in frames])
         return torch.clamp(wav, -0.99, 0.99)
 
 
 def hift_sizes_from_state(state: dict[str, torch.Tensor]) -> dict[str, int]:
     """The channel widths a HiFT checkpoint was built with, read from its shapes."""
+
     def shape(prefix: str) -> torch.Size:
         for suffix in (".parametrizations.weight.original1", ".weight_v", ".weight"):
             if prefix + suffix in state:

@@ -29,7 +29,9 @@ class _Loader(yaml.SafeLoader):
 
 def _new(loader: _Loader, suffix: str, node: yaml.Node) -> TaggedObject:
     if not isinstance(node, yaml.MappingNode):
-        raise HyperPyYAMLError(f"line {node.start_mark.line + 1}: !new:{suffix} must tag a mapping of keyword arguments")
+        raise HyperPyYAMLError(
+            f"line {node.start_mark.line + 1}: !new:{suffix} must tag a mapping of keyword arguments"
+        )
     return TaggedObject(suffix, loader.construct_mapping(node, deep=True))
 
 

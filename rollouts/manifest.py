@@ -137,7 +137,9 @@ def read_manifest(path: str | Path, root: str | Path | None = None) -> list[Prom
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ManifestError(f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+                raise ManifestError(
+                    f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -175,7 +177,7 @@ class PromptStream:
         while len(out) < n:
             order = self._order(self.epoch)
             take = min(n - len(out), self.size - self.position)
-            out.extend(order[self.position: self.position + take])
+            out.extend(order[self.position : self.position + take])
             self.position += take
             if self.position == self.size:
                 self.epoch += 1

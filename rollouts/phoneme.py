@@ -23,9 +23,20 @@ G2P_MARKS = "，。；：！？、"
 ABLE_FILE = "G2P_able_1word.json"
 REPLACE_FILE = "G2P_replace_dict.jsonl"
 TAG = re.compile(r"<\|[^|<>]*\|>")
-_RANGES = [(0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
-           (0x2B820, 0x2CEAF), (0x2CEB0, 0x2EBEF), (0x30000, 0x3134F), (0x31350, 0x323AF), (0xF900, 0xFAFF),
-           (0x2F800, 0x2FA1F), (0x2E80, 0x2EFF)]
+_RANGES = [
+    (0x4E00, 0x9FFF),
+    (0x3400, 0x4DBF),
+    (0x20000, 0x2A6DF),
+    (0x2A700, 0x2B73F),
+    (0x2B740, 0x2B81F),
+    (0x2B820, 0x2CEAF),
+    (0x2CEB0, 0x2EBEF),
+    (0x30000, 0x3134F),
+    (0x31350, 0x323AF),
+    (0xF900, 0xFAFF),
+    (0x2F800, 0x2FA1F),
+    (0x2E80, 0x2EFF),
+]
 
 
 class PhonemeError(ValueError):
@@ -176,8 +187,10 @@ def check_tags(text: str, encode, where: str) -> None:
     for tag in dict.fromkeys(TAG.findall(text)):
         ids = encode(tag)
         if len(ids) != 1:
-            raise PhonemeError(f"{where}: phoneme tag {tag} is not a token of the tokenizer (encodes to {len(ids)} "
-                               f"ids); data.phoneme needs GLM-TTS's phoneme tokenizer")
+            raise PhonemeError(
+                f"{where}: phoneme tag {tag} is not a token of the tokenizer (encodes to {len(ids)} "
+                f"ids); data.phoneme needs GLM-TTS's phoneme tokenizer"
+            )
 
 
 __all__ = ["PhonemeConverter", "PhonemeError", "check_tags", "format_tags", "g2p_zh"]

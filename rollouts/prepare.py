@@ -16,7 +16,8 @@ Output directory: manifest.jsonl in the upstream GRPO layout that rollouts/manif
      "embedding": "embedding/<stem>.npy",                       float32 [192]   CAMPPlus speaker embedding
      "prompt_speech_feat": "prompt_speech_feat/<stem>.npy",     float32 [T, 80] 24 kHz prompt log-mel
      "syn_text", "emotion": int (-1 = none),
-     "prompt_text_tn", "syn_text_tn"}   the texts as the LM reads them (rollouts/text.py; not with --text-normalize none)
+     "prompt_text_tn", "syn_text_tn"}   the texts as the LM reads them
+                                        (rollouts/text.py; not with --text-normalize none)
 Feature files are keyed by the prompt wav's stem and computed once per prompt however many items use it. The item
 id is the jsonl `id` field, else the line number. prompt_text and syn_text are stored raw, next to their normalised
 forms for a reader; the trainer and `ttsrl eval` normalise the raw texts themselves (data.text_normalize) and get the
@@ -42,8 +43,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rollouts.audio import HOP, N_FFT, SAMPLE_RATE as MEL_RATE, mel_spectrogram, resample
-from rollouts.speaker_embedding import MIN_SAMPLES, SAMPLE_RATE as EMB_RATE, SpeakerEmbedder, SpeakerEmbeddingError
+from rollouts.audio import HOP, N_FFT, mel_spectrogram, resample
+from rollouts.audio import SAMPLE_RATE as MEL_RATE
+from rollouts.speaker_embedding import MIN_SAMPLES, SpeakerEmbedder, SpeakerEmbeddingError
+from rollouts.speaker_embedding import SAMPLE_RATE as EMB_RATE
 from rollouts.speech_tokenizer import SpeechTokenizer, SpeechTokenizerError
 
 TOKENIZER_DIR = "speech_tokenizer"
@@ -125,7 +128,9 @@ def _item(fields: dict, base: Path, where: str, lineno: int) -> Item:
     if isinstance(item_id, bool) or not isinstance(item_id, (str, int)) or not str(item_id).strip():
         raise PrepareError(f"{where}: field 'id' must be a non-empty string or integer, got {item_id!r}")
     return Item(
-        where=where, item_id=str(item_id).strip(), prompt_wav=path,
+        where=where,
+        item_id=str(item_id).strip(),
+        prompt_wav=path,
         prompt_text=_text(fields.get("prompt_text"), "prompt_text", where),
         target_text=_text(fields.get("target_text"), "target_text", where),
         emotion=parse_emotion(fields.get("emotion"), where),
@@ -185,8 +190,9 @@ def prompt_mel(wav: np.ndarray, sr: int) -> np.ndarray:
     """[N] mono at `sr` -> [floor(N24 / 480), 80] float32 24 kHz log-mel (the flow's prompt condition)."""
     y = resample(np.asarray(wav, dtype=np.float32), sr, MEL_RATE)
     if len(y) < MEL_MIN_SAMPLES:
-        raise PromptAudioError(f"audio too short for the prompt mel: {len(y)} samples at 24 kHz, "
-                               f"needs at least {MEL_MIN_SAMPLES}")
+        raise PromptAudioError(
+            f"audio too short for the prompt mel: {len(y)} samples at 24 kHz, needs at least {MEL_MIN_SAMPLES}"
+        )
     with torch.inference_mode():
         mel = mel_spectrogram(torch.from_numpy(y)[None])  # [1, 80, T]
     return mel[0].T.contiguous().numpy().astype(np.float32)
@@ -201,9 +207,13 @@ class PromptFrontend:
 
     @classmethod
     def from_dir(
-        cls, frontend_dir: str | Path | None, device: str = "cpu", *,
-        speech_tokenizer_dir: str | Path | None = None, campplus_path: str | Path | None = None,
-    ) -> "PromptFrontend":
+        cls,
+        frontend_dir: str | Path | None,
+        device: str = "cpu",
+        *,
+        speech_tokenizer_dir: str | Path | None = None,
+        campplus_path: str | Path | None = None,
+    ) -> PromptFrontend:
         """frontend_dir in the upstream layout; either model may be given on its own instead."""
         if frontend_dir is None and (speech_tokenizer_dir is None or campplus_path is None):
             raise PrepareError("front end: give a front-end directory, or both the speech tokenizer and campplus.onnx")
@@ -289,8 +299,9 @@ def prepare(
         uttids[uttid] = it.where
 
     if frontend is None:
-        frontend = PromptFrontend.from_dir(frontend_dir, device, speech_tokenizer_dir=speech_tokenizer_dir,
-                                           campplus_path=campplus_path)
+        frontend = PromptFrontend.from_dir(
+            frontend_dir, device, speech_tokenizer_dir=speech_tokenizer_dir, campplus_path=campplus_path
+        )
     for kind in KINDS:
         (out / kind).mkdir(parents=True, exist_ok=True)
     todo = list(prompts.items())
@@ -303,8 +314,9 @@ def prepare(
             pf = frontend(wav)
         except ValueError as e:
             raise PrepareError(f"{first.where}: field 'prompt_wav': {e}") from None
-        for kind, arr in zip(KINDS, (pf.tokens.astype(np.int64), pf.embedding.astype(np.float32),
-                                     pf.feat.astype(np.float32))):
+        for kind, arr in zip(
+            KINDS, (pf.tokens.astype(np.int64), pf.embedding.astype(np.float32), pf.feat.astype(np.float32))
+        ):
             np.save(out / kind / f"{wav.stem}.npy", arr)
 
     tmp = manifest.with_name(MANIFEST + ".tmp")
@@ -334,19 +346,29 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "prepare", help="build a training manifest (speech tokens, prompt mel, speaker embedding) from an item list"
     )
-    p.add_argument("items", metavar="LIST",
-                   help="items: .jsonl (prompt_wav, prompt_text, target_text[, emotion, id]) or "
-                        "'prompt_wav|prompt_text|target_text[|emotion]' lines; paths relative to the list")
-    p.add_argument("--frontend", metavar="DIR",
-                   help="front-end dir in the upstream layout: speech_tokenizer/ and frontend/campplus.onnx")
+    p.add_argument(
+        "items",
+        metavar="LIST",
+        help="items: .jsonl (prompt_wav, prompt_text, target_text[, emotion, id]) or "
+        "'prompt_wav|prompt_text|target_text[|emotion]' lines; paths relative to the list",
+    )
+    p.add_argument(
+        "--frontend",
+        metavar="DIR",
+        help="front-end dir in the upstream layout: speech_tokenizer/ and frontend/campplus.onnx",
+    )
     p.add_argument("--speech-tokenizer", metavar="DIR", help="speech tokenizer dir (default DIR/speech_tokenizer)")
     p.add_argument("--campplus", metavar="FILE", help="CAMPPlus ONNX model (default DIR/frontend/campplus.onnx)")
     p.add_argument("--out", required=True, metavar="DIR", help="output dir: manifest.jsonl and the .npy features")
     p.add_argument("--device", default="cpu", help="speech tokenizer device; cuda also runs CAMPPlus on the GPU")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/manifest.jsonl")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--text-normalize", choices=("upstream", "none"), default="upstream",
-                   help="store the upstream-normalised texts too (prompt_text_tn, syn_text_tn); none: raw only")
+    p.add_argument(
+        "--text-normalize",
+        choices=("upstream", "none"),
+        default="upstream",
+        help="store the upstream-normalised texts too (prompt_text_tn, syn_text_tn); none: raw only",
+    )
     p.add_argument("--custom-replace", metavar="FILE", help="zh substitutions (GLM-TTS configs/custom_replace.jsonl)")
     p.set_defaults(func=cmd_prepare)
     return p
@@ -356,10 +378,18 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from rollouts.text import TextFrontEndError
 
     try:
-        res = prepare(args.items, args.frontend, args.out, device=args.device, overwrite=args.overwrite,
-                      speech_tokenizer_dir=args.speech_tokenizer, campplus_path=args.campplus,
-                      progress=not args.no_progress, text_normalize=args.text_normalize,
-                      custom_replace=args.custom_replace)
+        res = prepare(
+            args.items,
+            args.frontend,
+            args.out,
+            device=args.device,
+            overwrite=args.overwrite,
+            speech_tokenizer_dir=args.speech_tokenizer,
+            campplus_path=args.campplus,
+            progress=not args.no_progress,
+            text_normalize=args.text_normalize,
+            custom_replace=args.custom_replace,
+        )
     except (PrepareError, SpeechTokenizerError, SpeakerEmbeddingError, TextFrontEndError) as e:
         print(f"ttsrl prepare: {e}", file=sys.stderr)
         return 2

@@ -54,8 +54,11 @@ def kaldi_fbank(wav16: np.ndarray) -> np.ndarray:
     fbank.accept_waveform(SAMPLE_RATE, np.ascontiguousarray(wav16, dtype=np.float32))
     fbank.input_finished()
     n = fbank.num_frames_ready
-    return np.stack([fbank.get_frame(i) for i in range(n)]).astype(np.float32) if n else np.zeros((0, NUM_BINS),
-                                                                                                  np.float32)
+    return (
+        np.stack([fbank.get_frame(i) for i in range(n)]).astype(np.float32)
+        if n
+        else np.zeros((0, NUM_BINS), np.float32)
+    )
 
 
 def campplus_features(wav16: np.ndarray) -> np.ndarray:
@@ -83,7 +86,7 @@ class SpeakerEmbedder:
         self.input_name = session.get_inputs()[0].name
 
     @classmethod
-    def from_onnx(cls, path: str | Path, device: str = "cpu") -> "SpeakerEmbedder":
+    def from_onnx(cls, path: str | Path, device: str = "cpu") -> SpeakerEmbedder:
         """Load `campplus.onnx`. device 'cuda...' uses onnxruntime's CUDA provider when it is available."""
         try:
             import onnxruntime as ort
@@ -95,9 +98,17 @@ class SpeakerEmbedder:
         providers: list = ["CPUExecutionProvider"]
         if str(device).startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
             index = str(device).partition(":")[2] or "0"
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(index),
-                                                           "arena_extend_strategy": "kSameAsRequested",
-                                                           "cudnn_conv_algo_search": "DEFAULT"}))
+            providers.insert(
+                0,
+                (
+                    "CUDAExecutionProvider",
+                    {
+                        "device_id": int(index),
+                        "arena_extend_strategy": "kSameAsRequested",
+                        "cudnn_conv_algo_search": "DEFAULT",
+                    },
+                ),
+            )
         try:
             session = ort.InferenceSession(str(path), sess_options=session_options(), providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for unreadable models

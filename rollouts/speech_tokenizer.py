@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -114,7 +114,7 @@ class WhisperVQConfig:
     encoder_causal_convolution: bool = False
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "WhisperVQConfig":
+    def from_json(cls, path: str | Path) -> WhisperVQConfig:
         path = Path(path)
         cfg = _typed(cls, _read_json(path), path)
         cfg.validate(path)
@@ -124,8 +124,14 @@ class WhisperVQConfig:
         def bad(name: str, why: str) -> SpeechTokenizerError:
             return SpeechTokenizerError(f"{where}: field '{name}' {why}, got {getattr(self, name)!r}")
 
-        for name in ("d_model", "encoder_attention_heads", "encoder_ffn_dim", "num_mel_bins", "max_source_positions",
-                     "quantize_position"):
+        for name in (
+            "d_model",
+            "encoder_attention_heads",
+            "encoder_ffn_dim",
+            "num_mel_bins",
+            "max_source_positions",
+            "quantize_position",
+        ):
             if getattr(self, name) < 1:
                 raise bad(name, "must be positive")
         if self.d_model % self.encoder_attention_heads:
@@ -162,7 +168,7 @@ class WhisperFeatureConfig:
     dither: float = 0.0
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "WhisperFeatureConfig":
+    def from_json(cls, path: str | Path) -> WhisperFeatureConfig:
         path = Path(path)
         cfg = _typed(cls, _read_json(path), path)
         if cfg.sampling_rate != SAMPLE_RATE:
@@ -360,7 +366,7 @@ def load_encoder_state(directory: Path, cfg: WhisperVQConfig) -> dict[str, torch
                 for key in f.keys():
                     if not key.startswith(PREFIX):
                         continue
-                    name = key[len(PREFIX):]
+                    name = key[len(PREFIX) :]
                     if name.startswith("layer_norm"):
                         continue
                     if name.startswith("layers.") and int(name.split(".")[1]) >= cfg.quantize_position:
@@ -378,8 +384,11 @@ def strict_load(module: nn.Module, state: dict[str, torch.Tensor], where: str) -
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
     problems = []
     for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
         if items:
@@ -408,8 +417,13 @@ def _as_mono16k(wav: np.ndarray, sr: int, where: str) -> np.ndarray:
 class SpeechTokenizer:
     """Waveforms -> GLM-TTS speech tokens. Construct with `from_pretrained(dir)`."""
 
-    def __init__(self, encoder: WhisperVQEncoder, features: WhisperFeatureConfig, device: str | torch.device = "cpu",
-                 batch_size: int = BATCH_CHUNKS):
+    def __init__(
+        self,
+        encoder: WhisperVQEncoder,
+        features: WhisperFeatureConfig,
+        device: str | torch.device = "cpu",
+        batch_size: int = BATCH_CHUNKS,
+    ):
         if features.feature_size != encoder.cfg.num_mel_bins:
             raise SpeechTokenizerError(
                 f"preprocessor_config.json feature_size {features.feature_size} != config.json num_mel_bins "
@@ -421,7 +435,7 @@ class SpeechTokenizer:
         self.batch_size = batch_size
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "SpeechTokenizer":
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> SpeechTokenizer:
         d = Path(directory)
         if not d.is_dir():
             raise SpeechTokenizerError(f"speech tokenizer: directory not found: {d}")
@@ -458,11 +472,11 @@ class SpeechTokenizer:
                 raise SpeechTokenizerError(f"item {i}: expected a (waveform, sample_rate) tuple")
             audio = _as_mono16k(utt[0], utt[1], f"item {i}")
             for start in range(0, len(audio), CHUNK_SAMPLES):
-                chunks.append(audio[start: start + CHUNK_SAMPLES])
+                chunks.append(audio[start : start + CHUNK_SAMPLES])
                 owner.append(i)
         tokens: list[list[np.ndarray]] = [[] for _ in utts]
         for s in range(0, len(chunks), self.batch_size):
-            batch = chunks[s: s + self.batch_size]
+            batch = chunks[s : s + self.batch_size]
             wav, sample_mask = pad_batch(batch, self.stride, self.features.padding_value)
             feats = whisper_log_mel(wav.to(self.device), self.features)
             frame_mask = sample_mask[:, :: self.features.hop_length].to(self.device)

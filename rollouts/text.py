@@ -41,8 +41,14 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WETEXT_VERSION = "1.0.3"
 # upstream TextFrontEnd's Chinese normaliser; every other option at WeTextProcessing 1.0.3's default
-ZH_OPTIONS = {"remove_interjections": False, "remove_erhua": False, "traditional_to_simple": True,
-              "remove_puncts": False, "full_to_half": True, "tag_oov": False}
+ZH_OPTIONS = {
+    "remove_interjections": False,
+    "remove_erhua": False,
+    "traditional_to_simple": True,
+    "remove_puncts": False,
+    "full_to_half": True,
+    "tag_oov": False,
+}
 PUNCTUATION = "。？！；：、.?!;:，,"
 _P = re.escape(PUNCTUATION)
 _HAN = re.compile(r"[\u4e00-\u9fff]")
@@ -98,12 +104,14 @@ def replace_asterisk(text: str, lang: str = "zh") -> str:
     every other `*` is dropped."""
     word, digits = ("multiply", "0-9") if lang == "en" else ("乘", "一二三四五六七八九十百千万亿")
     operand = rf"[{digits}a-zA-Z]"
-    pattern = "|".join([
-        rf"(?<={operand})\s*\*\s*(?={operand})",
-        rf"(?<={operand}\))\s*\*\s*(?={operand})",
-        rf"(?<={operand})\s*\*\s*(?=\({operand})",
-        rf"(?<={operand}\))\s*\*\s*(?=\({operand})",
-    ])
+    pattern = "|".join(
+        [
+            rf"(?<={operand})\s*\*\s*(?={operand})",
+            rf"(?<={operand}\))\s*\*\s*(?={operand})",
+            rf"(?<={operand})\s*\*\s*(?=\({operand})",
+            rf"(?<={operand}\))\s*\*\s*(?=\({operand})",
+        ]
+    )
     return re.sub(pattern, word, text).replace("*", "")
 
 
@@ -177,17 +185,65 @@ def zh_special_replace(text: str) -> str:
 _ZH_SYMBOLS = [("†", "，"), ("²", "平方"), ("³", "立方"), ("/", "每"), ("~", "到"), ("～", "到")]
 _ZH_CIRCLED = list(zip("①②③④⑤⑥⑦⑧⑨⑩", "一二三四五六七八九十"))
 _ZH_GREEK = [
-    ("α", "阿尔法"), ("β", "贝塔"), ("γ", "伽玛"), ("Γ", "伽玛"), ("δ", "德尔塔"), ("Δ", "德尔塔"), ("△", "德尔塔"),
-    ("ε", "艾普西龙"), ("ζ", "捷塔"), ("η", "依塔"), ("θ", "西塔"), ("Θ", "西塔"), ("ι", "艾欧塔"), ("κ", "喀帕"),
-    ("λ", "拉姆达"), ("Λ", "拉姆达"), ("μ", "缪"), ("ν", "拗"), ("ξ", "克西"), ("Ξ", "克西"), ("ο", "欧米克伦"),
-    ("π", "派"), ("Π", "派"), ("ρ", "肉"), ("ς", "西格玛"), ("Σ", "西格玛"), ("σ", "西格玛"), ("τ", "套"),
-    ("υ", "宇普西龙"), ("φ", "服艾"), ("Φ", "服艾"), ("χ", "器"), ("ψ", "普赛"), ("Ψ", "普赛"), ("ω", "欧米伽"),
-    ("Ω", "欧米伽"), ("□", "方框"),
+    ("α", "阿尔法"),
+    ("β", "贝塔"),
+    ("γ", "伽玛"),
+    ("Γ", "伽玛"),
+    ("δ", "德尔塔"),
+    ("Δ", "德尔塔"),
+    ("△", "德尔塔"),
+    ("ε", "艾普西龙"),
+    ("ζ", "捷塔"),
+    ("η", "依塔"),
+    ("θ", "西塔"),
+    ("Θ", "西塔"),
+    ("ι", "艾欧塔"),
+    ("κ", "喀帕"),
+    ("λ", "拉姆达"),
+    ("Λ", "拉姆达"),
+    ("μ", "缪"),
+    ("ν", "拗"),
+    ("ξ", "克西"),
+    ("Ξ", "克西"),
+    ("ο", "欧米克伦"),
+    ("π", "派"),
+    ("Π", "派"),
+    ("ρ", "肉"),
+    ("ς", "西格玛"),
+    ("Σ", "西格玛"),
+    ("σ", "西格玛"),
+    ("τ", "套"),
+    ("υ", "宇普西龙"),
+    ("φ", "服艾"),
+    ("Φ", "服艾"),
+    ("χ", "器"),
+    ("ψ", "普赛"),
+    ("Ψ", "普赛"),
+    ("ω", "欧米伽"),
+    ("Ω", "欧米伽"),
+    ("□", "方框"),
 ]
 _ZH_MATH = [
-    (">", "大于"), ("<", "小于"), ("∈", "属于"), ("∉", "不属于"), ("∪", "并"), ("∩", "交"), ("⊥", "垂直"),
-    ("∥", "平行"), ("≠", "不等于"), ("∵", "因为"), ("∴", "所以"), ("∅", "空集"), ("⊂", "真包含于"), ("⊃", "包含"),
-    ("⊆", "包含于"), ("⊇", "真包含"), ("⊄", "不属于"), ("⊅", "非超集"), ("⊈", "不属于"), ("⊉", "非超集"),
+    (">", "大于"),
+    ("<", "小于"),
+    ("∈", "属于"),
+    ("∉", "不属于"),
+    ("∪", "并"),
+    ("∩", "交"),
+    ("⊥", "垂直"),
+    ("∥", "平行"),
+    ("≠", "不等于"),
+    ("∵", "因为"),
+    ("∴", "所以"),
+    ("∅", "空集"),
+    ("⊂", "真包含于"),
+    ("⊃", "包含"),
+    ("⊆", "包含于"),
+    ("⊇", "真包含"),
+    ("⊄", "不属于"),
+    ("⊅", "非超集"),
+    ("⊈", "不属于"),
+    ("⊉", "非超集"),
 ]
 
 
@@ -271,10 +327,13 @@ def _check_wetext(version: str | None) -> str:
     except metadata.PackageNotFoundError:
         raise TextFrontEndError(
             f"data.text_normalize=upstream needs WeTextProcessing=={WETEXT_VERSION} (pip install "
-            f"WeTextProcessing=={WETEXT_VERSION} pynini==2.1.5), which is not installed") from None
+            f"WeTextProcessing=={WETEXT_VERSION} pynini==2.1.5), which is not installed"
+        ) from None
     if version is not None and found != version:
-        raise TextFrontEndError(f"data.text_normalize=upstream needs WeTextProcessing=={version} (upstream "
-                                f"GLM-TTS's pin; other versions normalise differently), found {found}")
+        raise TextFrontEndError(
+            f"data.text_normalize=upstream needs WeTextProcessing=={version} (upstream "
+            f"GLM-TTS's pin; other versions normalise differently), found {found}"
+        )
     return found
 
 
@@ -288,8 +347,9 @@ def _quiet(name: str) -> None:
     logging.getLogger(f"wetext-{name}").disabled = True  # WeTextProcessing logs every load at INFO
 
 
-def load_zh_normalizer(version: str | None = WETEXT_VERSION, options: dict[str, bool] = ZH_OPTIONS,
-                       root: Path | None = None):
+def load_zh_normalizer(
+    version: str | None = WETEXT_VERSION, options: dict[str, bool] = ZH_OPTIONS, root: Path | None = None
+):
     """WeTextProcessing's Chinese normaliser with `options`: compiled once into the cache, loaded afterwards."""
     found = _check_wetext(version)
     from tn.chinese.normalizer import Normalizer
@@ -339,7 +399,7 @@ def read_custom_replace(path: str | Path | None) -> list[tuple[str, str]]:
                 obj = json.loads(line)
                 out.append((str(obj["origin"]), str(obj["new"])))
             except (ValueError, KeyError, TypeError) as e:
-                raise TextFrontEndError(f"{path}:{n}: expected {{\"origin\": ..., \"new\": ...}} ({e})") from None
+                raise TextFrontEndError(f'{path}:{n}: expected {{"origin": ..., "new": ...}} ({e})') from None
     return out
 
 
@@ -353,8 +413,14 @@ class TextFrontEnd:
     Grammars load on the first text that needs them.
     """
 
-    def __init__(self, mode: str = "upstream", *, custom_replace: str | Path | None = None,
-                 wetext_version: str | None = WETEXT_VERSION, cache_dir: Path | None = None):
+    def __init__(
+        self,
+        mode: str = "upstream",
+        *,
+        custom_replace: str | Path | None = None,
+        wetext_version: str | None = WETEXT_VERSION,
+        cache_dir: Path | None = None,
+    ):
         if mode not in ("upstream", "none"):
             raise TextFrontEndError(f"data.text_normalize: expected upstream or none, got {mode!r}")
         self.mode = mode
@@ -429,8 +495,13 @@ class LMTexts:
     the target text normalised twice and, with phonemes on, converted to hybrid phoneme input (target only, as
     upstream). Rewards keep the raw texts."""
 
-    def __init__(self, mode: str = "upstream", *, custom_replace: str | Path | None = None,
-                 phoneme_dicts: str | Path | None = None):
+    def __init__(
+        self,
+        mode: str = "upstream",
+        *,
+        custom_replace: str | Path | None = None,
+        phoneme_dicts: str | Path | None = None,
+    ):
         self.front = TextFrontEnd(mode, custom_replace=custom_replace)
         self.g2p = None
         if phoneme_dicts:

@@ -24,30 +24,62 @@ from torch import nn
 
 from rollouts.prepare import CAMPPLUS_PATH, TOKENIZER_DIR
 from rollouts.speaker_embedding import EMBEDDING_DIM, NUM_BINS
-from rollouts.speech_tokenizer import (PREFIX, WhisperFeatureConfig, WhisperVQConfig, WhisperVQEncoder, strict_load,
-                                       whisper_log_mel)
+from rollouts.speech_tokenizer import (
+    PREFIX,
+    WhisperFeatureConfig,
+    WhisperVQConfig,
+    WhisperVQEncoder,
+    strict_load,
+    whisper_log_mel,
+)
 
 
 def tiny_whisper_vq_config(
-    d_model: int = 64, heads: int = 4, ffn: int = 128, layers: int = 4, quantize_position: int = 2,
-    vocab: int = 64, **overrides,
+    d_model: int = 64,
+    heads: int = 4,
+    ffn: int = 128,
+    layers: int = 4,
+    quantize_position: int = 2,
+    vocab: int = 64,
+    **overrides,
 ) -> dict:
     """config.json contents: every WhisperConfig field plus the WhisperVQ ones (the real file's layout)."""
     from transformers import WhisperConfig
 
     cfg = WhisperConfig(
-        d_model=d_model, encoder_layers=layers, encoder_attention_heads=heads, encoder_ffn_dim=ffn,
-        decoder_layers=1, decoder_attention_heads=heads, decoder_ffn_dim=ffn, num_mel_bins=128,
-        max_source_positions=1500, activation_function="gelu", scale_embedding=False, dropout=0.0,
-        attention_dropout=0.0, activation_dropout=0.0,
+        d_model=d_model,
+        encoder_layers=layers,
+        encoder_attention_heads=heads,
+        encoder_ffn_dim=ffn,
+        decoder_layers=1,
+        decoder_attention_heads=heads,
+        decoder_ffn_dim=ffn,
+        num_mel_bins=128,
+        max_source_positions=1500,
+        activation_function="gelu",
+        scale_embedding=False,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
     ).to_dict()
     cfg.update(
-        model_type="whisper", architectures=["WhisperVQForConditionalGeneration"],
-        pooling_kernel_size=2, pooling_type="avg", pooling_position=quantize_position,
-        quantize_position=quantize_position, quantize_vocab_size=vocab, quantize_causal_block_size=200,
-        quantize_ema_decay=0.99, quantize_encoder_only=False, quantize_causal_encoder=False,
-        quantize_commit_coefficient=0.25, quantize_loss_scale=10.0, quantize_restart_interval=100,
-        encoder_causal_attention=False, encoder_causal_convolution=False, skip_language_detection=True,
+        model_type="whisper",
+        architectures=["WhisperVQForConditionalGeneration"],
+        pooling_kernel_size=2,
+        pooling_type="avg",
+        pooling_position=quantize_position,
+        quantize_position=quantize_position,
+        quantize_vocab_size=vocab,
+        quantize_causal_block_size=200,
+        quantize_ema_decay=0.99,
+        quantize_encoder_only=False,
+        quantize_causal_encoder=False,
+        quantize_commit_coefficient=0.25,
+        quantize_loss_scale=10.0,
+        quantize_restart_interval=100,
+        encoder_causal_attention=False,
+        encoder_causal_convolution=False,
+        skip_language_detection=True,
         pitch_control=None,
     )
     cfg.update(overrides)
@@ -63,10 +95,13 @@ def tiny_checkpoint(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
         return torch.randn(*shape, generator=g) * std
 
     sd = {
-        "conv1.weight": r(d, cfg["num_mel_bins"], 3), "conv1.bias": r(d),
-        "conv2.weight": r(d, d, 3, std=0.1), "conv2.bias": r(d),
+        "conv1.weight": r(d, cfg["num_mel_bins"], 3),
+        "conv1.bias": r(d),
+        "conv2.weight": r(d, d, 3, std=0.1),
+        "conv2.bias": r(d),
         "embed_positions.weight": r(cfg["max_source_positions"], d),
-        "layer_norm.weight": torch.ones(d), "layer_norm.bias": torch.zeros(d),  # final LN: dropped by the loader
+        "layer_norm.weight": torch.ones(d),
+        "layer_norm.bias": torch.zeros(d),  # final LN: dropped by the loader
         "codebook.weight": torch.zeros(vocab, d),  # replaced below
         "embed_positions2.weight": r(math.ceil(cfg["max_source_positions"] / cfg["pooling_kernel_size"]), d),
     }
@@ -100,7 +135,7 @@ def speechlike_wave(num_samples: int, seed: int = 0, sr: int = 16000) -> np.ndar
     for start in range(0, num_samples, seg):
         f0, amp, noise = rng.uniform(80.0, 4000.0), rng.choice([0.0, 0.02, 0.1, 0.4]), rng.uniform(0.0, 0.2)
         x = amp * np.sin(2 * np.pi * f0 * t + rng.uniform(0, 2 * np.pi)) + noise * amp * rng.standard_normal(seg)
-        out[start: start + seg] = x[: num_samples - start]
+        out[start : start + seg] = x[: num_samples - start]
     return out
 
 
@@ -160,8 +195,13 @@ def write_tiny_campplus(path: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = TinyCAMPPlus().eval()
     torch.onnx.export(
-        model, (torch.zeros(1, 50, NUM_BINS),), str(path), dynamo=False, opset_version=17,
-        input_names=["input"], output_names=["output"],
+        model,
+        (torch.zeros(1, 50, NUM_BINS),),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["input"],
+        output_names=["output"],
         dynamic_axes={"input": {0: "batch", 1: "T"}, "output": {0: "batch"}},
     )
     return path

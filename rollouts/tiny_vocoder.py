@@ -37,7 +37,7 @@ def write_tiny_vocoder(ckpt_dir: str | Path, *, seed: int = 0, hift_channels: in
     torch.manual_seed(seed)
     flow = FlowModel(**TINY_FLOW)
     with torch.no_grad():
-        for name, p in flow.named_parameters():
+        for p in flow.parameters():
             if p.dim() > 1:
                 p.normal_(0.0, 0.05)
     (ckpt_dir / "flow").mkdir(parents=True, exist_ok=True)

@@ -52,13 +52,17 @@ def strict_load(module: torch.nn.Module, state: dict, where: str) -> None:
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} != model {tuple(own[k].shape)}"
-              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} != model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
     if missing or unexpected or shapes:
         lines = [f"{where}: the checkpoint does not match the model"]
         for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
             if items:
-                lines.append(f"  {title} ({len(items)}): " + "; ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+                more = " ..." if len(items) > 20 else ""
+                lines.append(f"  {title} ({len(items)}): " + "; ".join(items[:20]) + more)
         raise VocoderCheckpointError("\n".join(lines))
     module.load_state_dict(state, strict=True)
 
@@ -132,8 +136,15 @@ def buckets(lengths: list[int], batch_size: int = 0) -> list[list[int]]:
 
 
 class Token2Wav:
-    def __init__(self, flow: FlowModel, hift: HiFTGenerator, *, device="cpu", n_timesteps: int = 10,
-                 mixed_precision: bool | None = None):
+    def __init__(
+        self,
+        flow: FlowModel,
+        hift: HiFTGenerator,
+        *,
+        device="cpu",
+        n_timesteps: int = 10,
+        mixed_precision: bool | None = None,
+    ):
         """mixed_precision: run the flow under bf16 autocast (None or False: float32, as upstream)."""
         self.device = torch.device(device)
         self.flow = flow.to(self.device).eval().requires_grad_(False)
@@ -143,16 +154,27 @@ class Token2Wav:
         self.num_codes = flow.num_codes - 1  # valid codes 0..vocab_size-1 (the embedding has vocab_size + 1 rows)
 
     @classmethod
-    def from_pretrained(cls, ckpt_dir: str | Path, *, device="cpu", n_timesteps: int = 10,
-                        mixed_precision: bool | None = None, dtype: str = "float32") -> "Token2Wav":
+    def from_pretrained(
+        cls,
+        ckpt_dir: str | Path,
+        *,
+        device="cpu",
+        n_timesteps: int = 10,
+        mixed_precision: bool | None = None,
+        dtype: str = "float32",
+    ) -> Token2Wav:
         """dtype: vocoder.dtype, float32 (upstream) or bfloat16 (flow under bf16 autocast, GPU only)."""
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"vocoder.dtype: expected float32 or bfloat16, got {dtype!r}")
         ckpt_dir = Path(ckpt_dir)
-        amp = mixed_precision if mixed_precision is not None else (dtype == "bfloat16" and
-                                                                    torch.device(device).type == "cuda")
-        return cls(load_flow(ckpt_dir), load_hift(ckpt_dir), device=device, n_timesteps=n_timesteps,
-                   mixed_precision=amp)
+        amp = (
+            mixed_precision
+            if mixed_precision is not None
+            else (dtype == "bfloat16" and torch.device(device).type == "cuda")
+        )
+        return cls(
+            load_flow(ckpt_dir), load_hift(ckpt_dir), device=device, n_timesteps=n_timesteps, mixed_precision=amp
+        )
 
     def check(self, codes: np.ndarray, prompt: VoicePrompt) -> str | None:
         """Why this item cannot be vocoded (None if it can)."""
@@ -187,8 +209,9 @@ class Token2Wav:
         todo.sort(key=lambda i: -(arrays[i].size + prompts[i].tokens.size))  # longest first
         for chunk in buckets([arrays[i].size + prompts[i].tokens.size for i in todo], batch_size):
             items = [todo[j] for j in chunk]
-            for i, wav in zip(items, self._run([arrays[i] for i in items], [prompts[i] for i in items],
-                                               [seeds[i] for i in items])):
+            for i, wav in zip(
+                items, self._run([arrays[i] for i in items], [prompts[i] for i in items], [seeds[i] for i in items])
+            ):
                 audio[i] = wav
         return VocodeResult(audio=audio, reasons=reasons)
 

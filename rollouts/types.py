@@ -7,11 +7,34 @@ Records are frozen; a stage builds new records instead of mutating the ones it r
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
 
-from policies.sampling import SamplingParams
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How a rollout was sampled (recorded with it; the policy's sampler reads it)."""
+
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    ras: bool = False
+    ras_window: int = 10
+    ras_tau: float = 0.1
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k}, {self.top_p}")
+        if self.ras and (self.ras_window < 1 or self.ras_tau <= 0):
+            raise ValueError("ras_window must be >= 1 and ras_tau > 0")
+
+    @property
+    def ras_threshold(self) -> float:
+        return self.ras_window * self.ras_tau
 
 
 @dataclass(frozen=True)
@@ -60,17 +83,17 @@ class Rollout:
         """Per row, the generated speech codes (0..C-1), stop and padding removed. list of [L_i] long."""
         return [self.tokens[i, : int(self.lengths[i])] - ats for i in range(self.num_rows)]
 
-    def select(self, rows: torch.Tensor | list[int]) -> "Rollout":
+    def select(self, rows: torch.Tensor | list[int]) -> Rollout:
         """A new Rollout with only `rows` (in that order)."""
         idx = torch.as_tensor(rows, dtype=torch.long)
-        out = {}
+        out: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
             out[f.name] = v.index_select(0, idx.to(v.device)) if isinstance(v, torch.Tensor) else v
         return Rollout(**out)
 
     @staticmethod
-    def cat(parts: list["Rollout"]) -> "Rollout":
+    def cat(parts: list[Rollout]) -> Rollout:
         """Concatenate rows of several rollouts (padding prompt and generated parts to a common width)."""
         if not parts:
             raise ValueError("nothing to concatenate")

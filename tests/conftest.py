@@ -47,19 +47,28 @@ def reward_models(tmp_path_factory):
     return write_all(tmp_path_factory.mktemp("reward_models"))
 
 
-def audio_sample(text="今天天气很好", seconds=1.0, rate=24000, seed=0, emotion=None, prompt_seconds=1.2,
-                 uttid="u", **kw):
+def audio_sample(
+    text="今天天气很好", seconds=1.0, rate=24000, seed=0, emotion=None, prompt_seconds=1.2, uttid="u", **kw
+):
     import numpy as np
 
     from rewards.base import Sample
 
     rng = np.random.default_rng(seed)
-    prompt = (0.1 * np.random.default_rng(1000 + hash(uttid) % 1000).standard_normal(int(prompt_seconds * rate)))
+    prompt = 0.1 * np.random.default_rng(1000 + hash(uttid) % 1000).standard_normal(int(prompt_seconds * rate))
     defaults = dict(
-        uttid=uttid, group_id=0, target_text=text, prompt_text="你好", codes=np.zeros(int(25 * seconds), np.int64),
-        finished=True, prompt_codes=np.zeros(20, np.int64), emotion=emotion,
-        audio=(0.1 * rng.standard_normal(int(seconds * rate))).astype(np.float32), sample_rate=rate,
-        prompt_audio=prompt.astype(np.float32), prompt_sample_rate=rate,
+        uttid=uttid,
+        group_id=0,
+        target_text=text,
+        prompt_text="你好",
+        codes=np.zeros(int(25 * seconds), np.int64),
+        finished=True,
+        prompt_codes=np.zeros(20, np.int64),
+        emotion=emotion,
+        audio=(0.1 * rng.standard_normal(int(seconds * rate))).astype(np.float32),
+        sample_rate=rate,
+        prompt_audio=prompt.astype(np.float32),
+        prompt_sample_rate=rate,
     )
     defaults.update(kw)
     return Sample(**defaults)

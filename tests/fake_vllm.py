@@ -13,8 +13,6 @@ import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 
 @dataclass
 class SamplingParams:
@@ -65,7 +63,7 @@ class _Model:
 
 
 class LLM:
-    instances: list["LLM"] = []
+    instances: list[LLM] = []
 
     def __init__(self, model: str, **kwargs):
         from policies.glmtts import GLMTTSPolicy
@@ -74,8 +72,9 @@ class LLM:
         self.kwargs = kwargs
         self.engine_policy = GLMTTSPolicy.from_pretrained(Path(model).parent)  # its own copy of the weights
         runner = types.SimpleNamespace(model=_Model(self.engine_policy.model))
-        self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(
-            driver_worker=types.SimpleNamespace(model_runner=runner)))
+        self.llm_engine = types.SimpleNamespace(
+            model_executor=types.SimpleNamespace(driver_worker=types.SimpleNamespace(model_runner=runner))
+        )
         self.prefix_resets = 0
         LLM.instances.append(self)
 
@@ -94,13 +93,25 @@ class LLM:
             assert sp.allowed_token_ids == list(range(s.ats, s.ate + 1)) + [s.eoa]
             ours = Ours(temperature=sp.temperature, top_k=max(sp.top_k, 0), top_p=sp.top_p)
             prompt = PromptInput(ids=list(req["prompt_token_ids"]), text_len=1)
-            ro = pol.sample_groups([prompt], 1, ours, group_ids=[0], seed=sp.seed, min_ratio=sp.min_tokens,
-                                   max_ratio=sp.max_tokens, max_new_tokens=sp.max_tokens)
+            ro = pol.sample_groups(
+                [prompt],
+                1,
+                ours,
+                group_ids=[0],
+                seed=sp.seed,
+                min_ratio=sp.min_tokens,
+                max_ratio=sp.max_tokens,
+                max_new_tokens=sp.max_tokens,
+            )
             m = ro.token_mask[0]
             ids = ro.tokens[0][m].tolist()
             lps = [{t: Logprob(float(lp))} for t, lp in zip(ids, ro.behaviour_logp[0][m].tolist())]
-            outs.append(RequestOutput(list(req["prompt_token_ids"]),
-                                      [CompletionOutput(ids, lps, "stop" if bool(ro.finished[0]) else "length")]))
+            outs.append(
+                RequestOutput(
+                    list(req["prompt_token_ids"]),
+                    [CompletionOutput(ids, lps, "stop" if bool(ro.finished[0]) else "length")],
+                )
+            )
         return outs
 
 

@@ -40,8 +40,9 @@ class InvalidOddGroups:
 
 class AlwaysInvalid:
     def __call__(self, samples):
-        return ScoreResult(np.full(len(samples), np.nan), np.zeros(len(samples), dtype=bool), {},
-                           ["unavailable"] * len(samples))
+        return ScoreResult(
+            np.full(len(samples), np.nan), np.zeros(len(samples), dtype=bool), {}, ["unavailable"] * len(samples)
+        )
 
 
 class AudioSeconds:

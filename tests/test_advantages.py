@@ -127,8 +127,13 @@ def test_trl_normalize_then_sum_settings_hand_computed():
     s = [-z, z, 0.0, 0.0]  # group [2, 2]: std 0 -> (r - mean) / eps = 0
     sd = math.sqrt(sum(x * x for x in s) / 3)  # batch mean 0, Bessel over 4 samples
     res = normalize_fuse_normalize(
-        {"acc": T(1.0, 3.0, 2.0, 2.0)}, G(0, 0, 1, 1), {"acc": 1.0},
-        std_ddof=1, eps=eps, min_std=0.0, second_norm="batch",
+        {"acc": T(1.0, 3.0, 2.0, 2.0)},
+        G(0, 0, 1, 1),
+        {"acc": 1.0},
+        std_ddof=1,
+        eps=eps,
+        min_std=0.0,
+        second_norm="batch",
     )
     approx(res.advantages, [x / (sd + eps) for x in s])
     assert res.informative.tolist() == [True, True, False, False]

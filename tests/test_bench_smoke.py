@@ -3,8 +3,9 @@
 import sys
 
 import pytest
-
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # runs the benchmarks (one of them TRL's GRPOTrainer)
 
 sys.path.insert(0, str(REPO))
 
@@ -42,7 +43,10 @@ def test_scoring_bench(capsys):
     from bench import scoring
 
     res = scoring.main(["--rows", "4", "--repeats", "1", "--service-s", "0.2"])
-    assert set(res) == {"service_batched_vs_per_sample", "local_concurrent_vs_sequential",
-                        "services_concurrent_vs_sequential"}
+    assert set(res) == {
+        "service_batched_vs_per_sample",
+        "local_concurrent_vs_sequential",
+        "services_concurrent_vs_sequential",
+    }
     assert res["services_concurrent_vs_sequential"] > 1.3  # two waiting services overlap
     assert "two services" in capsys.readouterr().out

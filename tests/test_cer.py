@@ -4,8 +4,8 @@ import math
 
 import numpy as np
 import pytest
-
 from conftest import audio_sample
+
 from rewards.asr import ModelDirError
 from rewards.cer import CERScorer, error_rate, normalize
 
@@ -48,8 +48,11 @@ def test_normalise_keeps_the_exact_token_rules():
 
 def test_scorer_with_tiny_paraformer_and_whisper(reward_models):
     s = CERScorer(paraformer_dir=reward_models["paraformer_dir"], whisper_dir=reward_models["whisper_dir"])
-    samples = [audio_sample("今天天气很好", seed=1), audio_sample("The quick brown fox", seed=2),
-               audio_sample("哈哈哈", seed=3)]
+    samples = [
+        audio_sample("今天天气很好", seed=1),
+        audio_sample("The quick brown fox", seed=2),
+        audio_sample("哈哈哈", seed=3),
+    ]
     res = s(samples)
     assert res.valid.all()
     assert np.allclose(res.values, np.exp(-2.5 * res.sub_scores["cer"]))
@@ -64,13 +67,21 @@ def test_scorer_with_tiny_paraformer_and_whisper(reward_models):
 def test_invalid_samples_have_reasons_not_zeros(reward_models):
     s = CERScorer(paraformer_dir=reward_models["paraformer_dir"])
     bad = np.array([0.1, np.nan] * 4000, dtype=np.float32)
-    res = s([
-        audio_sample(audio=None), audio_sample(audio=bad), audio_sample(audio=np.zeros(0, np.float32)),
-        audio_sample(sample_rate=None), audio_sample("Hello there"),
-    ])
+    res = s(
+        [
+            audio_sample(audio=None),
+            audio_sample(audio=bad),
+            audio_sample(audio=np.zeros(0, np.float32)),
+            audio_sample(sample_rate=None),
+            audio_sample("Hello there"),
+        ]
+    )
     assert not res.valid.any() and np.isnan(res.values).all()
     assert [r.split(" (")[0].split(":")[0] for r in res.reasons] == [
-        "no audio", "audio contains NaN or inf", "empty audio", "no valid sample rate",
+        "no audio",
+        "audio contains NaN or inf",
+        "empty audio",
+        "no valid sample rate",
         "no ASR model for en",
     ]
     zh = CERScorer(paraformer_dir=reward_models["paraformer_dir"], lang="zh")

@@ -8,8 +8,13 @@ from rl.checkpoint import clean_partial, find_checkpoint, list_checkpoints, load
 
 def save(out, step, keep_last=10):
     return save_checkpoint(
-        out, step, policy_state={"w": torch.full((2, 3), float(step))}, optimizer_state={"state": {}, "lr": 0.1 * step},
-        trainer_state={"step": step}, config_yaml=f"train: {{steps: {step}}}\n", keep_last=keep_last,
+        out,
+        step,
+        policy_state={"w": torch.full((2, 3), float(step))},
+        optimizer_state={"state": {}, "lr": 0.1 * step},
+        trainer_state={"step": step},
+        config_yaml=f"train: {{steps: {step}}}\n",
+        keep_last=keep_last,
     )
 
 

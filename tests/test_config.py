@@ -26,8 +26,11 @@ def test_every_field_has_a_help_line():
 
 
 def test_yaml_overlays_defaults_and_converts_types(tmp_path):
-    p = write(tmp_path, BASE + "optim:\n  lr: 1e-6\n  betas: [0.9, 0.99]\nsampling:\n  group_size: 4.0\n"
-                              "loss:\n  eps_low: 0.25\n  eps_high: {kind: linear, start: 0.3, end: 0.5, steps: 1000}\n")
+    p = write(
+        tmp_path,
+        BASE + "optim:\n  lr: 1e-6\n  betas: [0.9, 0.99]\nsampling:\n  group_size: 4.0\n"
+        "loss:\n  eps_low: 0.25\n  eps_high: {kind: linear, start: 0.3, end: 0.5, steps: 1000}\n",
+    )
     cfg, derived = load_config(p)
     assert cfg.optim.lr == 1e-6 and isinstance(cfg.optim.lr, float)  # YAML 1.1 reads 1e-6 as a string
     assert cfg.optim.betas == [0.9, 0.99]
@@ -44,7 +47,10 @@ def test_yaml_overlays_defaults_and_converts_types(tmp_path):
         ("optim:\n  lrr: 1e-5\n", "unknown key 'optim.lrr'; did you mean 'optim.lr'"),
         ("optimm:\n  lr: 1e-5\n", "unknown key 'optimm'; did you mean 'optim'"),
         ("loss:\n  eps_hgih: 0.3\n", "did you mean 'loss.eps_high'"),
-        ("rewards:\n  cer: {scorer: cer, wieght: 1}\n", "unknown key 'rewards.cer.wieght'; did you mean 'rewards.cer.weight'"),
+        (
+            "rewards:\n  cer: {scorer: cer, wieght: 1}\n",
+            "unknown key 'rewards.cer.wieght'; did you mean 'rewards.cer.weight'",
+        ),
         ("sampling:\n  top_k: many\n", "sampling.top_k: expected an integer, got 'many'"),
         ("loss:\n  agg: mean\n", "loss.agg: expected one of 'token_mean', 'seq_mean', 'seq_sum_const'"),
         ("sampling:\n  ras: maybe\n", "sampling.ras: expected true or false"),
@@ -62,11 +68,21 @@ def test_bad_yaml_names_the_key(tmp_path, text, message):
 
 def test_cli_overrides_convert_and_validate(tmp_path):
     p = write(tmp_path, BASE)
-    cfg, d = load_config(p, [
-        "optim.lr=3e-6", "sampling.ras=false", "dynamic_sampling.keys=[duration]", "loss.eps_high.kind=linear",
-        "loss.eps_high.end=0.5", "loss.eps_high.steps=10", "rewards.cer.scorer=duration", "rewards.cer.weight=0.5",
-        "rewards.cer.kwargs.tolerance=2.5", "policy.ckpt_dir=123",
-    ])
+    cfg, d = load_config(
+        p,
+        [
+            "optim.lr=3e-6",
+            "sampling.ras=false",
+            "dynamic_sampling.keys=[duration]",
+            "loss.eps_high.kind=linear",
+            "loss.eps_high.end=0.5",
+            "loss.eps_high.steps=10",
+            "rewards.cer.scorer=duration",
+            "rewards.cer.weight=0.5",
+            "rewards.cer.kwargs.tolerance=2.5",
+            "policy.ckpt_dir=123",
+        ],
+    )
     assert cfg.optim.lr == 3e-6 and cfg.sampling.ras is False
     assert cfg.dynamic_sampling.keys == ["duration"]
     assert cfg.loss.eps_high(10) == pytest.approx(0.5)
@@ -101,8 +117,10 @@ def test_config_is_immutable(tmp_path):
 
 
 def test_derived_values(tmp_path):
-    cfg, d = load_config(write(tmp_path, BASE), ["loss.ratio_anchor=ref", "optim.minibatches=2", "optim.ppo_epochs=2",
-                                                  "data.prompts_per_step=3"])
+    cfg, d = load_config(
+        write(tmp_path, BASE),
+        ["loss.ratio_anchor=ref", "optim.minibatches=2", "optim.ppo_epochs=2", "data.prompts_per_step=3"],
+    )
     assert d.needs_reference and d.updates_per_step == 4 and d.rows_per_step == 24
 
 
@@ -110,6 +128,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "rl.cli", *args], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_cli_config_check_and_show(tmp_path):
     good = run_cli("config", "check", str(CONFIG_DIR / "tiny.yaml"))
     assert good.returncode == 0, good.stderr
@@ -146,8 +165,10 @@ def test_every_shipped_config_loads_and_validates():
             if not line.startswith("#"):
                 break
             header.append(line)
-        assert any(f"ttsrl train {f.relative_to(CONFIG_DIR.parent)}" in h or (f.name == "tiny.yaml" and "`ttsrl train`" in h)
-                   for h in header), f"{f}: the opening comment must give its launch command"
+        assert any(
+            f"ttsrl train {f.relative_to(CONFIG_DIR.parent)}" in h or (f.name == "tiny.yaml" and "`ttsrl train`" in h)
+            for h in header
+        ), f"{f}: the opening comment must give its launch command"
 
 
 def test_ablation_configs_hold_the_reports_settings():
@@ -155,20 +176,33 @@ def test_ablation_configs_hold_the_reports_settings():
     recipe, _ = load_config(CONFIG_DIR / "glmtts_grpo.yaml")
     assert recipe.sampling.group_size == 8 and recipe.optim.lr == 1e-6 and recipe.dynamic_sampling.max_tries == 3
     assert {k: r.weight for k, r in recipe.rewards.items()} == {"cer": 1.0, "sim": 0.1}
-    assert (recipe.loss.eps_low(0), recipe.loss.eps_high(0), recipe.loss.eps_low(1000), recipe.loss.eps_high(1000)) \
-        == pytest.approx((0.2, 0.3, 0.3, 0.5))
-    table4 = {"no_clip_higher": (0.2, 0.2, "off"), "clip_higher": (0.2, 0.3, "off"), "dynamic_sampling": (0.2, 0.2, "reroll")}
+    assert (
+        recipe.loss.eps_low(0),
+        recipe.loss.eps_high(0),
+        recipe.loss.eps_low(1000),
+        recipe.loss.eps_high(1000),
+    ) == pytest.approx((0.2, 0.3, 0.3, 0.5))
+    table4 = {
+        "no_clip_higher": (0.2, 0.2, "off"),
+        "clip_higher": (0.2, 0.3, "off"),
+        "dynamic_sampling": (0.2, 0.2, "reroll"),
+    }
     for name, (low, high, mode) in table4.items():
         cfg, _ = load_config(abl / f"{name}.yaml")
         for step in (0, 500, 1000):
             assert (cfg.loss.eps_low(step), cfg.loss.eps_high(step)) == pytest.approx((low, high)), name
         assert cfg.dynamic_sampling.mode == mode, name
-    table5 = {"schedule_frozen": (1.0, 0.3, 0.2), "schedule_T1.5_eh0.5_el0.4": (1.5, 0.5, 0.4),
-              "schedule_T2_eh1.0_el0.4": (2.0, 1.0, 0.4), "schedule_T3_eh1.0_el0.4": (3.0, 1.0, 0.4)}
+    table5 = {
+        "schedule_frozen": (1.0, 0.3, 0.2),
+        "schedule_T1.5_eh0.5_el0.4": (1.5, 0.5, 0.4),
+        "schedule_T2_eh1.0_el0.4": (2.0, 1.0, 0.4),
+        "schedule_T3_eh1.0_el0.4": (3.0, 1.0, 0.4),
+    }
     for name, end in table5.items():  # from T 1, eps_high 0.3, eps_low 0.2 to these at the last step
         cfg, _ = load_config(abl / f"{name}.yaml")
         s = cfg.train.steps
-        assert (cfg.sampling.temperature(0), cfg.loss.eps_high(0), cfg.loss.eps_low(0)) == pytest.approx((1.0, 0.3, 0.2))
+        start = (cfg.sampling.temperature(0), cfg.loss.eps_high(0), cfg.loss.eps_low(0))
+        assert start == pytest.approx((1.0, 0.3, 0.2))
         assert (cfg.sampling.temperature(s), cfg.loss.eps_high(s), cfg.loss.eps_low(s)) == pytest.approx(end), name
     for w in (2, 5, 10):  # table 6
         cfg, _ = load_config(abl / f"laughter_w{w}.yaml")

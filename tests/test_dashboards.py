@@ -6,11 +6,13 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, run_config
+
 from rl.config import DEFAULT_CONFIG, load_config
 from rl.trainer import train
 from rollouts.audio import read_wav
+
+pytestmark = pytest.mark.slow  # runs the CLI in a subprocess
 
 
 def test_samples_wandb_audio_table_and_plots(tmp_path, tiny_ckpt, monkeypatch):
@@ -25,11 +27,21 @@ def test_samples_wandb_audio_table_and_plots(tmp_path, tiny_ckpt, monkeypatch):
             tables.append(self)
 
     monkeypatch.setattr(wandb, "Table", RecordingTable)
-    cfg, d = load_config(DEFAULT_CONFIG, run_config(
-        tmp_path, tiny_ckpt, "train.steps=2", "data.prompts_per_step=3", "sampling.group_size=2",
-        "vocoder.n_timesteps=2", "wandb.enabled=true", "train.samples_every=1", "train.samples_per_step=2",
-        "train.save_every=0",
-    ))
+    cfg, d = load_config(
+        DEFAULT_CONFIG,
+        run_config(
+            tmp_path,
+            tiny_ckpt,
+            "train.steps=2",
+            "data.prompts_per_step=3",
+            "sampling.group_size=2",
+            "vocoder.n_timesteps=2",
+            "wandb.enabled=true",
+            "train.samples_every=1",
+            "train.samples_per_step=2",
+            "train.save_every=0",
+        ),
+    )
     train(cfg, d, progress=False)
     run = tmp_path / "run"
 
@@ -52,8 +64,13 @@ def test_samples_wandb_audio_table_and_plots(tmp_path, tiny_ckpt, monkeypatch):
     assert list((run / "wandb").glob("offline-run-*"))
 
     # curves without wandb
-    out = subprocess.run([sys.executable, "-m", "rl.cli", "plot", str(run)], cwd=REPO, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    out = subprocess.run(
+        [sys.executable, "-m", "rl.cli", "plot", str(run)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert out.returncode == 0, out.stderr
     for name in ("rewards", "length", "clip", "loss"):
         png = run / "plots" / f"{name}.png"

@@ -8,25 +8,52 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO, TINY_MANIFEST
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY_MANIFEST
 from rl.config import DEFAULT_CONFIG, load_config
 from rl.trainer import train
+
+pytestmark = pytest.mark.slow  # every test runs `accelerate launch` subprocesses
 
 
 def launch(tmp, ckpt, procs, *overrides):
     args = ["train", str(DEFAULT_CONFIG), "--no-progress", "--output-dir", str(tmp)]
-    for o in (f"policy.ckpt_dir={ckpt}", f"data.manifest={TINY_MANIFEST}", "data.prompts_per_step=4",
-              "sampling.group_size=2", "sampling.max_token_text_ratio=4", "sampling.max_new_tokens=48",
-              "wandb.enabled=false", "train.samples_every=0", "vocoder.n_timesteps=2", *overrides):
+    for o in (
+        f"policy.ckpt_dir={ckpt}",
+        f"data.manifest={TINY_MANIFEST}",
+        "data.prompts_per_step=4",
+        "sampling.group_size=2",
+        "sampling.max_token_text_ratio=4",
+        "sampling.max_new_tokens=48",
+        "wandb.enabled=false",
+        "train.samples_every=0",
+        "vocoder.n_timesteps=2",
+        *overrides,
+    ):
         args += ["--set", o]
     # `accelerate launch --multi_gpu` starts the processes through torch.distributed; without a GPU they use gloo
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={procs}",
-                "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "-m", "rl.cli"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        f"--num_processes={procs}",
+        "--num_machines=1",
+        "--mixed_precision=no",
+        "--dynamo_backend=no",
+        "-m",
+        "rl.cli",
+    ]
     cmd = launcher + args if procs > 1 else [sys.executable, "-m", "rl.cli"] + args
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert (f"; {procs} processes" in out.stdout) == (procs > 1), out.stdout[-2000:]  # really data-parallel
     return [json.loads(line) for line in (tmp / "metrics.jsonl").read_text().splitlines()]
@@ -72,10 +99,19 @@ def test_pipelined_run_on_two_processes_resumes_only_with_two(tmp_path, tiny_ckp
     ckpt = tmp_path / "run" / "checkpoints" / "step-000002"
     pending = load_file(str(ckpt / "pending.safetensors"))
     assert any(k.startswith("rank0.") for k in pending) and any(k.startswith("rank1.") for k in pending)
-    cfg, d = load_config(DEFAULT_CONFIG, [f"policy.ckpt_dir={tiny_ckpt}", f"data.manifest={TINY_MANIFEST}",
-                                          f"train.output_dir={tmp_path / 'run'}", "train.steps=3",
-                                          "train.pipeline=true", "data.prompts_per_step=4", "sampling.group_size=2",
-                                          "dynamic_sampling.mode=off",
-                                          "wandb.enabled=false"])
+    cfg, d = load_config(
+        DEFAULT_CONFIG,
+        [
+            f"policy.ckpt_dir={tiny_ckpt}",
+            f"data.manifest={TINY_MANIFEST}",
+            f"train.output_dir={tmp_path / 'run'}",
+            "train.steps=3",
+            "train.pipeline=true",
+            "data.prompts_per_step=4",
+            "sampling.group_size=2",
+            "dynamic_sampling.mode=off",
+            "wandb.enabled=false",
+        ],
+    )
     with pytest.raises(RuntimeError, match="saved by 2 processes; resume it with as many"):
         train(cfg, d, resume=str(tmp_path / "run"), progress=False)

@@ -25,7 +25,9 @@ def _meta(tmp_path, lines, wav=True):
 
 
 def test_meta_parsing_and_errors_name_line_and_field(tmp_path):
-    items = read_meta(_meta(tmp_path, ["# comment", "a|你好|p.wav|今天很好", "", "b|你好|p.wav|哈哈哈|happy", "c|hi|p.wav|x|4"]))
+    items = read_meta(
+        _meta(tmp_path, ["# comment", "a|你好|p.wav|今天很好", "", "b|你好|p.wav|哈哈哈|happy", "c|hi|p.wav|x|4"])
+    )
     assert [i.utt for i in items] == ["a", "b", "c"]
     assert items[0].prompt_wav == tmp_path / "p.wav" and items[0].emotion is None
     assert items[1].emotion == 3 and items[2].emotion == 4
@@ -61,11 +63,27 @@ def test_corpus_rate_sums_edits_while_the_mean_averages_items():
 
 def _report(ckpt, cer, sims, items):
     return {
-        "ckpt": ckpt, "meta": "/m.lst", "lang": "zh", "seed": 0, "flow_steps": 10,
+        "ckpt": ckpt,
+        "meta": "/m.lst",
+        "lang": "zh",
+        "seed": 0,
+        "flow_steps": 10,
         "measured": {"cer": True, "sim": True, "emotion": False},
-        "metrics": {"items": 3, "synthesised": 3, "truncated": 0, "failed": 0, "cer": cer, "cer_corpus": cer,
-                    "cer_n": 3, "sim": float(np.mean(sims)), "sim_n": 3, "emotion_acc": None, "emotion_n": 0,
-                    "audio_seconds": 3.0, "wall_seconds": 1.0},
+        "metrics": {
+            "items": 3,
+            "synthesised": 3,
+            "truncated": 0,
+            "failed": 0,
+            "cer": cer,
+            "cer_corpus": cer,
+            "cer_n": 3,
+            "sim": float(np.mean(sims)),
+            "sim_n": 3,
+            "emotion_acc": None,
+            "emotion_n": 0,
+            "audio_seconds": 3.0,
+            "wall_seconds": 1.0,
+        },
         "failed": [],
         "items": [{"utt": u, "error_rate": e} for u, e in items],
     }
@@ -92,8 +110,8 @@ def eval_models(tmp_path_factory):
 
 
 def test_eval_end_to_end_reports_every_metric_and_lists_failures(tmp_path, tiny_ckpt, eval_models):
-    from rollouts.audio import write_wav
     from rl.evaluate import evaluate
+    from rollouts.audio import write_wav
     from rollouts.tiny_vocoder import write_tiny_vocoder
 
     if not (tiny_ckpt / "flow").exists():
@@ -136,16 +154,33 @@ def test_eval_loads_a_ttsrl_checkpoint_and_compares_from_the_cli(tmp_path, tiny_
 
     if not (tiny_ckpt / "flow").exists():
         write_tiny_vocoder(tiny_ckpt, seed=0)
-    cfg, derived = load_config(REPO / "configs" / "tiny.yaml", run_config(tmp_path, tiny_ckpt, "train.steps=2",
-                                                                          "train.save_every=2", "optim.lr=1e-2",
-                                                                          "policy.build_tiny=false"))
+    cfg, derived = load_config(
+        REPO / "configs" / "tiny.yaml",
+        run_config(
+            tmp_path, tiny_ckpt, "train.steps=2", "train.save_every=2", "optim.lr=1e-2", "policy.build_tiny=false"
+        ),
+    )
     train(cfg, derived, progress=False)
     meta = tmp_path / "meta.lst"
     voices = REPO / "configs" / "data" / "tiny" / "voices"
-    meta.write_text("\n".join(line.replace("voices/", f"{voices}/")
-                              for line in TINY_META.read_text(encoding="utf-8").splitlines()[:3]) + "\n")
-    base_args = ["--meta", str(meta), "--lang", "zh", "--frontend", eval_models.frontend_dir, "--asr",
-                 eval_models.asr_dir, "--flow-steps", "2"]
+    meta.write_text(
+        "\n".join(
+            line.replace("voices/", f"{voices}/") for line in TINY_META.read_text(encoding="utf-8").splitlines()[:3]
+        )
+        + "\n"
+    )
+    base_args = [
+        "--meta",
+        str(meta),
+        "--lang",
+        "zh",
+        "--frontend",
+        eval_models.frontend_dir,
+        "--asr",
+        eval_models.asr_dir,
+        "--flow-steps",
+        "2",
+    ]
     assert main(["eval", "--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "A"), *base_args]) == 0
     assert main(["eval", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "B"), *base_args]) == 0
     b = json.loads((tmp_path / "B" / "eval.json").read_text())
@@ -156,12 +191,12 @@ def test_eval_loads_a_ttsrl_checkpoint_and_compares_from_the_cli(tmp_path, tiny_
     assert "| metric | A | B | B - A |" in table and "CER (%, corpus)" in table
     # lr 1e-2 for two steps moved the weights: the trained policy does not produce the base policy's audio
     a = json.loads((tmp_path / "A" / "eval.json").read_text())
-    assert [r["seconds"] for r in a["items"]] != [r["seconds"] for r in b["items"]] or \
-        [r["hyp"] for r in a["items"]] != [r["hyp"] for r in b["items"]]
+    assert [r["seconds"] for r in a["items"]] != [r["seconds"] for r in b["items"]] or [
+        r["hyp"] for r in a["items"]
+    ] != [r["hyp"] for r in b["items"]]
 
 
-def test_a_batch_that_fails_to_synthesise_is_listed_and_the_rest_go_on(tmp_path, tiny_ckpt, eval_models,
-                                                                       monkeypatch):
+def test_a_batch_that_fails_to_synthesise_is_listed_and_the_rest_go_on(tmp_path, tiny_ckpt, eval_models, monkeypatch):
     from policies.glmtts import GLMTTSPolicy
     from rl.evaluate import EvalModels, evaluate
     from rollouts.tiny_vocoder import write_tiny_vocoder
@@ -170,8 +205,12 @@ def test_a_batch_that_fails_to_synthesise_is_listed_and_the_rest_go_on(tmp_path,
         write_tiny_vocoder(tiny_ckpt, seed=0)
     voices = REPO / "configs" / "data" / "tiny" / "voices"
     meta = tmp_path / "meta.lst"
-    meta.write_text("\n".join(line.replace("voices/", f"{voices}/")
-                              for line in TINY_META.read_text(encoding="utf-8").splitlines()[:3]) + "\n")
+    meta.write_text(
+        "\n".join(
+            line.replace("voices/", f"{voices}/") for line in TINY_META.read_text(encoding="utf-8").splitlines()[:3]
+        )
+        + "\n"
+    )
     real = GLMTTSPolicy.sample_groups
 
     def flaky(self, prompts, group_size, params, *, group_ids, **kw):
@@ -180,19 +219,45 @@ def test_a_batch_that_fails_to_synthesise_is_listed_and_the_rest_go_on(tmp_path,
         return real(self, prompts, group_size, params, group_ids=group_ids, **kw)
 
     monkeypatch.setattr(GLMTTSPolicy, "sample_groups", flaky)
-    report = evaluate(tiny_ckpt, meta, "zh", tmp_path / "out", EvalModels(frontend_dir=eval_models.frontend_dir),
-                      flow_steps=2, batch_size=1)
+    report = evaluate(
+        tiny_ckpt,
+        meta,
+        "zh",
+        tmp_path / "out",
+        EvalModels(frontend_dir=eval_models.frontend_dir),
+        flow_steps=2,
+        batch_size=1,
+    )
     second = read_meta(meta)[1].utt
     assert report["metrics"]["synthesised"] == 2 and report["metrics"]["failed"] == 1
-    assert report["failed"] == [{"utt": second, "stage": "synthesis",
-                                 "reason": "RuntimeError: CUDA error: an illegal memory access was encountered"}]
+    assert report["failed"] == [
+        {
+            "utt": second,
+            "stage": "synthesis",
+            "reason": "RuntimeError: CUDA error: an illegal memory access was encountered",
+        }
+    ]
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):
     from rl.cli import main
 
-    assert main(["eval", "--ckpt", str(tmp_path), "--meta", str(tmp_path / "none.lst"), "--lang", "zh",
-                 "--frontend", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--ckpt",
+                str(tmp_path),
+                "--meta",
+                str(tmp_path / "none.lst"),
+                "--lang",
+                "zh",
+                "--frontend",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert "meta file not found" in capsys.readouterr().err
     meta = _meta(tmp_path, ["a|你好|p.wav|今天很好"])
     assert main(["eval", "--ckpt", str(tmp_path), "--meta", str(meta), "--lang", "zh"]) == 2  # no --frontend

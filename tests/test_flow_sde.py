@@ -58,7 +58,7 @@ def test_constant_sigma_step_by_hand():
     g = diffusion_coefficient(t, eta, VOX, schedule="constant").item()
     score = -(1.0 + (1 - t) * 2.0) / t
     mean, std = sde_step_mean_std(x, v, t, dt, g, VOX)
-    assert mean.item() == pytest.approx(1.0 + 2.0 * dt - 0.5 * eta ** 2 * score * dt)
+    assert mean.item() == pytest.approx(1.0 + 2.0 * dt - 0.5 * eta**2 * score * dt)
     assert std.item() == pytest.approx(eta * math.sqrt(0.2))
     with pytest.raises(ValueError, match="noise schedule"):
         diffusion_coefficient(t, eta, VOX, schedule="cosine")
@@ -109,8 +109,9 @@ def test_closed_form_kl():
     p, q = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 0.0]])
     assert gaussian_kl_same_std(p, q, torch.tensor(0.5)).item() == pytest.approx((1 + 4) / (2 * 0.25))
     m1, m2, s = torch.randn(3, 5), torch.randn(3, 5), torch.rand(3, 1) + 0.2
-    ref = torch.distributions.kl_divergence(torch.distributions.Normal(m1, s.expand_as(m1)),
-                                            torch.distributions.Normal(m2, s.expand_as(m2))).sum(1)
+    ref = torch.distributions.kl_divergence(
+        torch.distributions.Normal(m1, s.expand_as(m1)), torch.distributions.Normal(m2, s.expand_as(m2))
+    ).sum(1)
     torch.testing.assert_close(gaussian_kl_same_std(m1, m2, s), ref)
 
 

@@ -19,8 +19,16 @@ def data_dir(tmp_path):
 
 
 def line(**kw):
-    base = {"uttid": "u1", "prompt_text": "你好", "prompt_speech": "p.wav", "prompt_speech_token": "tok/a.npy",
-            "prompt_speech_feat": "feat.npy", "embedding": "emb.npy", "syn_text": "今天天气很好", "emotion": 3}
+    base = {
+        "uttid": "u1",
+        "prompt_text": "你好",
+        "prompt_speech": "p.wav",
+        "prompt_speech_token": "tok/a.npy",
+        "prompt_speech_feat": "feat.npy",
+        "embedding": "emb.npy",
+        "syn_text": "今天天气很好",
+        "emotion": 3,
+    }
     base.update(kw)
     return json.dumps({k: v for k, v in base.items() if v is not ...}, ensure_ascii=False)
 

@@ -3,7 +3,6 @@
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
@@ -38,6 +37,7 @@ def inputs(policy, records, n=3):
 
 
 # --- checkpoint layout and tokenizer -----------------------------------------------------------------------------
+
 
 def test_loads_upstream_layout_and_finds_special_tokens(policy, tiny_ckpt):
     assert (tiny_ckpt / "llm" / "config.json").is_file() and list((tiny_ckpt / "llm").glob("*.safetensors"))
@@ -91,10 +91,19 @@ def test_remote_code_tokenizer_only_on_opt_in(tiny_ckpt, monkeypatch):
 
 # --- group sampling ----------------------------------------------------------------------------------------------
 
+
 def test_group_sampler_rows_tokens_and_length_bounds(policy, tiny_records):
     prompts = inputs(policy, tiny_records)
-    ro = policy.sample_groups(prompts, 4, SamplingParams(top_k=25, top_p=0.8, ras=True), group_ids=[7, 8, 9],
-                              seed=0, min_ratio=2, max_ratio=4, max_new_tokens=1000)
+    ro = policy.sample_groups(
+        prompts,
+        4,
+        SamplingParams(top_k=25, top_p=0.8, ras=True),
+        group_ids=[7, 8, 9],
+        seed=0,
+        min_ratio=2,
+        max_ratio=4,
+        max_new_tokens=1000,
+    )
     s = policy.special
     assert ro.num_rows == 12 and ro.group_ids.tolist() == [7] * 4 + [8] * 4 + [9] * 4
     assert ro.prompt_index.tolist() == [0] * 4 + [1] * 4 + [2] * 4

@@ -17,12 +17,19 @@ def test_restricted_head_is_the_speech_and_stop_rows(policy64):
     s = policy64.special
     h = torch.randn(5, policy64.model.config.hidden_size, dtype=torch.float64)
     full = policy64.model.lm_head(h)
-    expected = torch.cat([full[:, s.ats: s.ate + 1], full[:, s.eoa: s.eoa + 1]], dim=-1)
+    expected = torch.cat([full[:, s.ats : s.ate + 1], full[:, s.eoa : s.eoa + 1]], dim=-1)
     assert torch.allclose(policy64.restricted_logits(h), expected, atol=1e-12)
 
 
-@pytest.mark.parametrize("params", [SamplingParams(top_k=25, top_p=0.8), SamplingParams(top_k=25, top_p=0.8, ras=True),
-                                    SamplingParams(temperature=0.7)], ids=["topk-topp", "ras", "plain"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(top_k=25, top_p=0.8),
+        SamplingParams(top_k=25, top_p=0.8, ras=True),
+        SamplingParams(temperature=0.7),
+    ],
+    ids=["topk-topp", "ras", "plain"],
+)
 def test_shared_prompt_pass_matches_one_pass_per_row(policy64, tiny_records, params):
     """Teacher forcing with one prompt pass per group gives the log-probs and gradients of scoring row by row."""
     pol = policy64
@@ -39,7 +46,7 @@ def test_shared_prompt_pass_matches_one_pass_per_row(policy64, tiny_records, par
         alone = []
         for i in range(ro.num_rows):  # a single row has nothing to share: the plain single pass
             lp, _ = pol.token_logprobs(ro.select([i]))
-            (lp * w[i: i + 1, : lp.shape[1]]).sum().backward()
+            (lp * w[i : i + 1, : lp.shape[1]]).sum().backward()
             alone.append(torch.nn.functional.pad(lp.detach(), (0, together.shape[1] - lp.shape[1])))
         assert torch.allclose(together.detach(), torch.cat(alone), atol=1e-9)
         for g, p in zip(grads, pol.model.parameters()):
@@ -96,8 +103,9 @@ def test_top_k_log_q_from_the_top_k_values_matches_the_full_gather():
     assert torch.allclose(g_fast, g_plain, atol=1e-12)
 
 
-@pytest.mark.parametrize("params", [SamplingParams(top_k=25, top_p=0.8, ras=True), SamplingParams(temperature=1.3)],
-                         ids=["ras", "plain"])
+@pytest.mark.parametrize(
+    "params", [SamplingParams(top_k=25, top_p=0.8, ras=True), SamplingParams(temperature=1.3)], ids=["ras", "plain"]
+)
 def test_static_cache_decoding_samples_what_the_dynamic_cache_does(policy64, tiny_records, params):
     prompts = [policy64.prompt_input(r) for r in tiny_records[:3]]
     for group_size in (1, 3):

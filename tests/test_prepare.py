@@ -14,11 +14,25 @@ import soundfile as sf
 import torch
 
 from rollouts.manifest import read_manifest
-from rollouts.prepare import (EMOTIONS, EMOTIONS_ZH, PrepareError, PromptFrontend, add_prepare_parser, cmd_prepare,
-                              prepare, prompt_mel, read_items)
-from rollouts.speaker_embedding import (SpeakerEmbedder, SpeakerEmbeddingError, campplus_features, kaldi_fbank)
-from rollouts.speech_tokenizer import (SpeechTokenizer, SpeechTokenizerError, WhisperFeatureConfig, pad_batch,
-                                       whisper_log_mel)
+from rollouts.prepare import (
+    EMOTIONS,
+    EMOTIONS_ZH,
+    PrepareError,
+    PromptFrontend,
+    add_prepare_parser,
+    cmd_prepare,
+    prepare,
+    prompt_mel,
+    read_items,
+)
+from rollouts.speaker_embedding import SpeakerEmbedder, SpeakerEmbeddingError, campplus_features, kaldi_fbank
+from rollouts.speech_tokenizer import (
+    SpeechTokenizer,
+    SpeechTokenizerError,
+    WhisperFeatureConfig,
+    pad_batch,
+    whisper_log_mel,
+)
 from rollouts.tiny_frontend import speechlike_wave, tiny_checkpoint, tiny_whisper_vq_config, write_tiny_frontend
 
 UPSTREAM_MIRROR = "/work/.mirror/zai-org+GLM-TTS/repo"
@@ -53,15 +67,21 @@ def batched_tokens(tokenizer, audios):
 
 def upstream_chunks(audios):
     """Upstream's 30 s chunking: (chunk, owner) pairs."""
-    return [(a[t: t + 480000], i) for i, a in enumerate(audios) for t in range(0, len(a), 480000)]
+    return [(a[t : t + 480000], i) for i, a in enumerate(audios) for t in range(0, len(a), 480000)]
 
 
 def transformers_features(chunks):
     from transformers import WhisperFeatureExtractor
 
     fe = WhisperFeatureExtractor(feature_size=128)
-    return fe(chunks, sampling_rate=16000, return_attention_mask=True, return_tensors="pt", padding="longest",
-              pad_to_multiple_of=640)
+    return fe(
+        chunks,
+        sampling_rate=16000,
+        return_attention_mask=True,
+        return_tensors="pt",
+        padding="longest",
+        pad_to_multiple_of=640,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- speech tokenizer
@@ -100,7 +120,7 @@ def _reference_tokens(sd: dict, cfg: dict, feats: torch.Tensor, fmask: torch.Ten
     for layer in range(Q):
         p = f"layers.{layer}."
 
-        def ln(y, name):
+        def ln(y, name, p=p):  # bind this layer's prefix
             return torch.nn.functional.layer_norm(y, (d,), W[p + name + ".weight"], W[p + name + ".bias"], 1e-5)
 
         y = ln(h, "self_attn_layer_norm")
@@ -122,7 +142,7 @@ def _reference_tokens(sd: dict, cfg: dict, feats: torch.Tensor, fmask: torch.Ten
 def test_tokens_match_an_independent_reference_forward(tokenizer, audios):
     audios = audios[:4]  # (the > 30 s layout is covered by the upstream comparison)
     cfg = tiny_whisper_vq_config()
-    sd = {k[len("model.encoder."):]: v for k, v in tiny_checkpoint(cfg).items() if k.startswith("model.encoder.")}
+    sd = {k[len("model.encoder.") :]: v for k, v in tiny_checkpoint(cfg).items() if k.startswith("model.encoder.")}
     chunks = upstream_chunks(audios)
     feats = transformers_features([c for c, _ in chunks])  # one batch: every chunk padded to 480000 samples
     expected = [[] for _ in audios]
@@ -147,8 +167,9 @@ def _load_upstream_encoder(tmp_path, speech_tokenizer_dir):
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     for name in ("configuration_whisper.py", "modeling_whisper.py"):
-        r = subprocess.run(["git", f"--git-dir={UPSTREAM_MIRROR}", "show", f"HEAD:utils/whisper_models/{name}"],
-                           capture_output=True)
+        r = subprocess.run(
+            ["git", f"--git-dir={UPSTREAM_MIRROR}", "show", f"HEAD:utils/whisper_models/{name}"], capture_output=True
+        )
         if r.returncode:
             pytest.skip("the GLM-TTS mirror is not available")
         (pkg / name).write_bytes(r.stdout)
@@ -167,7 +188,7 @@ def _load_upstream_encoder(tmp_path, speech_tokenizer_dir):
     model = model_mod.WhisperVQEncoder(config)
     sd = {}
     for k, v in load_file(str(speech_tokenizer_dir / "model.safetensors")).items():
-        name = k[len("model.encoder."):]
+        name = k[len("model.encoder.") :]
         if not k.startswith("model.encoder.") or name.startswith("layer_norm"):
             continue
         if name.startswith("layers") and int(name.split(".")[1]) >= config.quantize_position:
@@ -213,8 +234,9 @@ def test_sharded_checkpoint_gives_the_same_tokens(tmp_path, frontend_dir, tokeni
     keys = sorted(sd)
     save_file({k: sd[k] for k in keys[::2]}, str(d / "model-00001-of-00002.safetensors"))
     save_file({k: sd[k] for k in keys[1::2]}, str(d / "model-00002-of-00002.safetensors"))
-    assert np.array_equal(SpeechTokenizer.from_pretrained(d)([(audios[3], 16000)])[0],
-                          tokenizer([(audios[3], 16000)])[0])
+    assert np.array_equal(
+        SpeechTokenizer.from_pretrained(d)([(audios[3], 16000)])[0], tokenizer([(audios[3], 16000)])[0]
+    )
 
 
 def _edit_checkpoint(d, edit):
@@ -225,15 +247,18 @@ def _edit_checkpoint(d, edit):
     save_file(sd, str(d / "model.safetensors"))
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", r"missing keys: model\.encoder\.layers\.1\.fc1\.weight"),
-    ("unexpected", r"unexpected keys: model\.encoder\.pitch_proj\.weight"),
-    ("shape", r"shape mismatches: model\.encoder\.codebook\.weight: checkpoint \(32, 64\) vs model \(64, 64\)"),
-    ("no_weights", r"has no model\*\.safetensors"),
-    ("config_type", r"config\.json: field 'd_model' must be int, got '64'"),
-    ("feature_size", r"feature_size 80 != config\.json num_mel_bins 128"),
-    ("dither", r"preprocessor_config\.json: field 'dither' must be 0"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", r"missing keys: model\.encoder\.layers\.1\.fc1\.weight"),
+        ("unexpected", r"unexpected keys: model\.encoder\.pitch_proj\.weight"),
+        ("shape", r"shape mismatches: model\.encoder\.codebook\.weight: checkpoint \(32, 64\) vs model \(64, 64\)"),
+        ("no_weights", r"has no model\*\.safetensors"),
+        ("config_type", r"config\.json: field 'd_model' must be int, got '64'"),
+        ("feature_size", r"feature_size 80 != config\.json num_mel_bins 128"),
+        ("dither", r"preprocessor_config\.json: field 'dither' must be 0"),
+    ],
+)
 def test_strict_load_errors_name_the_problem(tmp_path, frontend_dir, case, message):
     d = tmp_path / "tok"
     shutil.copytree(frontend_dir / "speech_tokenizer", d)
@@ -248,8 +273,9 @@ def test_strict_load_errors_name_the_problem(tmp_path, frontend_dir, case, messa
     else:
         name = "config.json" if case == "config_type" else "preprocessor_config.json"
         cfg = json.loads((d / name).read_text())
-        cfg.update({"config_type": {"d_model": "64"}, "feature_size": {"feature_size": 80},
-                    "dither": {"dither": 1e-4}}[case])
+        cfg.update(
+            {"config_type": {"d_model": "64"}, "feature_size": {"feature_size": 80}, "dither": {"dither": 1e-4}}[case]
+        )
         (d / name).write_text(json.dumps(cfg))
     with pytest.raises(SpeechTokenizerError, match=message):
         SpeechTokenizer.from_pretrained(d)
@@ -354,12 +380,23 @@ def prompts(tmp_path):
 
 def test_prepare_end_to_end_loads_with_the_manifest_reader(prompts, frontend_dir, tokenizer, tmp_path):
     items = prompts / "items.jsonl"
-    items.write_text("\n".join(json.dumps(o, ensure_ascii=False) for o in [
-        {"prompt_wav": "wavs/spk_a.wav", "prompt_text": "你好。", "target_text": "今天天气很好。",
-         "emotion": "happy"},
-        {"prompt_speech": "wavs/spk_b.wav", "prompt_text": "hello", "syn_text": "good morning", "id": "x7"},
-        {"prompt_wav": "wavs/spk_a.wav", "prompt_text": "你好。", "target_text": "再见。", "emotion": 6},
-    ]) + "\n", encoding="utf-8")
+    items.write_text(
+        "\n".join(
+            json.dumps(o, ensure_ascii=False)
+            for o in [
+                {
+                    "prompt_wav": "wavs/spk_a.wav",
+                    "prompt_text": "你好。",
+                    "target_text": "今天天气很好。",
+                    "emotion": "happy",
+                },
+                {"prompt_speech": "wavs/spk_b.wav", "prompt_text": "hello", "syn_text": "good morning", "id": "x7"},
+                {"prompt_wav": "wavs/spk_a.wav", "prompt_text": "你好。", "target_text": "再见。", "emotion": 6},
+            ]
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     out = tmp_path / "out"
     res = prepare(items, frontend_dir, out)
     assert (res.items, res.prompts) == (3, 2)
@@ -390,10 +427,13 @@ def test_prepare_end_to_end_loads_with_the_manifest_reader(prompts, frontend_dir
 
 def test_pipe_list_cli_and_each_prompt_once(prompts, frontend_dir, frontend, tmp_path, capsys):
     items = prompts / "items.txt"
-    items.write_text("# prompt|text|target|emotion\n"
-                     "wavs/spk_a.wav|你好。|今天天气很好。|开心\n"
-                     "wavs/spk_b.wav|hello|good morning\n"
-                     "wavs/spk_a.wav|你好。|再见。|sad\n", encoding="utf-8")
+    items.write_text(
+        "# prompt|text|target|emotion\n"
+        "wavs/spk_a.wav|你好。|今天天气很好。|开心\n"
+        "wavs/spk_b.wav|hello|good morning\n"
+        "wavs/spk_a.wav|你好。|再见。|sad\n",
+        encoding="utf-8",
+    )
     calls = []
 
     class Counting:
@@ -408,26 +448,41 @@ def test_pipe_list_cli_and_each_prompt_once(prompts, frontend_dir, frontend, tmp
 
     parser = argparse.ArgumentParser()
     add_prepare_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["prepare", str(items), "--frontend", str(frontend_dir), "--out", str(tmp_path / "o2"),
-                              "--device", "cpu", "--no-progress"])
+    args = parser.parse_args(
+        [
+            "prepare",
+            str(items),
+            "--frontend",
+            str(frontend_dir),
+            "--out",
+            str(tmp_path / "o2"),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     assert args.func(args) == 0 and "3 items, 2 prompts" in capsys.readouterr().out
-    assert np.array_equal(read_manifest(tmp_path / "o2" / "manifest.jsonl")[2].prompt_speech_tokens,
-                          recs[2].prompt_speech_tokens)
+    assert np.array_equal(
+        read_manifest(tmp_path / "o2" / "manifest.jsonl")[2].prompt_speech_tokens, recs[2].prompt_speech_tokens
+    )
     args = parser.parse_args(["prepare", str(items), "--frontend", str(tmp_path / "none"), "--out", str(tmp_path)])
     assert cmd_prepare(args) == 2 and "directory not found" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("line, message", [
-    ("wavs/nope.wav|t|u", r"items\.txt:2: field 'prompt_wav': file not found"),
-    ("wavs/garbage.wav|t|u", r"items\.txt:2: field 'prompt_wav': cannot read .*garbage\.wav as audio"),
-    ("wavs/short.wav|t|u", r"items\.txt:2: field 'prompt_wav': audio too short"),
-    ("wavs/spk_a.wav| |u", r"items\.txt:2: field 'prompt_text' is empty"),
-    ("wavs/spk_a.wav|t|", r"items\.txt:2: field 'target_text' is empty"),
-    ("wavs/spk_a.wav|t|u|furious", r"items\.txt:2: field 'emotion': unknown label 'furious'"),
-    ("wavs/spk_a.wav|t|u|12", r"items\.txt:2: field 'emotion': index 12 is not in -1\.\.8"),
-    ("wavs/spk_a.wav|t", r"items\.txt:2: expected 3 or 4 '\|'-separated fields"),
-    ("other/spk_a.wav|t|u", r"items\.txt:2: field 'prompt_wav': .* same file stem 'spk_a' as .*items\.txt:1\)"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("wavs/nope.wav|t|u", r"items\.txt:2: field 'prompt_wav': file not found"),
+        ("wavs/garbage.wav|t|u", r"items\.txt:2: field 'prompt_wav': cannot read .*garbage\.wav as audio"),
+        ("wavs/short.wav|t|u", r"items\.txt:2: field 'prompt_wav': audio too short"),
+        ("wavs/spk_a.wav| |u", r"items\.txt:2: field 'prompt_text' is empty"),
+        ("wavs/spk_a.wav|t|", r"items\.txt:2: field 'target_text' is empty"),
+        ("wavs/spk_a.wav|t|u|furious", r"items\.txt:2: field 'emotion': unknown label 'furious'"),
+        ("wavs/spk_a.wav|t|u|12", r"items\.txt:2: field 'emotion': index 12 is not in -1\.\.8"),
+        ("wavs/spk_a.wav|t", r"items\.txt:2: expected 3 or 4 '\|'-separated fields"),
+        ("other/spk_a.wav|t|u", r"items\.txt:2: field 'prompt_wav': .* same file stem 'spk_a' as .*items\.txt:1\)"),
+    ],
+)
 def test_bad_items_name_the_line_and_field(prompts, frontend, tmp_path, line, message):
     (prompts / "wavs" / "garbage.wav").write_bytes(b"RIFF not really a wav")
     sf.write(prompts / "wavs" / "short.wav", np.zeros(300, np.float32), 16000)
@@ -439,16 +494,25 @@ def test_bad_items_name_the_line_and_field(prompts, frontend, tmp_path, line, me
         prepare(items, None, tmp_path / "out", frontend=frontend)
 
 
-@pytest.mark.parametrize("obj, message", [
-    ("{bad", r"items\.jsonl:2: not valid JSON"),
-    ('{"prompt_wav": "wavs/spk_a.wav", "prompt_text": "t"}', r"items\.jsonl:2: field 'target_text' is missing"),
-    ('{"prompt_wav": "wavs/spk_a.wav", "prompt_text": 5, "target_text": "u"}',
-     r"items\.jsonl:2: field 'prompt_text' must be a string"),
-    ('{"prompt_wav": "wavs/spk_a.wav", "prompt_text": "t", "target_text": "u", "id": 1}',
-     r"items\.jsonl:2: field 'id': uttid 'spk_a--1' already used at .*items\.jsonl:1"),
-    ('{"prompt_wav": "wavs/spk_a.wav", "prompt_text": "t", "target_text": "u", "emotion": true}',
-     r"items\.jsonl:2: field 'emotion' must be a label index or name"),
-])
+@pytest.mark.parametrize(
+    "obj, message",
+    [
+        ("{bad", r"items\.jsonl:2: not valid JSON"),
+        ('{"prompt_wav": "wavs/spk_a.wav", "prompt_text": "t"}', r"items\.jsonl:2: field 'target_text' is missing"),
+        (
+            '{"prompt_wav": "wavs/spk_a.wav", "prompt_text": 5, "target_text": "u"}',
+            r"items\.jsonl:2: field 'prompt_text' must be a string",
+        ),
+        (
+            '{"prompt_wav": "wavs/spk_a.wav", "prompt_text": "t", "target_text": "u", "id": 1}',
+            r"items\.jsonl:2: field 'id': uttid 'spk_a--1' already used at .*items\.jsonl:1",
+        ),
+        (
+            '{"prompt_wav": "wavs/spk_a.wav", "prompt_text": "t", "target_text": "u", "emotion": true}',
+            r"items\.jsonl:2: field 'emotion' must be a label index or name",
+        ),
+    ],
+)
 def test_bad_jsonl_items(prompts, tmp_path, obj, message):
     items = prompts / "items.jsonl"
     items.write_text('{"prompt_wav": "wavs/spk_a.wav", "prompt_text": "t", "target_text": "u"}\n' + obj + "\n")

@@ -10,15 +10,15 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-
 from conftest import REPO, ServerThread, audio_sample, free_port
+from scorers_for_tests import Broken, Slow
+
 from rewards.cer import CERScorer
 from rewards.duration import DurationScorer
 from rewards.remote import RemoteScorer
 from rewards.runner import score
 from rewards.server import create_app
 from rewards.wire import encode_request
-from scorers_for_tests import Broken, Slow
 
 
 def same(a, b):
@@ -33,7 +33,9 @@ def same(a, b):
 @pytest.fixture(scope="module")
 def samples():
     return [audio_sample("今天天气很好", seed=i, seconds=0.8 + 0.2 * i, uttid=f"u{i % 2}") for i in range(5)] + [
-        audio_sample(audio=None), audio_sample("Hello world", seed=9)]
+        audio_sample(audio=None),
+        audio_sample("Hello world", seed=9),
+    ]
 
 
 def test_round_trip_equals_local_scoring(samples, reward_models):
@@ -67,9 +69,11 @@ def test_bad_payloads_get_clear_4xx_and_the_server_stays_up():
         assert r.status_code == 400 and "X-Client-Timeout" in r.json()["error"]
         r = post(json={"samples": [{"uttid": "a"}]})
         assert r.status_code == 422 and "samples[0].target_text: missing" in r.json()["error"]
-        r = post(json={"samples": [{"uttid": "a", "target_text": "x", "audio": {"encoding": "mp3", "sample_rate": 1, "data": ""}}]})
+        mp3 = {"encoding": "mp3", "sample_rate": 1, "data": ""}
+        r = post(json={"samples": [{"uttid": "a", "target_text": "x", "audio": mp3}]})
         assert r.status_code == 422 and "samples[0].audio.encoding" in r.json()["error"]
-        r = post(json={"samples": [{"uttid": "a", "target_text": "x", "audio": {"encoding": "pcm16", "sample_rate": 16000, "data": "@@@"}}]})
+        not_b64 = {"encoding": "pcm16", "sample_rate": 16000, "data": "@@@"}
+        r = post(json={"samples": [{"uttid": "a", "target_text": "x", "audio": not_b64}]})
         assert r.status_code == 422 and "not valid base64" in r.json()["error"]
         r = post(json={"samples": [{"uttid": "a", "target_text": "x"}] * 5})
         assert r.status_code == 413 and "too many samples" in r.json()["error"]
@@ -90,7 +94,8 @@ def test_auth_token(samples):
     try:
         assert httpx.get(f"{srv.url}/health").status_code == 401
         assert httpx.post(f"{srv.url}/score", json={"samples": []}).status_code == 401
-        assert httpx.post(f"{srv.url}/score", json={"samples": []}, headers={"Authorization": "Bearer nope"}).status_code == 401
+        wrong = httpx.post(f"{srv.url}/score", json={"samples": []}, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
         res = RemoteScorer(srv.url, token="s3cret")(samples[:2])
         assert res.valid.all()
         res = RemoteScorer(srv.url, token=None, retries=2, backoff_s=0.01)(samples[:2])
@@ -132,11 +137,15 @@ def test_scorer_errors_are_500_then_invalid(samples):
         srv.stop()
 
 
+@pytest.mark.slow
 def test_killed_server_retries_then_invalid(samples):
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "rl.cli", "serve-reward", "--scorer", "duration", "--port", str(port)],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -212,7 +221,9 @@ def test_serve_reward_cli_errors_name_the_problem(tmp_path, capsys):
     assert main(["serve-reward", "--scorer", "nope", "--config", str(REPO / "configs" / "tiny.yaml")]) == 2
     assert "has no reward named 'nope'; it has: duration" in capsys.readouterr().err
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("base: " + str(REPO / "configs" / "tiny.yaml") + "\n"
-                   "rewards:\n  d: {scorer: remote, kwargs: {url: 'http://127.0.0.1:1'}}\n")
+    cfg.write_text(
+        "base: " + str(REPO / "configs" / "tiny.yaml") + "\n"
+        "rewards:\n  d: {scorer: remote, kwargs: {url: 'http://127.0.0.1:1'}}\n"
+    )
     assert main(["serve-reward", "--scorer", "d", "--config", str(cfg)]) == 2
     assert "is itself remote" in capsys.readouterr().err

@@ -5,15 +5,22 @@ import math
 import numpy as np
 import pytest
 
-from rewards.base import Sample, ScoreResult, ScorerConfigError, build_scorer
+from rewards.base import Sample, ScorerConfigError, ScoreResult, build_scorer
 from rewards.duration import DurationScorer, count_units
 from rewards.runner import score
 
 
 def sample(text="今天天气很好", n_codes=50, prompt_text="你好", prompt_codes=25, **kw):
-    return Sample(uttid="u", group_id=0, target_text=text, prompt_text=prompt_text,
-                  codes=np.zeros(n_codes, dtype=np.int64), finished=True,
-                  prompt_codes=np.zeros(prompt_codes, dtype=np.int64), **kw)
+    return Sample(
+        uttid="u",
+        group_id=0,
+        target_text=text,
+        prompt_text=prompt_text,
+        codes=np.zeros(n_codes, dtype=np.int64),
+        finished=True,
+        prompt_codes=np.zeros(prompt_codes, dtype=np.int64),
+        **kw,
+    )
 
 
 def test_duration_reward_hand_computed():
@@ -94,8 +101,9 @@ def test_samples_marked_invalid_upstream_skip_every_scorer():
             seen.append(len(samples))
             return ScoreResult.build([1.0] * len(samples), [None] * len(samples), {"x": [2.0] * len(samples)})
 
-    out = score({"a": Spy(), "b": DurationScorer()}, [sample(), sample(), sample()],
-                invalid=[None, "empty generation", None])
+    out = score(
+        {"a": Spy(), "b": DurationScorer()}, [sample(), sample(), sample()], invalid=[None, "empty generation", None]
+    )
     assert seen == [2]
     for k in ("a", "b"):
         assert out.values[k][1].isnan() and out.results[k].reasons[1] == "empty generation"
@@ -110,8 +118,8 @@ def test_the_readme_scorer_example_works_as_written(tmp_path, monkeypatch):
     import sys
 
     import yaml
-
     from conftest import REPO, audio_sample
+
     from rewards.base import check_scorer_kwargs, resolve_scorer_class
 
     readme = (REPO / "README.md").read_text(encoding="utf-8")

@@ -15,16 +15,15 @@ import subprocess
 import sys
 import threading
 import time
-
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, TINY_MANIFEST, ServerThread, audio_sample, run_config
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY_MANIFEST, ServerThread, audio_sample, run_config
 from rl.config import DEFAULT_CONFIG, load_config
 from rl.configlib import ConfigError
 from rl.errors import InputError, RunError
@@ -36,8 +35,14 @@ def rows(path):
 
 
 def cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "rl.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "HOME": str(REPO)}, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "rl.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "HOME": str(REPO)},
+        timeout=600,
+    )
 
 
 def sets(*overrides):
@@ -64,12 +69,15 @@ QUICK = ("train.steps=1", "data.prompts_per_step=2", "sampling.group_size=2", "v
 
 # ---- 1. a directory that holds another run ---------------------------------------------------------------------
 
+
 def test_an_output_dir_holding_another_run_is_refused_or_overwritten(tmp_path, tiny_ckpt, capsys):
     cfg, d = load_config(DEFAULT_CONFIG, run_config(tmp_path, tiny_ckpt, *QUICK))
     train(cfg, d, progress=False)
     run = tmp_path / "run"
     before = (run / "metrics.jsonl").read_text()
-    with pytest.raises(InputError, match=r"already holds a run \(config\.yaml, metrics\.jsonl, checkpoints\).*--resume"):
+    with pytest.raises(
+        InputError, match=r"already holds a run \(config\.yaml, metrics\.jsonl, checkpoints\).*--resume"
+    ):
         train(cfg, d, progress=False)
     assert (run / "metrics.jsonl").read_text() == before  # untouched
     cfg2, d2 = load_config(DEFAULT_CONFIG, run_config(tmp_path, tiny_ckpt, *QUICK, "train.seed=5"))
@@ -83,8 +91,15 @@ def test_pruning_never_deletes_another_runs_checkpoints(tmp_path):
     from rl.checkpoint import list_checkpoints, save_checkpoint
 
     def save(step, run_id, keep_last):
-        save_checkpoint(tmp_path, step, policy_state={"w": torch.zeros(1)}, optimizer_state={}, config_yaml="",
-                        trainer_state={"step": step, "run_id": run_id}, keep_last=keep_last)
+        save_checkpoint(
+            tmp_path,
+            step,
+            policy_state={"w": torch.zeros(1)},
+            optimizer_state={},
+            config_yaml="",
+            trainer_state={"step": step, "run_id": run_id},
+            keep_last=keep_last,
+        )
 
     for step in (10, 20):  # an older run with higher step numbers
         save(step, "old", 5)
@@ -93,6 +108,7 @@ def test_pruning_never_deletes_another_runs_checkpoints(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000003", "step-000010", "step-000020"]
 
 
+@pytest.mark.slow
 def test_the_cli_refuses_a_reused_output_dir_with_one_line(tmp_path, tiny_ckpt):
     args = ["train", str(DEFAULT_CONFIG), "--no-progress", *sets(*run_config(tmp_path, tiny_ckpt, *QUICK))]
     assert cli(*args).returncode == 0
@@ -102,6 +118,7 @@ def test_the_cli_refuses_a_reused_output_dir_with_one_line(tmp_path, tiny_ckpt):
 
 
 # ---- 2. uttids that are not file names --------------------------------------------------------------------------
+
 
 def test_unsafe_uttids_become_safe_unique_file_names_inside_the_run(tmp_path, tiny_ckpt):
     from rollouts.paths import inside, safe_stem
@@ -114,9 +131,20 @@ def test_unsafe_uttids_become_safe_unique_file_names_inside_the_run(tmp_path, ti
 
     ids = {1: "spk0/utt_2", 2: "../../../escape"}
     manifest = manifest_with(tmp_path, lambda o, n: o.update(uttid=ids.get(n, o["uttid"])))
-    cfg, d = load_config(DEFAULT_CONFIG, run_config(
-        tmp_path, tiny_ckpt, "train.steps=2", "data.prompts_per_step=4", "sampling.group_size=2",
-        f"data.manifest={manifest}", "data.shuffle=false", "train.samples_every=1", "train.samples_per_step=4"))
+    cfg, d = load_config(
+        DEFAULT_CONFIG,
+        run_config(
+            tmp_path,
+            tiny_ckpt,
+            "train.steps=2",
+            "data.prompts_per_step=4",
+            "sampling.group_size=2",
+            f"data.manifest={manifest}",
+            "data.shuffle=false",
+            "train.samples_every=1",
+            "train.samples_per_step=4",
+        ),
+    )
     train(cfg, d, progress=False)
     run = tmp_path / "run"
     logged = rows(run / "samples.jsonl")
@@ -130,29 +158,56 @@ def test_unsafe_uttids_become_safe_unique_file_names_inside_the_run(tmp_path, ti
 
 # ---- 3. dead or failing rewards ---------------------------------------------------------------------------------
 
+
+@pytest.mark.slow
 def test_a_dead_reward_service_fails_fast_naming_the_url(tmp_path, tiny_ckpt):
     url = "http://127.0.0.1:9"
-    res = cli("train", str(DEFAULT_CONFIG), "--no-progress", *sets(*run_config(
-        tmp_path, tiny_ckpt, *QUICK, "rewards.x.scorer=remote", f"rewards.x.kwargs={{url: '{url}'}}")))
+    res = cli(
+        "train",
+        str(DEFAULT_CONFIG),
+        "--no-progress",
+        *sets(
+            *run_config(tmp_path, tiny_ckpt, *QUICK, "rewards.x.scorer=remote", f"rewards.x.kwargs={{url: '{url}'}}")
+        ),
+    )
     assert res.returncode == 2, res.stderr
     assert f"reward service {url} is not answering /health" in res.stderr and res.stderr.count("\n") == 1
     assert not (tmp_path / "run").exists()  # nothing written
 
 
 def test_invalid_rewards_are_reported_each_step_and_a_dead_one_stops_the_run(tmp_path, tiny_ckpt, capsys):
-    cfg, d = load_config(DEFAULT_CONFIG, run_config(
-        tmp_path, tiny_ckpt, "train.steps=6", "data.prompts_per_step=2", "sampling.group_size=2",
-        "vocoder.enabled=false", "rewards.gone.scorer=scorers_for_tests:AlwaysInvalid", "rewards.gone.weight=0.5"))
-    with pytest.raises(RunError, match=r"reward 'gone' was invalid for every sample 3 steps in a row \(last step 3: 4 x unavailable\)"):
+    cfg, d = load_config(
+        DEFAULT_CONFIG,
+        run_config(
+            tmp_path,
+            tiny_ckpt,
+            "train.steps=6",
+            "data.prompts_per_step=2",
+            "sampling.group_size=2",
+            "vocoder.enabled=false",
+            "rewards.gone.scorer=scorers_for_tests:AlwaysInvalid",
+            "rewards.gone.weight=0.5",
+        ),
+    )
+    with pytest.raises(
+        RunError,
+        match=r"reward 'gone' was invalid for every sample 3 steps in a row "
+        r"\(last step 3: 4 x unavailable\)",
+    ):
         train(cfg, d, progress=False)
     err = capsys.readouterr().err
     assert err.count("reward 'gone' invalid for 4/4 samples (4 x unavailable)") == 3
     assert [r["step"] for r in rows(tmp_path / "run" / "metrics.jsonl")] == [1, 2]  # step 3 stopped before its update
 
 
+@pytest.mark.slow
 def test_a_run_that_trained_on_nothing_does_not_succeed(tmp_path, tiny_ckpt):
-    res = cli("train", str(DEFAULT_CONFIG), "--no-progress", *sets(*run_config(
-        tmp_path, tiny_ckpt, *QUICK, "rewards.duration.scorer=scorers_for_tests:AlwaysInvalid")))
+    res = cli(
+        "train",
+        str(DEFAULT_CONFIG),
+        "--no-progress",
+        *sets(*run_config(tmp_path, tiny_ckpt, *QUICK, "rewards.duration.scorer=scorers_for_tests:AlwaysInvalid")),
+    )
     assert res.returncode == 1 and "the run trained on nothing" in res.stderr, res.stderr
     start = load_file(str(tiny_ckpt / "llm" / "model.safetensors"))
     end = load_file(str(tmp_path / "run" / "checkpoints" / "step-000001" / "policy.safetensors"))
@@ -161,17 +216,26 @@ def test_a_run_that_trained_on_nothing_does_not_succeed(tmp_path, tiny_ckpt):
 
 # ---- 4. non-finite settings and updates -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("override, message", [
-    ("optim.lr=inf", "optim.lr: expected a finite number, got 'inf'"),
-    ("sampling.temperature=nan", "sampling.temperature: expected a finite number"),
-    ("sampling.temperature={kind: linear, start: 1.0, end: 0.0, steps: 2}",
-     r"sampling.temperature must be > 0 over steps 0..10 \(it ranges over \[0, 1\]\)"),
-    ("loss.eps_high=-1", "loss.eps_high must be >= 0"),
-    ("loss.eps_low=1.5", r"loss.eps_low must be in \[0, 1\)"),
-    ("rewards.duration.weight=nan", "rewards.duration.weight: expected a finite number"),
-    ("rewards.duration.kwargs={tolerance: -1}", "rewards.duration.kwargs.tolerance: must be a finite number > 0"),
-    (("rewards.x.scorer=remote", "rewards.x.kwargs={url: 'ftp://x'}"), "rewards.x.kwargs.url: must start with http"),
-])
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=inf", "optim.lr: expected a finite number, got 'inf'"),
+        ("sampling.temperature=nan", "sampling.temperature: expected a finite number"),
+        (
+            "sampling.temperature={kind: linear, start: 1.0, end: 0.0, steps: 2}",
+            r"sampling.temperature must be > 0 over steps 0..10 \(it ranges over \[0, 1\]\)",
+        ),
+        ("loss.eps_high=-1", "loss.eps_high must be >= 0"),
+        ("loss.eps_low=1.5", r"loss.eps_low must be in \[0, 1\)"),
+        ("rewards.duration.weight=nan", "rewards.duration.weight: expected a finite number"),
+        ("rewards.duration.kwargs={tolerance: -1}", "rewards.duration.kwargs.tolerance: must be a finite number > 0"),
+        (
+            ("rewards.x.scorer=remote", "rewards.x.kwargs={url: 'ftp://x'}"),
+            "rewards.x.kwargs.url: must start with http",
+        ),
+    ],
+)
 def test_config_check_validates_every_range(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(DEFAULT_CONFIG, ["train.steps=10", *([override] if isinstance(override, str) else override)])
@@ -214,21 +278,28 @@ def test_no_checkpoint_is_written_with_non_finite_weights(tmp_path):
     from rl.guards import check_finite
 
     p = torch.nn.Parameter(torch.tensor([1.0, float("inf")]))
-    with pytest.raises(RunError, match=r"step 7: the policy's weights hold NaN or inf; no checkpoint was written "
-                                       r"\(the last checkpoint \(x\) is intact\)"):
+    with pytest.raises(
+        RunError,
+        match=r"step 7: the policy's weights hold NaN or inf; no checkpoint was written "
+        r"\(the last checkpoint \(x\) is intact\)",
+    ):
         check_finite([p], 7, "x")
 
 
 # ---- 5. malformed answers of a reward service -------------------------------------------------------------------
 
-@pytest.mark.parametrize("body, message", [
-    ('{"values": [Infinity], "valid": [true]}', "marked valid but is not a finite number"),
-    ('{"values": [NaN], "valid": [true]}', "marked valid but is not a finite number"),
-    ('{"values": [0.5], "valid": ["false"]}', "JSON booleans"),
-    ('{"values": [0.5, 0.1], "valid": [true, true]}', "expected a list of 1 numbers"),
-    ('{"values": ["0.5"], "valid": [true]}', "expected a number or null"),
-    ('[1, 2]', "must be a JSON object"),
-])
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ('{"values": [Infinity], "valid": [true]}', "marked valid but is not a finite number"),
+        ('{"values": [NaN], "valid": [true]}', "marked valid but is not a finite number"),
+        ('{"values": [0.5], "valid": ["false"]}', "JSON booleans"),
+        ('{"values": [0.5, 0.1], "valid": [true, true]}', "expected a list of 1 numbers"),
+        ('{"values": ["0.5"], "valid": [true]}', "expected a number or null"),
+        ("[1, 2]", "must be a JSON object"),
+    ],
+)
 def test_malformed_service_answers_make_samples_invalid(body, message):
     from fastapi import FastAPI
     from fastapi.responses import Response
@@ -267,9 +338,15 @@ def test_a_local_scorer_marking_nan_valid_is_invalid_and_counted():
 
 # ---- 6. logs after crashes and resumes --------------------------------------------------------------------------
 
+
 def test_resume_truncates_the_logs_to_the_checkpoint_and_drops_a_torn_line(tmp_path, tiny_ckpt, capsys):
-    base = ("data.prompts_per_step=2", "sampling.group_size=2", "train.save_every=2", "train.samples_every=1",
-            "train.samples_per_step=1")
+    base = (
+        "data.prompts_per_step=2",
+        "sampling.group_size=2",
+        "train.save_every=2",
+        "train.samples_every=1",
+        "train.samples_per_step=1",
+    )
     cfg, d = load_config(DEFAULT_CONFIG, run_config(tmp_path / "a", tiny_ckpt, "train.steps=4", *base))
     train(cfg, d, progress=False)
     cfg, d = load_config(DEFAULT_CONFIG, run_config(tmp_path / "b", tiny_ckpt, "train.steps=3", *base))
@@ -290,6 +367,7 @@ def test_resume_truncates_the_logs_to_the_checkpoint_and_drops_a_torn_line(tmp_p
 
 # ---- 7. remote code -------------------------------------------------------------------------------------------
 
+
 def test_funasr_runs_no_code_from_a_model_directory(tmp_path, reward_models):
     from rewards.asr import ParaformerASR
 
@@ -303,29 +381,40 @@ def test_funasr_runs_no_code_from_a_model_directory(tmp_path, reward_models):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_a_saved_config_never_turns_remote_code_on_by_itself(tmp_path, tiny_ckpt):
     from rl.evaluate import MetaError, load_for_eval
 
     cfg, d = load_config(DEFAULT_CONFIG, run_config(tmp_path, tiny_ckpt, *QUICK))
     train(cfg, d, progress=False)
     ck = tmp_path / "run" / "checkpoints" / "step-000001"
-    (ck / "config.yaml").write_text((ck / "config.yaml").read_text().replace("trust_remote_code: false",
-                                                                             "trust_remote_code: true"))
+    (ck / "config.yaml").write_text(
+        (ck / "config.yaml").read_text().replace("trust_remote_code: false", "trust_remote_code: true")
+    )
     with pytest.raises(MetaError, match="pass --trust-remote-code to allow it"):
         load_for_eval(ck)
     res = cli("train", "--resume", str(tmp_path / "run"), "--no-progress", *sets("train.steps=2"))
     assert res.returncode == 2 and "pass --trust-remote-code to allow it" in res.stderr, res.stderr
-    res = cli("train", str(DEFAULT_CONFIG), *sets(*run_config(tmp_path / "x", tiny_ckpt, *QUICK,
-                                                              "policy.trust_remote_code=true")))
+    res = cli(
+        "train",
+        str(DEFAULT_CONFIG),
+        *sets(*run_config(tmp_path / "x", tiny_ckpt, *QUICK, "policy.trust_remote_code=true")),
+    )
     assert res.returncode == 2 and "pass --trust-remote-code" in res.stderr
 
 
 # ---- 8. bad manifests, long texts, a full disk ------------------------------------------------------------------
 
+
+@pytest.mark.slow
 def test_manifest_errors_are_one_line_before_anything_is_written(tmp_path, tiny_ckpt):
     def run(manifest, *extra):
-        res = cli("train", str(DEFAULT_CONFIG), "--no-progress", *sets(*run_config(
-            tmp_path, tiny_ckpt, *QUICK, f"data.manifest={manifest}", *extra)))
+        res = cli(
+            "train",
+            str(DEFAULT_CONFIG),
+            "--no-progress",
+            *sets(*run_config(tmp_path, tiny_ckpt, *QUICK, f"data.manifest={manifest}", *extra)),
+        )
         assert res.returncode == 2 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
         assert not (tmp_path / "run").exists()
         return res.stderr
@@ -359,8 +448,11 @@ def test_a_failed_checkpoint_write_names_the_step_and_leaves_the_previous_one(tm
         return real(state, path)
 
     monkeypatch.setattr(checkpoint, "save_file", full_disk)
-    with pytest.raises(RunError, match=r"could not write checkpoint step-000002 .*No space left on device; "
-                                       r"the previous checkpoint .*step-000001 is intact"):
+    with pytest.raises(
+        RunError,
+        match=r"could not write checkpoint step-000002 .*No space left on device; "
+        r"the previous checkpoint .*step-000001 is intact",
+    ):
         train(cfg, d, progress=False)
     root = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step-000001"]  # no temporary directory left behind
@@ -372,6 +464,7 @@ def test_a_failed_checkpoint_write_names_the_step_and_leaves_the_previous_one(tm
 
 
 # ---- 9. the reward server under abuse ---------------------------------------------------------------------------
+
 
 def test_the_server_answers_deep_json_with_400_and_stays_live_during_a_slow_decode(monkeypatch):
     import rewards.server as server_mod
@@ -406,8 +499,10 @@ def test_a_client_that_disconnects_mid_request_is_one_log_line(caplog):
     try:
         with caplog.at_level(logging.WARNING, logger="ttsrl.reward_service"):
             with socket.create_connection(("127.0.0.1", server.port)) as s:
-                s.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                          b"Content-Length: 100000\r\n\r\n{\"samples\": [")
+                s.sendall(
+                    b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b'Content-Length: 100000\r\n\r\n{"samples": ['
+                )
             deadline = time.time() + 10
             while time.time() < deadline and not caplog.records:
                 time.sleep(0.05)

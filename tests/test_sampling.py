@@ -1,12 +1,18 @@
 """The sampling distribution on hand-built logits: truncation rules, RAS mixture, and that the recorded
 behaviour log-probability is the probability the sampler actually draws with."""
 
-import math
-
 import pytest
 import torch
 
-from policies.sampling import SamplingParams, behaviour_logprob, row_keys, sample_step, splitmix64, step_distribution, uniforms
+from policies.sampling import (
+    SamplingParams,
+    behaviour_logprob,
+    row_keys,
+    sample_step,
+    splitmix64,
+    step_distribution,
+    uniforms,
+)
 
 LOGITS = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))  # last index is "stop"
 ALL = torch.arange(5)[None]

@@ -12,8 +12,8 @@ from rl.dynamic_sampling import (
 )
 from rl.schedules import Schedule
 
-
 # --- schedules -------------------------------------------------------------------------------------------------
+
 
 def test_linear_schedule_upstream_clip_higher():
     eps_high = Schedule(kind="linear", start=0.3, end=0.5, steps=1000)
@@ -44,6 +44,7 @@ def test_schedule_is_a_pure_function_of_the_step():
 
 # --- which groups are informative ---------------------------------------------------------------------------
 
+
 def test_default_check_keys_drop_sim_and_unweighted():
     assert check_keys({"cer": 1.0, "sim": 0.1, "emo": 0.0}, None) == ["cer"]
     assert check_keys({"sim": 1.0}, None) == ["sim"]  # nothing else to measure
@@ -64,8 +65,12 @@ def test_informative_groups_measured_on_keys_only():
 
 # --- resampling plans ---------------------------------------------------------------------------------------
 
+
 def results(req, informative, start_gid=0):
-    return [GroupResult(slot=s, group_id=start_gid + i, informative=f) for i, (s, f) in enumerate(zip(req.slots, informative))]
+    return [
+        GroupResult(slot=s, group_id=start_gid + i, informative=f)
+        for i, (s, f) in enumerate(zip(req.slots, informative))
+    ]
 
 
 def test_reroll_resamples_only_uninformative_slots_up_to_max_tries():

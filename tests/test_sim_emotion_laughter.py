@@ -3,15 +3,15 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import audio_sample
+
 from rewards.asr import ModelDirError
 from rewards.emotion import LABELS, EmotionScorer
 from rewards.laughter import LaughterScorer, asks_for_laughter, laughter_tokens
 from rewards.sim import SimScorer
 
-
 # --- speaker similarity --------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def sim(reward_models):
@@ -23,12 +23,17 @@ def test_sim_reward_is_half_one_plus_cosine_against_the_prompt(sim):
     res = sim(samples)
     assert res.valid.all()
     assert np.allclose(res.values, (1 + res.sub_scores["cos"]) / 2)
-    gen = sim.model.embed([np.interp(np.arange(0, len(s.audio), 1.5), np.arange(len(s.audio)), s.audio) for s in samples[:1]])
+    gen = sim.model.embed(
+        [np.interp(np.arange(0, len(s.audio), 1.5), np.arange(len(s.audio)), s.audio) for s in samples[:1]]
+    )
     assert gen.shape[1] == 16
 
 
 def test_sim_batches_equal_one_by_one(sim):
-    wavs = [np.random.default_rng(i).standard_normal(n).astype(np.float32) * 0.1 for i, n in enumerate([16000, 9000, 23000, 401])]
+    wavs = [
+        np.random.default_rng(i).standard_normal(n).astype(np.float32) * 0.1
+        for i, n in enumerate([16000, 9000, 23000, 401])
+    ]
     batched = sim.model.embed(wavs)
     alone = torch.cat([sim.model.embed([w]) for w in wavs])
     assert torch.allclose(batched, alone, atol=1e-4)
@@ -66,17 +71,26 @@ def test_wavlm_large_is_the_default_architecture(reward_models):
 
 # --- emotion --------------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def emotion(reward_models):
     return EmotionScorer(reward_models["emotion_dir"])
 
 
 def test_emotion_reward_is_target_probability_or_not_neutral(emotion):
-    samples = [audio_sample(seed=1, emotion=3), audio_sample(seed=2), audio_sample(seed=3, emotion=6),
-               audio_sample(seed=4, emotion=3)]
+    samples = [
+        audio_sample(seed=1, emotion=3),
+        audio_sample(seed=2),
+        audio_sample(seed=3, emotion=6),
+        audio_sample(seed=4, emotion=3),
+    ]
     res = emotion(samples)
-    probs = emotion.probabilities([np.asarray(
-        __import__("rollouts.audio", fromlist=["resample"]).resample(s.audio, 24000, 16000)) for s in samples])
+    probs = emotion.probabilities(
+        [
+            np.asarray(__import__("rollouts.audio", fromlist=["resample"]).resample(s.audio, 24000, 16000))
+            for s in samples
+        ]
+    )
     assert np.allclose(probs.sum(1), 1.0, atol=1e-5)
     assert res.values[0] == pytest.approx(probs[0, 3]) and res.values[1] == pytest.approx(1 - probs[1, 4])
     assert res.values[2] == pytest.approx(probs[2, 6])
@@ -94,11 +108,21 @@ def test_emotion_bad_target_and_missing_dir(emotion, tmp_path):
 
 # --- laughter ------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "text, asks",
-    [("哈哈哈，太好笑了", True), ("他笑了：哈。", False), ("嘿嘿，你猜", True), ("哈，哈！", True),
-     ("Haha, that was fun.", True), ("ha ha", True), ("hey hey, over here", True), ("He said hi.", False),
-     ("Hah!", False), ("The hat", False)],
+    [
+        ("哈哈哈，太好笑了", True),
+        ("他笑了：哈。", False),
+        ("嘿嘿，你猜", True),
+        ("哈，哈！", True),
+        ("Haha, that was fun.", True),
+        ("ha ha", True),
+        ("hey hey, over here", True),
+        ("He said hi.", False),
+        ("Hah!", False),
+        ("The hat", False),
+    ],
 )
 def test_which_texts_ask_for_laughter(text, asks):
     assert asks_for_laughter(text) is asks
@@ -123,10 +147,15 @@ def test_the_report_rule_deletion_vs_transcription(reward_models, monkeypatch):
     import tests_laughter_detector as det
 
     det.SEGMENTS = [[(0.1, 0.6)], [(0.1, 0.6)], [], [(0.2, 0.5)], [(0.0, 0.3)]]
-    s = LaughterScorer(detector="tests_laughter_detector:Detector", paraformer_dir=reward_models["paraformer_dir"],
-                       whisper_dir=reward_models["whisper_dir"])
+    s = LaughterScorer(
+        detector="tests_laughter_detector:Detector",
+        paraformer_dir=reward_models["paraformer_dir"],
+        whisper_dir=reward_models["whisper_dir"],
+    )
     hyps = ["太好笑了", "哈哈哈太好笑了", "太好笑了", "that was fun", None]
-    monkeypatch.setattr(s.asr, "transcribe", lambda samples: (hyps[: len(samples)], ["zh"] * len(samples), [None] * len(samples)))
+    monkeypatch.setattr(
+        s.asr, "transcribe", lambda samples: (hyps[: len(samples)], ["zh"] * len(samples), [None] * len(samples))
+    )
     samples = [audio_sample("哈哈哈，太好笑了", seed=i) for i in range(3)] + [audio_sample("Haha, that was fun.")]
     samples.append(audio_sample("今天天气很好"))
     res = s(samples)

@@ -37,8 +37,10 @@ ZH_CASES = [
 EN_CASES = [
     ("Hello World!", "hello world."),
     ("I paid $12.50 for 3 books.", "i paid twelve point five dollars for three books."),
-    ("The meeting is at 3:30 PM on Jan. 5th, 2024.",
-     "the meeting is at three thirty pm on the fifth of january, twenty twenty four."),
+    (
+        "The meeting is at 3:30 PM on Jan. 5th, 2024.",
+        "the meeting is at three thirty pm on the fifth of january, twenty twenty four.",
+    ),
     ("It's 25°C outside, isn't it?", "it's twenty five degrees celsius outside, isn't it?"),
     ("Wait... what?!", "wait. what."),
     ("I'm so happy 😊 today!", "i'm so happy today."),
@@ -58,6 +60,7 @@ def front():
 
 
 @pytest.mark.parametrize("raw,normalised", ZH_CASES + EN_CASES + MIXED_CASES)
+@pytest.mark.slow
 def test_hand_checked_cases(front, raw, normalised):
     assert front.normalize(raw) == normalised
     assert front.lm_text(raw) == front.normalize(normalised)  # the CLI's second pass
@@ -73,6 +76,7 @@ def test_none_passes_through_and_bad_inputs_are_clear(tmp_path):
         read_custom_replace(bad)
 
 
+@pytest.mark.slow
 def test_custom_replacements_apply_to_zh_only(tmp_path):
     path = tmp_path / "custom.jsonl"
     path.write_text('{"origin": "噢", "new": "哦"}\n', encoding="utf-8")
@@ -81,19 +85,26 @@ def test_custom_replacements_apply_to_zh_only(tmp_path):
     assert TextFrontEnd().normalize("噢，我知道了") == "噢，我知道了。"
 
 
+@pytest.mark.slow
 def test_long_texts_split_as_upstream(front):
     from rollouts.text_split import split_by_len
 
-    text = ("每次熬煮小米粥时，奶奶习惯加入一小把西洋参片，淡淡的药香融入粥里，口感温润，特别适合熬夜后调理身体。"
-            "老街上的房屋参差错落，黛瓦与砖墙相映，时光仿佛在此刻放慢了脚步。")
+    text = (
+        "每次熬煮小米粥时，奶奶习惯加入一小把西洋参片，淡淡的药香融入粥里，口感温润，特别适合熬夜后调理身体。"
+        "老街上的房屋参差错落，黛瓦与砖墙相映，时光仿佛在此刻放慢了脚步。"
+    )
     pieces = split_by_len(text)
     assert "".join(pieces) == text  # a piece closes at the first mark after >= 30 characters
-    assert pieces == ["每次熬煮小米粥时，奶奶习惯加入一小把西洋参片，淡淡的药香融入粥里，",
-                      "口感温润，特别适合熬夜后调理身体。老街上的房屋参差错落，黛瓦与砖墙相映，", "时光仿佛在此刻放慢了脚步。"]
+    assert pieces == [
+        "每次熬煮小米粥时，奶奶习惯加入一小把西洋参片，淡淡的药香融入粥里，",
+        "口感温润，特别适合熬夜后调理身体。老街上的房屋参差错落，黛瓦与砖墙相映，",
+        "时光仿佛在此刻放慢了脚步。",
+    ]
     assert front.chunks(text) == [p[:-1] + "。" for p in pieces]  # each piece gets its closing mark
     assert split_by_len("短句。") == ["短句。"]
 
 
+@pytest.mark.slow
 def test_prompt_ids_are_the_normalised_texts_tokenised(tiny_ckpt, tiny_records):
     from policies.glmtts import GLMTTSPolicy
     from rl.config import DataConfig
@@ -103,8 +114,12 @@ def test_prompt_ids_are_the_normalised_texts_tokenised(tiny_ckpt, tiny_records):
     recs = lm_records(tiny_records, DataConfig(manifest="x"), enc)
     changed = 0
     for raw, rec in zip(tiny_records, recs):
-        want = (enc(front.normalize(raw.prompt_text) + " ") + enc(front.lm_text(raw.target_text)) + [s.boa]
-                + [int(c) + s.ats for c in raw.prompt_speech_tokens])
+        want = (
+            enc(front.normalize(raw.prompt_text) + " ")
+            + enc(front.lm_text(raw.target_text))
+            + [s.boa]
+            + [int(c) + s.ats for c in raw.prompt_speech_tokens]
+        )
         assert policy.prompt_input(rec).ids == want
         changed += rec.target_text != raw.target_text or rec.prompt_text != raw.prompt_text
         assert rec.uttid == raw.uttid and np.array_equal(rec.prompt_speech_tokens, raw.prompt_speech_tokens)
@@ -146,6 +161,7 @@ def test_phoneme_tags_missing_from_the_tokenizer_are_named(tmp_path, tiny_ckpt, 
 
 
 @pytest.mark.skipif(not Path(MIRROR).is_dir(), reason=f"no zai-org/GLM-TTS git mirror at {MIRROR}")
+@pytest.mark.slow
 def test_same_texts_as_upstream_code():
     """Upstream's own TextFrontEnd (from the mirror, run in a child process) and ours agree on every text."""
     sys.path.insert(0, str(REPO / "bench"))

@@ -8,10 +8,14 @@ import numpy as np
 import pytest
 from conftest import run_config
 
+pytestmark = pytest.mark.slow  # prepares and trains through WeTextProcessing's compiled grammars
+
 REPO = Path(__file__).resolve().parent.parent
 VOICES = REPO / "configs" / "data" / "tiny" / "voices"
-ITEMS = [("zh_a", "你好，很高兴认识你！", "会议在下午3点30分开始，请准时到场！"),
-         ("en_a", "Hello, it is nice to meet you.", "I paid $12.50 for 3 books")]
+ITEMS = [
+    ("zh_a", "你好，很高兴认识你！", "会议在下午3点30分开始，请准时到场！"),
+    ("en_a", "Hello, it is nice to meet you.", "I paid $12.50 for 3 books"),
+]
 
 
 class ShippedFeatures:
@@ -21,8 +25,11 @@ class ShippedFeatures:
         from rollouts.prepare import PromptFeatures
 
         stem = Path(wav).stem
-        return PromptFeatures(np.load(VOICES / f"{stem}_tokens.npy"), np.load(VOICES / f"{stem}_feat.npy"),
-                              np.load(VOICES / f"{stem}_emb.npy"))
+        return PromptFeatures(
+            np.load(VOICES / f"{stem}_tokens.npy"),
+            np.load(VOICES / f"{stem}_feat.npy"),
+            np.load(VOICES / f"{stem}_emb.npy"),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +38,14 @@ def prepared(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("prep")
     items = d / "items.jsonl"
-    items.write_text("\n".join(json.dumps({"prompt_wav": str(VOICES / f"{v}.wav"), "prompt_text": p,
-                                           "target_text": t}, ensure_ascii=False) for v, p, t in ITEMS) + "\n",
-                     encoding="utf-8")
+    items.write_text(
+        "\n".join(
+            json.dumps({"prompt_wav": str(VOICES / f"{v}.wav"), "prompt_text": p, "target_text": t}, ensure_ascii=False)
+            for v, p, t in ITEMS
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     return prepare(items, None, d / "out", frontend=ShippedFeatures()).manifest
 
 
@@ -71,14 +83,17 @@ def test_a_prepared_manifest_trains_and_evaluates_with_the_same_text(prepared, t
 
     monkeypatch.setattr(GLMTTSPolicy, "prompt_input", spy_prompt_input)
     monkeypatch.setattr(rl.long_text, "synthesize_long", spy_long)
-    cfg, derived = load_config(REPO / "configs" / "tiny.yaml", run_config(
-        tmp_path, tiny_ckpt, "train.steps=1", "policy.build_tiny=false", f"data.manifest={prepared}"))
+    cfg, derived = load_config(
+        REPO / "configs" / "tiny.yaml",
+        run_config(tmp_path, tiny_ckpt, "train.steps=1", "policy.build_tiny=false", f"data.manifest={prepared}"),
+    )
     train(cfg, derived, progress=False)
     assert trained == {x["uttid"]: (x["prompt_text_tn"], x["syn_text_tn"]) for x in lines}
 
     meta = tmp_path / "meta.lst"
-    meta.write_text("".join(f"u{k}|{p}|{VOICES / (v + '.wav')}|{t}\n" for k, (v, p, t) in enumerate(ITEMS)),
-                    encoding="utf-8")
+    meta.write_text(
+        "".join(f"u{k}|{p}|{VOICES / (v + '.wav')}|{t}\n" for k, (v, p, t) in enumerate(ITEMS)), encoding="utf-8"
+    )
     models = EvalModels(frontend_dir=str(write_tiny_frontend(tmp_path / "fe")))
     report = evaluate(tiny_ckpt, meta, "zh", tmp_path / "eval", models, flow_steps=2)
     assert report["metrics"]["synthesised"] == 2
@@ -112,15 +127,21 @@ def test_a_long_text_is_generated_piece_by_piece(tiny_ckpt, tiny_records, monkey
     if not (tiny_ckpt / "flow").exists():
         write_tiny_vocoder(tiny_ckpt, seed=0)
     policy, t2w = GLMTTSPolicy.from_pretrained(tiny_ckpt), Token2Wav.from_pretrained(tiny_ckpt, n_timesteps=2)
-    text = ("每次熬煮小米粥时，奶奶习惯加入一小把西洋参片，淡淡的药香融入粥里，口感温润，特别适合熬夜后调理身体。"
-            "老街上的房屋参差错落，黛瓦与砖墙相映，时光仿佛在此刻放慢了脚步。")
+    text = (
+        "每次熬煮小米粥时，奶奶习惯加入一小把西洋参片，淡淡的药香融入粥里，口感温润，特别适合熬夜后调理身体。"
+        "老街上的房屋参差错落，黛瓦与砖墙相映，时光仿佛在此刻放慢了脚步。"
+    )
     lm = LMTexts()
     pieces = lm.target_chunks(text)
     assert len(pieces) == 3 and all(p.endswith("。") for p in pieces)
     rec = tiny_records[0]
     enc, s = policy.encode_text, policy.special
-    job = LongJob(0, enc(lm.prompt(rec.prompt_text) + " "), [enc(p) for p in pieces],
-                  VoicePrompt(rec.prompt_speech_tokens, rec.prompt_feat, rec.embedding))
+    job = LongJob(
+        0,
+        enc(lm.prompt(rec.prompt_text) + " "),
+        [enc(p) for p in pieces],
+        VoicePrompt(rec.prompt_speech_tokens, rec.prompt_feat, rec.embedding),
+    )
     seen = []
     real = GLMTTSPolicy.sample_groups
 
@@ -136,7 +157,9 @@ def test_a_long_text_is_generated_piece_by_piece(tiny_ckpt, tiny_records, monkey
     voice = [int(c) + s.ats for c in rec.prompt_speech_tokens]
     assert seen[0] == job.prompt_ids + job.piece_ids[0] + [s.boa] + voice
     # piece 2: the voice prompt plus piece 1 (its text and its generated codes)
-    assert seen[1] == (job.prompt_ids + job.piece_ids[0] + job.piece_ids[1] + [s.boa] + voice
-                       + [c + s.ats for c in codes1])
-    assert len(seen[2]) == len(seen[1]) - len(job.piece_ids[1]) + sum(len(p) for p in job.piece_ids[1:]) \
-        + len(job.cache_codes[2])
+    assert seen[1] == (
+        job.prompt_ids + job.piece_ids[0] + job.piece_ids[1] + [s.boa] + voice + [c + s.ats for c in codes1]
+    )
+    assert len(seen[2]) == len(seen[1]) - len(job.piece_ids[1]) + sum(len(p) for p in job.piece_ids[1:]) + len(
+        job.cache_codes[2]
+    )

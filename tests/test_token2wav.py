@@ -34,11 +34,18 @@ def codes(n, seed):
 
 # --- the upstream layout and strict loading ---------------------------------------------------------------------
 
+
 def test_full_size_models_have_upstream_key_counts():
     """The real GLM-TTS flow (config.yaml values) and HiFT, built on the meta device: upstream's key sets."""
     with torch.device("meta"):
-        flow = FlowModel(spkr_emb_adaLN=True, speech_token_cfg=False, remove_spkr_concat_condition=True, mel_dim=80,
-                         mel_framerate=50, input_frame_rate=25)
+        flow = FlowModel(
+            spkr_emb_adaLN=True,
+            speech_token_cfg=False,
+            remove_spkr_concat_condition=True,
+            mel_dim=80,
+            mel_framerate=50,
+            input_frame_rate=25,
+        )
         hift = HiFTGenerator()
     fs, hs = flow.state_dict(), hift.state_dict()
     assert len(fs) == 308 and sum(p.numel() for p in flow.parameters()) == 225_299_792
@@ -63,7 +70,7 @@ def test_config_yaml_is_read_without_executing(tmp_path):
 
 
 def test_tiny_layout_round_trips_and_mismatches_are_listed(vocoder_dir, tmp_path):
-    t = Token2Wav.from_pretrained(vocoder_dir)
+    Token2Wav.from_pretrained(vocoder_dir)
     assert (vocoder_dir / "flow" / "config.yaml").read_text().startswith("flow: !new:flow.flow.Flow")
     bad = tmp_path / "bad"
     shutil.copytree(vocoder_dir, bad)
@@ -92,7 +99,8 @@ def test_tiny_layout_round_trips_and_mismatches_are_listed(vocoder_dir, tmp_path
     torch.save(hift, bad / "hift" / "hift.pt")
     with pytest.raises(VocoderCheckpointError) as e:
         Token2Wav.from_pretrained(bad)
-    assert f"missing keys (1): {first}" in str(e.value) and "unexpected keys (1): f0_predictor.extra.bias" in str(e.value)
+    assert f"missing keys (1): {first}" in str(e.value)
+    assert "unexpected keys (1): f0_predictor.extra.bias" in str(e.value)
     shutil.rmtree(bad / "hift")
     with pytest.raises(VocoderCheckpointError, match="hift.pt: file not found"):
         Token2Wav.from_pretrained(bad)
@@ -102,13 +110,18 @@ def test_hift_accepts_legacy_weight_norm_names(vocoder_dir, tmp_path):
     legacy = tmp_path / "legacy"
     shutil.copytree(vocoder_dir, legacy)
     state = torch.load(legacy / "hift" / "hift.pt", weights_only=True)
-    renamed = {k.replace("parametrizations.weight.original0", "weight_g").replace("parametrizations.weight.original1",
-                                                                                    "weight_v"): v for k, v in state.items()}
+    renamed = {
+        k.replace("parametrizations.weight.original0", "weight_g").replace(
+            "parametrizations.weight.original1", "weight_v"
+        ): v
+        for k, v in state.items()
+    }
     torch.save(renamed, legacy / "hift" / "hift.pt")
     Token2Wav.from_pretrained(legacy)
 
 
 # --- vocoding -----------------------------------------------------------------------------------------------------
+
 
 def test_batched_equals_one_by_one_and_lengths(t2w, voices):
     items = [codes(n, i) for i, n in enumerate([30, 11, 57, 29, 2])]
@@ -140,7 +153,7 @@ def test_hift_batched_equals_alone_in_float64(t2w):
     batched = hift.inference(mel, frames, [torch.Generator().manual_seed(s) for s in (1, 2, 3)])
     assert batched.dtype == torch.float64
     for i, n in enumerate(frames):
-        alone = hift.inference(mel[i: i + 1, :, :n], [n], [torch.Generator().manual_seed(i + 1)])
+        alone = hift.inference(mel[i : i + 1, :, :n], [n], [torch.Generator().manual_seed(i + 1)])
         assert (batched[i, : 480 * n] - alone[0]).abs().max() <= 1e-13, i
 
 

@@ -9,19 +9,36 @@ import time
 
 import pytest
 import torch
+from conftest import REPO, run_config
 from safetensors.torch import load_file
 
-from conftest import REPO, run_config
 from rl.config import DEFAULT_CONFIG, load_config
 from rl.dynamic_sampling import DynamicSamplingExhausted
 from rl.errors import RunError
 from rl.trainer import train
 
 REQUIRED = [
-    "reward/duration/mean", "reward/duration/std", "reward/duration/invalid_frac", "reward/fused/mean",
-    "adv/frac_uninformative", "resample/tries", "clip/low_frac", "clip/high_frac", "clip/eps_low", "clip/eps_high",
-    "sampling/temperature", "loss", "kl", "entropy", "len/mean", "len/truncated_frac", "lr", "grad_norm",
-    "time/rollout_s", "time/score_s", "time/update_s",
+    "reward/duration/mean",
+    "reward/duration/std",
+    "reward/duration/invalid_frac",
+    "reward/fused/mean",
+    "adv/frac_uninformative",
+    "resample/tries",
+    "clip/low_frac",
+    "clip/high_frac",
+    "clip/eps_low",
+    "clip/eps_high",
+    "sampling/temperature",
+    "loss",
+    "kl",
+    "entropy",
+    "len/mean",
+    "len/truncated_frac",
+    "lr",
+    "grad_norm",
+    "time/rollout_s",
+    "time/score_s",
+    "time/update_s",
 ]
 
 
@@ -34,10 +51,18 @@ def weights(run_dir, step):
 
 
 def test_short_run_learns_and_logs_every_metric(tmp_path, tiny_ckpt):
-    cfg, d = load_config(DEFAULT_CONFIG, run_config(
-        tmp_path, tiny_ckpt, "train.steps=10", "optim.lr=1e-4", "sampling.max_token_text_ratio=8",
-        "sampling.max_new_tokens=100", "train.save_every=0",
-    ))
+    cfg, d = load_config(
+        DEFAULT_CONFIG,
+        run_config(
+            tmp_path,
+            tiny_ckpt,
+            "train.steps=10",
+            "optim.lr=1e-4",
+            "sampling.max_token_text_ratio=8",
+            "sampling.max_new_tokens=100",
+            "train.save_every=0",
+        ),
+    )
     train(cfg, d, progress=False)
     run = tmp_path / "run"
     log = rows(run)
@@ -56,8 +81,13 @@ def test_short_run_learns_and_logs_every_metric(tmp_path, tiny_ckpt):
 
 @pytest.mark.parametrize("zero_stage", [0, 2])
 def test_resume_is_exact(tmp_path, tiny_ckpt, zero_stage):
-    base = ("data.prompts_per_step=2", "sampling.group_size=3", "train.save_every=2", "optim.minibatches=2",
-            f"optim.zero_stage={zero_stage}")
+    base = (
+        "data.prompts_per_step=2",
+        "sampling.group_size=3",
+        "train.save_every=2",
+        "optim.minibatches=2",
+        f"optim.zero_stage={zero_stage}",
+    )
     cfg, d = load_config(DEFAULT_CONFIG, run_config(tmp_path / "a", tiny_ckpt, "train.steps=4", *base))
     train(cfg, d, progress=False)
     cfg, d = load_config(DEFAULT_CONFIG, run_config(tmp_path / "b", tiny_ckpt, "train.steps=2", *base))
@@ -72,9 +102,15 @@ def test_resume_is_exact(tmp_path, tiny_ckpt, zero_stage):
         assert x["reward/fused/mean"] == y["reward/fused/mean"] and x["len/mean"] == y["len/mean"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_last_complete_checkpoint(tmp_path, tiny_ckpt):
-    common = ["data.prompts_per_step=2", "sampling.group_size=2", "train.save_every=1", "train.keep_last=10",
-              "train.steps=6"]
+    common = [
+        "data.prompts_per_step=2",
+        "sampling.group_size=2",
+        "train.save_every=1",
+        "train.keep_last=10",
+        "train.steps=6",
+    ]
     cfg, d = load_config(DEFAULT_CONFIG, run_config(tmp_path / "ref", tiny_ckpt, *common))
     train(cfg, d, progress=False)
 
@@ -82,8 +118,13 @@ def test_killed_run_resumes_from_last_complete_checkpoint(tmp_path, tiny_ckpt):
     args = [sys.executable, "-m", "rl.cli", "train", str(DEFAULT_CONFIG), "--no-progress"]
     for o in run_config(killed, tiny_ckpt, *common):
         args += ["--set", o]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        args,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     target = killed / "run" / "checkpoints" / "step-000003"
     deadline = time.time() + 120
     while not target.exists() and proc.poll() is None and time.time() < deadline:
@@ -101,33 +142,62 @@ def test_killed_run_resumes_from_last_complete_checkpoint(tmp_path, tiny_ckpt):
 
 
 def cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "rl.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    return subprocess.run(
+        [sys.executable, "-m", "rl.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_config(tmp_path, tiny_ckpt):
-    cfg, d = load_config(DEFAULT_CONFIG, run_config(tmp_path, tiny_ckpt, "train.steps=1", "data.prompts_per_step=1",
-                                                     "sampling.group_size=2"))
+    cfg, d = load_config(
+        DEFAULT_CONFIG,
+        run_config(tmp_path, tiny_ckpt, "train.steps=1", "data.prompts_per_step=1", "sampling.group_size=2"),
+    )
     train(cfg, d, progress=False)
     args = ["train", str(DEFAULT_CONFIG), "--resume", str(tmp_path / "run"), "--no-progress"]
-    for o in run_config(tmp_path, tiny_ckpt, "train.steps=2", "data.prompts_per_step=1", "sampling.group_size=2",
-                        "optim.lr=1e-3"):
+    for o in run_config(
+        tmp_path, tiny_ckpt, "train.steps=2", "data.prompts_per_step=1", "sampling.group_size=2", "optim.lr=1e-3"
+    ):
         args += ["--set", o]
     out = cli(*args)
     assert out.returncode == 2 and "optim.lr" in out.stderr
     # without a config file, --set on a resumed run may change the run length only
-    out = cli("train", "--resume", str(tmp_path / "run"), "--no-progress", "--set", "optim.lr=1e-3",
-              "--set", "loss.agg=seq_mean")
+    out = cli(
+        "train",
+        "--resume",
+        str(tmp_path / "run"),
+        "--no-progress",
+        "--set",
+        "optim.lr=1e-3",
+        "--set",
+        "loss.agg=seq_mean",
+    )
     assert out.returncode == 2 and "optim.lr" in out.stderr and "loss.agg" in out.stderr
 
 
+@pytest.mark.slow
 def test_a_run_from_a_relative_config_path_resumes_from_anywhere(tmp_path, tiny_ckpt):
     # configs/tiny.yaml's own relative paths (manifest, ...) resolve against the file; the saved config holds
     # them as absolute paths, so --resume works from another directory
     run = tmp_path / "run"
-    small = ["--set", f"policy.ckpt_dir={tiny_ckpt}", "--set", "data.prompts_per_step=1", "--set",
-             "sampling.group_size=2", "--set", "sampling.max_new_tokens=24", "--set", "wandb.enabled=false",
-             "--set", "train.samples_every=0"]
+    small = [
+        "--set",
+        f"policy.ckpt_dir={tiny_ckpt}",
+        "--set",
+        "data.prompts_per_step=1",
+        "--set",
+        "sampling.group_size=2",
+        "--set",
+        "sampling.max_new_tokens=24",
+        "--set",
+        "wandb.enabled=false",
+        "--set",
+        "train.samples_every=0",
+    ]
     out = cli("train", "configs/tiny.yaml", "--output-dir", str(run), "--no-progress", "--set", "train.steps=1", *small)
     assert out.returncode == 0, out.stderr[-2000:]
     elsewhere = tmp_path / "elsewhere"
@@ -137,11 +207,27 @@ def test_a_run_from_a_relative_config_path_resumes_from_anywhere(tmp_path, tiny_
     assert [r["step"] for r in rows(run)] == [1, 2]
 
 
+@pytest.mark.slow
 def test_train_without_a_config_runs_the_embedded_default_and_builds_the_tiny_models(tmp_path):
     ckpt = tmp_path / "fresh-tiny"  # absent: the embedded default writes the tiny LM and vocoder first
-    out = cli("train", "--output-dir", str(tmp_path / "run"), "--no-progress", "--set", f"policy.ckpt_dir={ckpt}",
-              "--set", "train.steps=1", "--set", "data.prompts_per_step=1", "--set", "sampling.max_new_tokens=24",
-              "--set", "wandb.enabled=false", "--set", "train.samples_every=0")
+    out = cli(
+        "train",
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--no-progress",
+        "--set",
+        f"policy.ckpt_dir={ckpt}",
+        "--set",
+        "train.steps=1",
+        "--set",
+        "data.prompts_per_step=1",
+        "--set",
+        "sampling.max_new_tokens=24",
+        "--set",
+        "wandb.enabled=false",
+        "--set",
+        "train.samples_every=0",
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "wrote a tiny random GLM-TTS speech LM" in out.stdout and "wrote a tiny random flow + HiFT" in out.stdout
     assert (ckpt / "llm" / "config.json").is_file() and (ckpt / "flow" / "flow.pt").is_file()
@@ -153,22 +239,47 @@ def test_train_without_a_config_runs_the_embedded_default_and_builds_the_tiny_mo
 def test_old_anchor_clip_binds_in_later_minibatches(tmp_path, tiny_ckpt):
     # ratio against the behaviour policy: the first minibatch sees ratio 1, later ones (and the second epoch) see
     # the updated policy, so the ratio moves and the clip range can bind
-    cfg, d = load_config(DEFAULT_CONFIG, run_config(
-        tmp_path, tiny_ckpt, "train.steps=1", "data.prompts_per_step=2", "sampling.group_size=4",
-        "loss.ratio_anchor=old", "optim.minibatches=2", "optim.ppo_epochs=2", "optim.lr=3e-2",
-        "loss.eps_low=0.05", "loss.eps_high=0.05", "dynamic_sampling.mode=off", "train.save_every=0",
-    ))
+    cfg, d = load_config(
+        DEFAULT_CONFIG,
+        run_config(
+            tmp_path,
+            tiny_ckpt,
+            "train.steps=1",
+            "data.prompts_per_step=2",
+            "sampling.group_size=4",
+            "loss.ratio_anchor=old",
+            "optim.minibatches=2",
+            "optim.ppo_epochs=2",
+            "optim.lr=3e-2",
+            "loss.eps_low=0.05",
+            "loss.eps_high=0.05",
+            "dynamic_sampling.mode=off",
+            "train.save_every=0",
+        ),
+    )
     m = train(cfg, d, progress=False)
     assert m["ratio/max"] > 1.05 or m["ratio/min"] < 0.95, m
     assert m["clip/low_frac"] + m["clip/high_frac"] > 0, m
 
 
 def test_lora_with_reference_anchor_and_kl(tmp_path, tiny_ckpt):
-    cfg, d = load_config(DEFAULT_CONFIG, run_config(
-        tmp_path, tiny_ckpt, "train.steps=2", "data.prompts_per_step=2", "sampling.group_size=3",
-        "policy.lora.enabled=true", "policy.lora.dropout=0", "loss.ratio_anchor=ref", "loss.kl_coef=0.1",
-        "optim.lr=1e-2", "optim.minibatches=2", "rewards.duration.scorer=scorers_for_tests:Longer",
-    ))
+    cfg, d = load_config(
+        DEFAULT_CONFIG,
+        run_config(
+            tmp_path,
+            tiny_ckpt,
+            "train.steps=2",
+            "data.prompts_per_step=2",
+            "sampling.group_size=3",
+            "policy.lora.enabled=true",
+            "policy.lora.dropout=0",
+            "loss.ratio_anchor=ref",
+            "loss.kl_coef=0.1",
+            "optim.lr=1e-2",
+            "optim.minibatches=2",
+            "rewards.duration.scorer=scorers_for_tests:Longer",
+        ),
+    )
     metrics = train(cfg, d, progress=False)
     assert metrics["kl"] > 0 and metrics["ratio/max"] > 1.0
     state = weights(tmp_path / "run", 2)
@@ -176,16 +287,32 @@ def test_lora_with_reference_anchor_and_kl(tmp_path, tiny_ckpt):
 
 
 def test_invalid_rewards_are_counted_and_masked(tmp_path, tiny_ckpt):
-    cfg, d = load_config(DEFAULT_CONFIG, run_config(
-        tmp_path, tiny_ckpt, "train.steps=1", "data.prompts_per_step=2", "sampling.group_size=2",
-        "rewards.duration.scorer=scorers_for_tests:InvalidOddGroups", "dynamic_sampling.mode=off",
-    ))
+    cfg, d = load_config(
+        DEFAULT_CONFIG,
+        run_config(
+            tmp_path,
+            tiny_ckpt,
+            "train.steps=1",
+            "data.prompts_per_step=2",
+            "sampling.group_size=2",
+            "rewards.duration.scorer=scorers_for_tests:InvalidOddGroups",
+            "dynamic_sampling.mode=off",
+        ),
+    )
     m = train(cfg, d, progress=False)
     assert m["reward/duration/invalid_frac"] == pytest.approx(0.5)
-    cfg, d = load_config(DEFAULT_CONFIG, run_config(
-        tmp_path / "none", tiny_ckpt, "train.steps=1", "data.prompts_per_step=2", "sampling.group_size=2",
-        "rewards.duration.scorer=scorers_for_tests:AlwaysInvalid", "dynamic_sampling.mode=off",
-    ))
+    cfg, d = load_config(
+        DEFAULT_CONFIG,
+        run_config(
+            tmp_path / "none",
+            tiny_ckpt,
+            "train.steps=1",
+            "data.prompts_per_step=2",
+            "sampling.group_size=2",
+            "rewards.duration.scorer=scorers_for_tests:AlwaysInvalid",
+            "dynamic_sampling.mode=off",
+        ),
+    )
     with pytest.raises(RunError, match="the run trained on nothing"):  # a run that trained on nothing fails
         train(cfg, d, progress=False)
     m = rows(tmp_path / "none" / "run")[-1]
@@ -196,17 +323,34 @@ def test_invalid_rewards_are_counted_and_masked(tmp_path, tiny_ckpt):
 
 
 def test_dynamic_sampling_rerolls_and_refill_can_stop(tmp_path, tiny_ckpt):
-    cfg, d = load_config(DEFAULT_CONFIG, run_config(
-        tmp_path, tiny_ckpt, "train.steps=1", "data.prompts_per_step=2", "sampling.group_size=2",
-        "rewards.duration.scorer=scorers_for_tests:Constant", "dynamic_sampling.max_tries=3",
-    ))
+    cfg, d = load_config(
+        DEFAULT_CONFIG,
+        run_config(
+            tmp_path,
+            tiny_ckpt,
+            "train.steps=1",
+            "data.prompts_per_step=2",
+            "sampling.group_size=2",
+            "rewards.duration.scorer=scorers_for_tests:Constant",
+            "dynamic_sampling.max_tries=3",
+        ),
+    )
     m = train(cfg, d, progress=False)
     assert m["resample/tries"] == 3 and m["adv/frac_uninformative"] == 1.0 and m["resample/discarded_groups"] == 4
-    cfg, d = load_config(DEFAULT_CONFIG, run_config(
-        tmp_path / "refill", tiny_ckpt, "train.steps=1", "data.prompts_per_step=2", "sampling.group_size=2",
-        "rewards.duration.scorer=scorers_for_tests:Constant", "dynamic_sampling.mode=refill",
-        "dynamic_sampling.max_gen_batches=2", "dynamic_sampling.on_exhausted=error",
-    ))
+    cfg, d = load_config(
+        DEFAULT_CONFIG,
+        run_config(
+            tmp_path / "refill",
+            tiny_ckpt,
+            "train.steps=1",
+            "data.prompts_per_step=2",
+            "sampling.group_size=2",
+            "rewards.duration.scorer=scorers_for_tests:Constant",
+            "dynamic_sampling.mode=refill",
+            "dynamic_sampling.max_gen_batches=2",
+            "dynamic_sampling.on_exhausted=error",
+        ),
+    )
     with pytest.raises(DynamicSamplingExhausted, match="0 of 2 groups were informative after 2"):
         train(cfg, d, progress=False)
 
@@ -214,10 +358,18 @@ def test_dynamic_sampling_rerolls_and_refill_can_stop(tmp_path, tiny_ckpt):
 def test_wandb_runs_offline_without_an_api_key(tmp_path, tiny_ckpt, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg, d = load_config(DEFAULT_CONFIG, run_config(
-        tmp_path, tiny_ckpt, "train.steps=1", "data.prompts_per_step=1", "sampling.group_size=2",
-        "wandb.enabled=true", "wandb.project=ttsrl-test",
-    ))
+    cfg, d = load_config(
+        DEFAULT_CONFIG,
+        run_config(
+            tmp_path,
+            tiny_ckpt,
+            "train.steps=1",
+            "data.prompts_per_step=1",
+            "sampling.group_size=2",
+            "wandb.enabled=true",
+            "wandb.project=ttsrl-test",
+        ),
+    )
     train(cfg, d, progress=False)
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
@@ -234,10 +386,18 @@ def test_rollouts_are_vocoded_and_scorers_get_audio(tmp_path, tiny_ckpt, monkeyp
         return real(self, codes, prompts, seeds, **kw)
 
     monkeypatch.setattr(Token2Wav, "__call__", spy)
-    cfg, d = load_config(DEFAULT_CONFIG, run_config(
-        tmp_path, tiny_ckpt, "train.steps=1", "data.prompts_per_step=2", "sampling.group_size=2",
-        "rewards.audio.scorer=scorers_for_tests:AudioSeconds", "vocoder.n_timesteps=2",
-    ))
+    cfg, d = load_config(
+        DEFAULT_CONFIG,
+        run_config(
+            tmp_path,
+            tiny_ckpt,
+            "train.steps=1",
+            "data.prompts_per_step=2",
+            "sampling.group_size=2",
+            "rewards.audio.scorer=scorers_for_tests:AudioSeconds",
+            "vocoder.n_timesteps=2",
+        ),
+    )
     m = train(cfg, d, progress=False)
     assert m["reward/audio/invalid_frac"] == 0.0
     # decoder noise is seeded per group: the rows of a group (consecutive) share a seed, groups do not
@@ -250,9 +410,9 @@ def test_rollouts_are_vocoded_and_scorers_get_audio(tmp_path, tiny_ckpt, monkeyp
 def test_vocoding_needs_prompt_features(tmp_path, tiny_ckpt, tiny_records):
     import json
 
-    from rollouts.manifest import ManifestError
-
     from conftest import TINY_MANIFEST
+
+    from rollouts.manifest import ManifestError
 
     lines = TINY_MANIFEST.read_text(encoding="utf-8").splitlines()
     obj = json.loads(lines[1])
@@ -270,17 +430,34 @@ def test_vocoding_needs_prompt_features(tmp_path, tiny_ckpt, tiny_records):
 
 def test_training_with_every_audio_reward(tmp_path, tiny_ckpt, reward_models):
     r = reward_models
-    cfg, d = load_config(DEFAULT_CONFIG, run_config(
-        tmp_path, tiny_ckpt, "train.steps=1", "data.prompts_per_step=3", "sampling.group_size=2", "data.shuffle=false",
-        "vocoder.n_timesteps=2", "rewards.duration.weight=0.1",
-        "rewards.cer.scorer=cer", f"rewards.cer.kwargs.paraformer_dir={r['paraformer_dir']}",
-        f"rewards.cer.kwargs.whisper_dir={r['whisper_dir']}",
-        "rewards.sim.scorer=sim", "rewards.sim.weight=0.1", f"rewards.sim.kwargs.checkpoint={r['sv_checkpoint']}",
-        f"rewards.sim.kwargs.wavlm_cfg={json.dumps(r['wavlm_cfg'])}",
-        "rewards.emo.scorer=emotion", "rewards.emo.weight=0.5", f"rewards.emo.kwargs.model_dir={r['emotion_dir']}",
-        "rewards.laugh.scorer=laughter", "rewards.laugh.weight=2", f"rewards.laugh.kwargs.ast_dir={r['ast_dir']}",
-        f"rewards.laugh.kwargs.paraformer_dir={r['paraformer_dir']}", f"rewards.laugh.kwargs.whisper_dir={r['whisper_dir']}",
-    ))
+    cfg, d = load_config(
+        DEFAULT_CONFIG,
+        run_config(
+            tmp_path,
+            tiny_ckpt,
+            "train.steps=1",
+            "data.prompts_per_step=3",
+            "sampling.group_size=2",
+            "data.shuffle=false",
+            "vocoder.n_timesteps=2",
+            "rewards.duration.weight=0.1",
+            "rewards.cer.scorer=cer",
+            f"rewards.cer.kwargs.paraformer_dir={r['paraformer_dir']}",
+            f"rewards.cer.kwargs.whisper_dir={r['whisper_dir']}",
+            "rewards.sim.scorer=sim",
+            "rewards.sim.weight=0.1",
+            f"rewards.sim.kwargs.checkpoint={r['sv_checkpoint']}",
+            f"rewards.sim.kwargs.wavlm_cfg={json.dumps(r['wavlm_cfg'])}",
+            "rewards.emo.scorer=emotion",
+            "rewards.emo.weight=0.5",
+            f"rewards.emo.kwargs.model_dir={r['emotion_dir']}",
+            "rewards.laugh.scorer=laughter",
+            "rewards.laugh.weight=2",
+            f"rewards.laugh.kwargs.ast_dir={r['ast_dir']}",
+            f"rewards.laugh.kwargs.paraformer_dir={r['paraformer_dir']}",
+            f"rewards.laugh.kwargs.whisper_dir={r['whisper_dir']}",
+        ),
+    )
     m = train(cfg, d, progress=False)
     for k in ("cer", "sim", "emo"):
         assert m[f"reward/{k}/invalid_frac"] == 0.0 and m[f"reward/{k}/errors"] == 0

@@ -10,9 +10,9 @@ import time
 
 import pytest
 import torch
+from conftest import REPO, ServerThread, free_port, run_config
 from safetensors.torch import load_file
 
-from conftest import REPO, ServerThread, free_port, run_config
 from rewards.cer import CERScorer
 from rewards.duration import DurationScorer
 from rewards.server import create_app
@@ -31,12 +31,16 @@ def test_remote_rewards_give_the_same_metrics_as_local(tmp_path, tiny_ckpt, rewa
     local = ("rewards.cer.scorer=cer", f"rewards.cer.kwargs.paraformer_dir={para}", "rewards.cer.weight=0.5")
     cfg, d = load_config(DEFAULT_CONFIG, run_config(tmp_path / "local", tiny_ckpt, *COMMON, *local))
     train(cfg, d, progress=False)
-    servers = [ServerThread(create_app(DurationScorer(), "duration")),
-               ServerThread(create_app(CERScorer(paraformer_dir=para), "cer"))]
+    servers = [
+        ServerThread(create_app(DurationScorer(), "duration")),
+        ServerThread(create_app(CERScorer(paraformer_dir=para), "cer")),
+    ]
     try:
         remote = (
-            "rewards.duration.scorer=remote", f"rewards.duration.kwargs={{url: '{servers[0].url}'}}",
-            "rewards.cer.scorer=remote", f"rewards.cer.kwargs={{url: '{servers[1].url}', batch_size: 2}}",
+            "rewards.duration.scorer=remote",
+            f"rewards.duration.kwargs={{url: '{servers[0].url}'}}",
+            "rewards.cer.scorer=remote",
+            f"rewards.cer.kwargs={{url: '{servers[1].url}', batch_size: 2}}",
             "rewards.cer.weight=0.5",
         )
         cfg, d = load_config(DEFAULT_CONFIG, run_config(tmp_path / "remote", tiny_ckpt, *COMMON, *remote))
@@ -59,7 +63,11 @@ def test_remote_rewards_give_the_same_metrics_as_local(tmp_path, tiny_ckpt, rewa
 def start_server(port):
     proc = subprocess.Popen(
         [sys.executable, "-m", "rl.cli", "serve-reward", "--scorer", "duration", "--port", str(port)],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     import httpx
 
     deadline = time.time() + 60
@@ -73,18 +81,33 @@ def start_server(port):
     raise AssertionError("server did not come up")
 
 
+@pytest.mark.slow
 def test_a_service_killed_mid_run_makes_samples_invalid_and_the_run_goes_on(tmp_path, tiny_ckpt):
     port = free_port()
     server = start_server(port)
     out = tmp_path / "run"
     args = [sys.executable, "-m", "rl.cli", "train", str(DEFAULT_CONFIG), "--no-progress"]
-    for o in run_config(tmp_path, tiny_ckpt, "data.prompts_per_step=2", "sampling.group_size=2", "train.steps=4",
-                        "train.max_dead_reward_steps=0",  # 0 = never stop for a dead reward (default: 3 steps)
-                        "vocoder.enabled=false", "rewards.dur2.scorer=remote", "rewards.dur2.weight=0.5",
-                        f"rewards.dur2.kwargs={{url: 'http://127.0.0.1:{port}', retries: 2, backoff_s: 0.05, timeout_s: 5}}"):
+    for o in run_config(
+        tmp_path,
+        tiny_ckpt,
+        "data.prompts_per_step=2",
+        "sampling.group_size=2",
+        "train.steps=4",
+        "train.max_dead_reward_steps=0",  # 0 = never stop for a dead reward (default: 3 steps)
+        "vocoder.enabled=false",
+        "rewards.dur2.scorer=remote",
+        "rewards.dur2.weight=0.5",
+        f"rewards.dur2.kwargs={{url: 'http://127.0.0.1:{port}', retries: 2, backoff_s: 0.05, timeout_s: 5}}",
+    ):
         args += ["--set", o]
-    proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        args,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
@@ -110,21 +133,40 @@ def test_a_reward_that_mostly_fails_stops_the_run_with_a_clear_error(tmp_path, t
 
     server = ServerThread(create_app(Broken(), "x"))  # answers /health, fails every batch with a 500
     try:
-        cfg, d = load_config(DEFAULT_CONFIG, run_config(
-            tmp_path, tiny_ckpt, "data.prompts_per_step=2", "sampling.group_size=2", "train.steps=2",
-            "vocoder.enabled=false", "rewards.x.scorer=remote", f"rewards.x.kwargs={{url: '{server.url}', retries: 0}}",
-            "rewards.x.max_invalid_frac=0.5",
-        ))
-        with pytest.raises(RewardFailure, match=r"reward 'x': 100% of step 1's samples are invalid.*"
-                                                r"max_invalid_frac=0.5.*reward service"):
+        cfg, d = load_config(
+            DEFAULT_CONFIG,
+            run_config(
+                tmp_path,
+                tiny_ckpt,
+                "data.prompts_per_step=2",
+                "sampling.group_size=2",
+                "train.steps=2",
+                "vocoder.enabled=false",
+                "rewards.x.scorer=remote",
+                f"rewards.x.kwargs={{url: '{server.url}', retries: 0}}",
+                "rewards.x.max_invalid_frac=0.5",
+            ),
+        )
+        with pytest.raises(
+            RewardFailure,
+            match=r"reward 'x': 100% of step 1's samples are invalid.*"
+            r"max_invalid_frac=0.5.*reward service",
+        ):
             train(cfg, d, progress=False)
     finally:
         server.stop()
 
 
 def test_pipelined_rollouts_are_one_step_off_policy_and_resume_exactly(tmp_path, tiny_ckpt):
-    base = ("data.prompts_per_step=2", "sampling.group_size=3", "vocoder.n_timesteps=2", "train.pipeline=true",
-            "dynamic_sampling.mode=off", "train.save_every=2", "optim.minibatches=2")
+    base = (
+        "data.prompts_per_step=2",
+        "sampling.group_size=3",
+        "vocoder.n_timesteps=2",
+        "train.pipeline=true",
+        "dynamic_sampling.mode=off",
+        "train.save_every=2",
+        "optim.minibatches=2",
+    )
     cfg, d = load_config(DEFAULT_CONFIG, run_config(tmp_path / "a", tiny_ckpt, "train.steps=4", *base))
     train(cfg, d, progress=False)
     log = rows(tmp_path / "a" / "run")
@@ -144,11 +186,23 @@ def test_pipelined_rollouts_are_one_step_off_policy_and_resume_exactly(tmp_path,
 
 def test_pipelining_hides_generation_behind_scoring(tmp_path, tiny_ckpt):
     # a reward service that takes 0.8 s per step: the next round's generation runs meanwhile
-    cfg, d = load_config(DEFAULT_CONFIG, run_config(
-        tmp_path, tiny_ckpt, "train.steps=2", "data.prompts_per_step=2", "sampling.group_size=2",
-        "vocoder.n_timesteps=2", "train.pipeline=true", "dynamic_sampling.mode=off", "train.save_every=0",
-        "rewards.wait.scorer=scorers_for_tests:Slow", "rewards.wait.weight=0", "rewards.wait.kwargs.seconds=0.8",
-    ))
+    cfg, d = load_config(
+        DEFAULT_CONFIG,
+        run_config(
+            tmp_path,
+            tiny_ckpt,
+            "train.steps=2",
+            "data.prompts_per_step=2",
+            "sampling.group_size=2",
+            "vocoder.n_timesteps=2",
+            "train.pipeline=true",
+            "dynamic_sampling.mode=off",
+            "train.save_every=0",
+            "rewards.wait.scorer=scorers_for_tests:Slow",
+            "rewards.wait.weight=0",
+            "rewards.wait.kwargs.seconds=0.8",
+        ),
+    )
     train(cfg, d, progress=False)
     log = rows(tmp_path / "run")
     assert all(r["time/prefetch_hidden_s"] > 0 for r in log), [r["time/prefetch_hidden_s"] for r in log]

@@ -27,8 +27,10 @@ def test_vllm_log_probs_match_the_trainer_before_and_after_a_sync(tmp_path, tiny
         with torch.no_grad():
             logp, _ = pol.token_logprobs(ro)
         d = (logp.cpu() - ro.behaviour_logp)[ro.token_mask].abs()
-        print(f"|log p_vllm - log p_trainer|: mean {float(d.mean()):.2e}, p99 {float(d.quantile(0.99)):.2e}, "
-              f"max {float(d.max()):.2e} over {d.numel()} tokens")
+        print(
+            f"|log p_vllm - log p_trainer|: mean {float(d.mean()):.2e}, p99 {float(d.quantile(0.99)):.2e}, "
+            f"max {float(d.max()):.2e} over {d.numel()} tokens"
+        )
         return d
 
     d = gap(0)

@@ -5,11 +5,11 @@ request each row becomes, the Rollout built from vLLM's outputs, the weight sync
 import copy
 import json
 
+import fake_vllm
 import pytest
 import torch
-
-import fake_vllm
 from conftest import run_config
+
 from policies.glmtts import GLMTTSPolicy
 from policies.sampling import SamplingParams
 from policies.vllm_rollout import VLLMRolloutError, VLLMSampler, hf_weights, rollout_from_outputs
@@ -30,14 +30,17 @@ def test_rows_become_requests_and_outputs_a_rollout_with_ratio_one(fake, tiny_ck
     prompts = [pol.prompt_input(r) for r in tiny_records[:3]]
     params = SamplingParams(temperature=1.2, top_k=25, top_p=0.8)
     ro = sampler.sample_groups(prompts, 3, params, group_ids=[4, 5, 6], seed=2, min_ratio=1, max_ratio=2)
-    assert ro.group_ids.tolist() == [4, 4, 4, 5, 5, 5, 6, 6, 6] and ro.prompt_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert ro.group_ids.tolist() == [4, 4, 4, 5, 5, 5, 6, 6, 6]
+    assert ro.prompt_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     rows = pol.row_batch(prompts, 3, min_ratio=1, max_ratio=2)
     assert torch.equal(ro.min_lengths, rows.min_len) and torch.equal(ro.prompt_ids, rows.prompt_ids)
     assert (ro.lengths <= rows.max_len).all() and torch.equal(ro.truncated, ~ro.finished)
     assert torch.equal(ro.lengths[ro.truncated], rows.max_len[ro.truncated])
     # a tiny random model stops at about 5% a step: over a few seeds some rows stop; a short max_len truncates rows
-    more = [sampler.sample_groups(prompts, 3, params, group_ids=[4, 5, 6], seed=s, min_ratio=1, max_ratio=2)
-            for s in range(3, 8)]
+    more = [
+        sampler.sample_groups(prompts, 3, params, group_ids=[4, 5, 6], seed=s, min_ratio=1, max_ratio=2)
+        for s in range(3, 8)
+    ]
     short = sampler.sample_groups(prompts, 3, params, group_ids=[4, 5, 6], seed=2, min_ratio=1, max_ratio=1.1)
     assert any(r.finished.any() for r in [ro, *more]) and short.truncated.any()
     short_rows = pol.row_batch(prompts, 3, min_ratio=1, max_ratio=1.1)
@@ -62,8 +65,9 @@ def test_ras_is_refused_and_bad_outputs_name_the_row(fake, tiny_ckpt, tiny_recor
     s = pol.special
 
     def out(ids, reason):
-        return fake_vllm.RequestOutput([], [fake_vllm.CompletionOutput(ids, [{t: fake_vllm.Logprob(-1.0)} for t in ids],
-                                                                       reason)])
+        return fake_vllm.RequestOutput(
+            [], [fake_vllm.CompletionOutput(ids, [{t: fake_vllm.Logprob(-1.0)} for t in ids], reason)]
+        )
 
     good = out([s.ats + 1, s.eoa], "stop")
     with pytest.raises(VLLMRolloutError, match=r"row 1: tokens outside the speech tokens \+ stop: \[5\]"):
@@ -79,7 +83,7 @@ def test_weight_sync_merges_lora_under_hf_names(tiny_ckpt):
     names = set(full.model.state_dict())
     lora = GLMTTSPolicy.from_pretrained(tiny_ckpt, lora=LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0))
     with torch.no_grad():
-        for n_, p in lora.model.named_parameters():
+        for p in lora.model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))  # trained adapters and modules_to_save
     x = torch.tensor([[5, 6, 7]])
@@ -94,8 +98,16 @@ def test_weight_sync_merges_lora_under_hf_names(tiny_ckpt):
 
 
 def test_training_with_the_vllm_backend_keeps_the_engine_in_sync(fake, tmp_path, tiny_ckpt, monkeypatch):
-    common = ("train.steps=3", "data.prompts_per_step=2", "sampling.group_size=2", "sampling.backend=vllm",
-              "sampling.ras=false", "optim.lr=5e-3", "dynamic_sampling.mode=off", "train.save_every=0")
+    common = (
+        "train.steps=3",
+        "data.prompts_per_step=2",
+        "sampling.group_size=2",
+        "sampling.backend=vllm",
+        "sampling.ras=false",
+        "optim.lr=5e-3",
+        "dynamic_sampling.mode=off",
+        "train.save_every=0",
+    )
     cfg, d = load_config(DEFAULT_CONFIG, run_config(tmp_path / "synced", tiny_ckpt, *common))
     train(cfg, d, progress=False)
     llm = fake.LLM.instances[-1]

@@ -98,8 +98,13 @@ def test_tiny_writer_layout_and_speed(tmp_path):
     t = time.process_time()  # CPU time: robust to a loaded machine
     d = write_tiny_voxcpm(tmp_path / "t", TEXTS, seed=3)
     assert time.process_time() - t < 1.0
-    assert {p.name for p in d.iterdir()} >= {"config.json", "model.safetensors", "audiovae.safetensors",
-                                             "tokenizer.json", "tokenizer_config.json"}
+    assert {p.name for p in d.iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "audiovae.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
     assert not any(k.startswith("audio_vae.") for k in load_file(d / "model.safetensors"))
 
 
@@ -172,11 +177,13 @@ def test_lm_hidden_and_velocity_equal_released(both):
     r = released
     scale = r.config.lm_config.scale_emb if r.config.lm_config.use_mup else 1.0
     fe = r.enc_to_lm_proj(r.feat_encoder(f))
-    enc, _ = r.base_lm(inputs_embeds=tm.unsqueeze(-1) * r.base_lm.embed_tokens(tk) * scale + fm.unsqueeze(-1) * fe,
-                       is_causal=True)
+    enc, _ = r.base_lm(
+        inputs_embeds=tm.unsqueeze(-1) * r.base_lm.embed_tokens(tk) * scale + fm.unsqueeze(-1) * fe, is_causal=True
+    )
     enc = r.fsq_layer(enc) * fm.unsqueeze(-1) + enc * tm.unsqueeze(-1)
-    res, _ = r.residual_lm(inputs_embeds=r.fusion_concat_proj(torch.cat((enc, fm.unsqueeze(-1) * fe), -1)),
-                           is_causal=True)
+    res, _ = r.residual_lm(
+        inputs_embeds=r.fusion_concat_proj(torch.cat((enc, fm.unsqueeze(-1) * fe), -1)), is_causal=True
+    )
     torch.testing.assert_close(lm_h, enc, atol=1e-5, rtol=0)
     torch.testing.assert_close(res_h, res, atol=1e-5, rtol=0)
     g = torch.Generator().manual_seed(0)
@@ -193,13 +200,15 @@ def test_deterministic_generate_equals_released(both):
     text, max_len = "good morning, 你好世界", 16
     torch.manual_seed(11)
     noise = torch.stack([torch.randn(1, FEAT, 4) for _ in range(max_len)], 1)
-    ro = sample_groups(ours, [_prompt(tok, text)], 1, 0, stochastic=False, min_len=2, max_len=max_len,
-                       initial_noise=noise)
+    ro = sample_groups(
+        ours, [_prompt(tok, text)], 1, 0, stochastic=False, min_len=2, max_len=max_len, initial_noise=noise
+    )
     assert not ro.sde_mask.any() and not ro.stop_mask.any()
     torch.manual_seed(11)
     pr = _prompt(tok, text)
-    _, gen = released.inference(pr.tokens[None], pr.text_mask[None].int(), pr.feats[None], pr.feat_mask[None].int(),
-                                min_len=2, max_len=max_len)
+    _, gen = released.inference(
+        pr.tokens[None], pr.text_mask[None].int(), pr.feats[None], pr.feat_mask[None].int(), min_len=2, max_len=max_len
+    )
     assert int(ro.lengths[0]) == gen.shape[0]
     torch.testing.assert_close(ro.patches[0, : gen.shape[0]], gen, atol=1e-5, rtol=0)
     torch.manual_seed(11)
@@ -233,10 +242,14 @@ def test_prompt_and_reference_modes_equal_released(tmp_path, tiny):
         noise = torch.stack([torch.randn(1, FEAT, 4) for _ in range(max_len)], 1)
         ro = sample_groups(ours, [pr], 1, 0, stochastic=False, max_len=max_len, initial_noise=noise)
         torch.manual_seed(4)
-        wav = released.generate(text, prompt_text=ptext if "ref_feats" not in kw or "prompt_feats" in kw else "",
-                                prompt_wav_path=str(paths["prompt"]) if "prompt_feats" in kw else "",
-                                reference_wav_path=str(paths["ref"]) if "ref_feats" in kw else "",
-                                min_len=2, max_len=max_len)[0]
+        wav = released.generate(
+            text,
+            prompt_text=ptext if "ref_feats" not in kw or "prompt_feats" in kw else "",
+            prompt_wav_path=str(paths["prompt"]) if "prompt_feats" in kw else "",
+            reference_wav_path=str(paths["ref"]) if "ref_feats" in kw else "",
+            min_len=2,
+            max_len=max_len,
+        )[0]
         ours_wav = decode_rollout(ours, ro)[0]
         assert ours_wav.shape == wav.shape, mode
         assert (ours_wav - wav).abs().max() <= 1e-4 * wav.abs().max(), mode
@@ -288,7 +301,8 @@ def test_lora_export_format_loads_in_released(tmp_path, tiny):
     for name, mod in model.named_modules():
         top = name.split(".")[0]
         if name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "o_proj") and (
-                top in ("base_lm", "residual_lm") or name.startswith("feat_decoder.estimator.")):
+            top in ("base_lm", "residual_lm") or name.startswith("feat_decoder.estimator.")
+        ):
             weights[f"{name}.lora_A"] = torch.randn(4, mod.in_features, generator=g)
             weights[f"{name}.lora_B"] = torch.randn(mod.out_features, 4, generator=g)
     out = save_voxcpm(model, tok, tmp_path / "lora", lora={"config": cfg, "weights": weights, "base_model": str(d)})
@@ -354,8 +368,19 @@ def test_teacher_forced_ratio_is_one_and_gradients_flow(tiny):
     assert logp.shape == mask.shape == (6, ro.patches.shape[1] * 10)
     (logp * mask).sum().backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
-    for part in ("base_lm.", "residual_lm.", "feat_decoder.estimator.", "stop_head.", "stop_proj.", "feat_encoder.",
-                 "fsq_layer.", "lm_to_dit_proj.", "res_to_dit_proj.", "fusion_concat_proj.", "enc_to_lm_proj."):
+    for part in (
+        "base_lm.",
+        "residual_lm.",
+        "feat_decoder.estimator.",
+        "stop_head.",
+        "stop_proj.",
+        "feat_encoder.",
+        "fsq_layer.",
+        "lm_to_dit_proj.",
+        "res_to_dit_proj.",
+        "fusion_concat_proj.",
+        "enc_to_lm_proj.",
+    ):
         assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith(part)), part
     assert all(g is None for n, g in grads.items() if n.startswith("audio_vae."))
     model.zero_grad(set_to_none=True)

@@ -54,5 +54,6 @@ def test_full_state_round_trips_through_the_plain_adamw_format():
     again = ShardedAdamW(list(a.parameters()), 0, 1, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
     again.load_state_dict(plain.state_dict())
     for i in range(4):
-        assert torch.equal(again.inner.state[again.inner.param_groups[0]["params"][i]]["exp_avg"],
-                           full["state"][i]["exp_avg"])
+        assert torch.equal(
+            again.inner.state[again.inner.param_groups[0]["params"][i]]["exp_avg"], full["state"][i]["exp_avg"]
+        )

@@ -64,16 +64,18 @@ def main() -> None:
         lang, text = row.split("\t")
         name = by_lang[lang][i % 2]
         emotion = next((v for k, v in EMOTION.items() if k in text), -1)
-        lines.append({
-            "uttid": f"tiny_{i:03d}",
-            "prompt_text": VOICES[name][1],
-            "prompt_speech": f"voices/{name}.wav",
-            "prompt_speech_token": f"voices/{name}_tokens.npy",
-            "prompt_speech_feat": f"voices/{name}_feat.npy",
-            "embedding": f"voices/{name}_emb.npy",
-            "syn_text": text,
-            "emotion": emotion,
-        })
+        lines.append(
+            {
+                "uttid": f"tiny_{i:03d}",
+                "prompt_text": VOICES[name][1],
+                "prompt_speech": f"voices/{name}.wav",
+                "prompt_speech_token": f"voices/{name}_tokens.npy",
+                "prompt_speech_feat": f"voices/{name}_feat.npy",
+                "embedding": f"voices/{name}_emb.npy",
+                "syn_text": text,
+                "emotion": emotion,
+            }
+        )
         label = "|happy" if emotion == 3 else ""
         meta[lang].append(f"tiny_{i:03d}|{VOICES[name][1]}|voices/{name}.wav|{text}{label}")
     with open(HERE / "manifest.jsonl", "w", encoding="utf-8") as f:

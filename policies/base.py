@@ -1,0 +1,117 @@
+"""The policy contract: what the trainer (rl/trainer.py) calls on a policy, and the registry `policy.kind` picks from.
+
+A policy is one file implementing `Policy` plus one line in `POLICIES`. The trainer names no concrete policy: it
+builds prompt inputs from manifest records, samples groups with behaviour log-probs, re-scores the sampled actions
+teacher-forced (under the policy or the frozen reference), and saves / restores the trainable state.
+
+Shapes: N = rows (prompts x group size), T = padded number of actions per row.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from rollouts.types import PromptRecord, Rollout, SamplingParams
+
+# kind -> "module:Class"; a new policy is one line here (imported only when picked)
+POLICIES: dict[str, str] = {
+    "glmtts": "policies.glmtts:GLMTTSPolicy",
+}
+
+
+class PromptInputLike(Protocol):
+    """A policy's model input for one record; `text_len` bounds the output length (min/max ratio of actions)."""
+
+    text_len: int
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """The contract the trainer talks to."""
+
+    model: torch.nn.Module  # the trainable module (train() / eval() are switched by the trainer)
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def context_length(self) -> int | None:
+        """The model's context window (prompt + generated tokens must fit), None when it has none."""
+        ...
+
+    @property
+    def pad_id(self) -> int:
+        """The id padding a rollout's tokens (to rebuild a saved rollout)."""
+        ...
+
+    def speech_codes(self, rollout: Rollout) -> list[torch.Tensor]:
+        """Per row its [L_i] speech codes, what the vocoder and the rewards read."""
+        ...
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of a text as the policy's tokenizer reads it (used to bound text lengths)."""
+        ...
+
+    def prompt_input(self, record: PromptRecord) -> PromptInputLike:
+        """The model input of one manifest record (texts as normalised by rollouts/text.py)."""
+        ...
+
+    def sample_groups(
+        self,
+        prompts: list[Any],
+        group_size: int,
+        params: SamplingParams,
+        *,
+        group_ids: list[int],
+        seed: int,
+        min_ratio: float,
+        max_ratio: float,
+        max_new_tokens: int,
+        decode: str,
+    ) -> Rollout:
+        """G = group_size samples per prompt, rows grouped by prompt; behaviour log-probs [N, T] of the taken
+        actions under `params`; each row seeded from (seed, its group id, its index) only."""
+        ...
+
+    def token_logprobs(self, rollout: Rollout, *, reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced ([N, T] log-probs of the rollout's actions, [N, T] entropies) under the policy (with
+        grad) or the frozen reference; the same distribution the sampler drew from."""
+        ...
+
+    def make_reference(self) -> None:
+        """Keep a frozen copy of the initial weights (or the LoRA base) for `reference=True`."""
+        ...
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
+
+    def state_for_checkpoint(self) -> dict[str, torch.Tensor]:
+        """The trainable state only (full weights, or the adapters + modules_to_save)."""
+        ...
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+class PolicyClass(Protocol):
+    """A registered policy class: loads a local checkpoint directory in the model's released layout, strictly."""
+
+    def from_pretrained(
+        self,
+        ckpt_dir: str | Path,
+        *,
+        dtype: torch.dtype,
+        device: str | torch.device,
+        lora: Any,
+        trust_remote_code: bool,
+    ) -> Policy: ...
+
+
+def policy_class(kind: str) -> PolicyClass:
+    """The class registered as `kind` (ValueError naming the known kinds otherwise)."""
+    if kind not in POLICIES:
+        raise ValueError(f"unknown policy kind {kind!r}; registered: {', '.join(sorted(POLICIES))}")
+    module, name = POLICIES[kind].split(":")
+    return getattr(importlib.import_module(module), name)
