@@ -239,15 +239,8 @@ def evaluate(
     trust_remote_code: bool = False,
     texts: LMTexts | None = None,  # how texts become LM input; default upstream normalisation, no phonemes
 ) -> dict:
-    from policies.sampling import SamplingParams
-    from rewards.base import Sample
-    from rewards.cer import edit_counts
-    from rollouts.audio import write_wav
-    from rollouts.paths import inside, safe_stem
-    from rollouts.prepare import PromptFrontend
-    from rollouts.text import LMTexts
-    from rollouts.token2wav import Token2Wav, VoicePrompt
-
+    """Voice prompts through the front end, one seeded sample per item, the metrics (each model loaded only while
+    it runs), then eval.json (atomically) and eval.md in `out_dir`."""
     if lang not in ("zh", "en"):
         raise ValueError(f"--lang must be zh or en, got {lang!r}")
     t_start = time.perf_counter()
@@ -258,8 +251,42 @@ def evaluate(
     for it in items:
         if it.emotion is not None:
             results[it.utt].emotion_target = LABELS[it.emotion]
+    prompt_feats = _prompt_features(items, results, models, device)
+    loaded = load_for_eval(ckpt, device=device, trust_remote_code=trust_remote_code)
+    audio = _synthesize(
+        loaded,
+        items,
+        results,
+        prompt_feats,
+        out,
+        texts,
+        device=device,
+        seed=seed,
+        batch_size=batch_size,
+        flow_steps=flow_steps,
+    )
+    ok = [it for it in items if it.utt in audio]
+    measured = _measure(_eval_samples(ok, results, audio), results, models, lang, asr_kind, device)
+    report = _report(results, ok, measured, lang, time.perf_counter() - t_start)
+    report = {
+        "ckpt": loaded.label,
+        "meta": str(Path(meta).resolve()),
+        "lang": lang,
+        "seed": seed,
+        "flow_steps": flow_steps,
+        **report,
+    }
+    tmp = out / "eval.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    tmp.replace(out / "eval.json")
+    (out / "eval.md").write_text(markdown_report(report))
+    return report
 
-    # 1. voice prompts through the front end (each distinct wav once)
+
+def _prompt_features(items: list, results: dict, models: EvalModels, device: str) -> dict:
+    """1. voice prompts through the front end (each distinct wav once); a failure marks the item failed."""
+    from rollouts.prepare import PromptFrontend
+
     frontend = PromptFrontend.from_dir(models.frontend_dir, device=device)
     prompt_feats: dict[Path, object] = {}
     for it in items:
@@ -272,17 +299,36 @@ def evaluate(
     for it in items:
         if isinstance(prompt_feats[it.prompt_wav], Exception):
             results[it.utt].failed["frontend"] = f"{it.where}: {prompt_feats[it.prompt_wav]}"
+    return prompt_feats
 
-    # 2. synthesis: one sample per item, batched, seeded per item
-    loaded = load_for_eval(ckpt, device=device, trust_remote_code=trust_remote_code)
+
+def _synthesize(
+    loaded,
+    items: list,
+    results: dict,
+    prompt_feats: dict,
+    out: Path,
+    texts,
+    *,
+    device: str,
+    seed: int,
+    batch_size: int,
+    flow_steps: int,
+) -> dict[str, np.ndarray]:
+    """2. synthesis: one sample per item, batched, seeded per item; wavs written under out/wavs."""
+    from policies.sampling import SamplingParams
+    from rl.long_text import LongJob, synthesize_long
+    from rollouts.audio import write_wav
+    from rollouts.paths import inside, safe_stem
+    from rollouts.text import LMTexts
+    from rollouts.token2wav import Token2Wav, VoicePrompt
+
     policy = loaded.policy
     policy.model.eval()
     token2wav = Token2Wav.from_pretrained(loaded.glmtts_dir, device=device, n_timesteps=flow_steps)
     params = SamplingParams(temperature=1.0, top_k=25, top_p=0.8, ras=True)
     todo = [k for k, it in enumerate(items) if not results[it.utt].failed]
     audio: dict[str, np.ndarray] = {}
-    from rl.long_text import LongJob, synthesize_long
-
     lm = texts if texts is not None else LMTexts()  # the texts as the LM reads them; metrics use the raw ones
     enc = policy.encode_text
     for start in range(0, len(todo), batch_size):
@@ -312,12 +358,15 @@ def evaluate(
             res.wav = str(inside(out / "wavs", f"{safe_stem(res.utt)}.wav"))  # the utt stays in eval.json
             write_wav(res.wav, wav, token2wav_rate())
 
-    # 3. metrics, each model loaded only while it runs
+    return audio
+
+
+def _eval_samples(ok: list, results: dict, audio: dict) -> list:
+    from rewards.base import Sample
     from rollouts.audio import read_wav
 
-    ok = [it for it in items if it.utt in audio]
     prompt_wavs = {p: read_wav(p) for p in {it.prompt_wav for it in ok}}
-    samples = [
+    return [
         Sample(
             uttid=it.utt,
             group_id=k,
@@ -334,6 +383,12 @@ def evaluate(
         )
         for k, it in enumerate(ok)
     ]
+
+
+def _measure(samples: list, results: dict, models: EvalModels, lang: str, asr_kind: str | None, device: str) -> dict:
+    """3. metrics, each model loaded only while it runs; returns which were measured."""
+    from rewards.cer import edit_counts
+
     measured = {"cer": False, "sim": False, "emotion": False}
     if models.asr_dir and samples:
         from rewards.cer import CERScorer
@@ -385,7 +440,11 @@ def evaluate(
         for s, p in zip(emo_samples, [] if probs is None else probs):
             results[s.uttid].emotion_pred = LABELS[int(np.argmax(p))]
 
-    # 4. report
+    return measured
+
+
+def _report(results: dict, ok: list, measured: dict, lang: str, wall_seconds: float) -> dict:
+    """4. the report's metrics, failures and items."""
     rows = list(results.values())
     rates = [r.error_rate for r in rows if r.error_rate is not None]
     edits = sum(r.edits for r in rows if r.edits is not None)
@@ -406,24 +465,14 @@ def evaluate(
         "emotion_acc": None if not emo else float(np.mean([r.emotion_pred == r.emotion_target for r in emo])),
         "emotion_n": len(emo),
         "audio_seconds": float(sum(r.seconds or 0.0 for r in rows)),
-        "wall_seconds": time.perf_counter() - t_start,
+        "wall_seconds": wall_seconds,
     }
-    report = {
-        "ckpt": loaded.label,
-        "meta": str(Path(meta).resolve()),
-        "lang": lang,
-        "seed": seed,
-        "flow_steps": flow_steps,
+    return {
         "measured": measured,
         "metrics": metrics,
         "failed": [{"utt": r.utt, **{"stage": s, "reason": why}} for r in rows for s, why in r.failed.items()],
         "items": [asdict(r) for r in rows],
     }
-    tmp = out / "eval.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False))
-    tmp.replace(out / "eval.json")
-    (out / "eval.md").write_text(markdown_report(report))
-    return report
 
 
 def token2wav_rate() -> int:
