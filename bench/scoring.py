@@ -58,6 +58,8 @@ def make_samples(n: int) -> list[Sample]:
                 codes=np.zeros(int(25 * sec), np.int64),
                 finished=True,
                 prompt_codes=np.zeros(50, np.int64),
+                duration_s=sec,
+                prompt_duration_s=2.0,
                 audio=(0.1 * rng.standard_normal(int(24000 * sec))).astype(np.float32),
                 sample_rate=24000,
                 prompt_audio=prompts[i // 4],

@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from rollouts.types import PromptRecord, Rollout, SamplingParams
+from rollouts.types import PromptRecord, Rollout, SamplingParams, VocodeResult
 
 # kind -> "module:Class"; a new policy is one line here (imported only when picked)
 POLICIES: dict[str, str] = {
@@ -27,6 +27,15 @@ class PromptInputLike(Protocol):
     """A policy's model input for one record; `text_len` bounds the output length (min/max ratio of actions)."""
 
     text_len: int
+
+
+class Decoder(Protocol):
+    """A policy's vocoder: a rollout's actions -> audio (loaded by `Policy.load_decoder`)."""
+
+    def __call__(self, rollout: Rollout, seeds: list[int], *, batch_size: int) -> VocodeResult:
+        """Audio per row; `seeds[i]` seeds row i's decoder noise (the trainer shares one per group); rows decoded
+        `batch_size` at a time."""
+        ...
 
 
 @runtime_checkable
@@ -48,8 +57,18 @@ class Policy(Protocol):
         """The id padding a rollout's tokens (to rebuild a saved rollout)."""
         ...
 
+    @property
+    def speech_rate(self) -> float:
+        """Generated actions (frames) per second of audio: a row's duration is `lengths / speech_rate` seconds."""
+        ...
+
     def speech_codes(self, rollout: Rollout) -> list[torch.Tensor]:
-        """Per row its [L_i] speech codes, what the vocoder and the rewards read."""
+        """Per row its [L_i] discrete speech codes (what rewards may read; empty for a continuous policy)."""
+        ...
+
+    def load_decoder(self, records: list[PromptRecord], *, n_timesteps: int, dtype: str) -> Decoder:
+        """The policy's own vocoder, from its checkpoint directory, for rollouts of these records; a record
+        lacking what decoding needs is a ManifestError naming its file, line and field."""
         ...
 
     def encode_text(self, text: str) -> list[int]:
@@ -88,11 +107,23 @@ class Policy(Protocol):
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
 
+    def fsdp_units(self) -> list[torch.nn.Module]:
+        """Submodules of `model` that FSDP2 shards as units of their own under `optim.zero_stage: 3` (the
+        transformer blocks; rl/engine.py); the rest is sharded as one unit. Called once, before the sharding; from
+        then on a forward must run each unit the same number of times on every rank, whatever the data (each
+        unit's gather is a collective). [] shards the model as one unit."""
+        ...
+
     def state_for_checkpoint(self) -> dict[str, torch.Tensor]:
         """The trainable state only (full weights, or the adapters + modules_to_save)."""
         ...
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def export(self, out_dir: Path) -> None:
+        """Write the trained model to `out_dir` (new, empty) in the model's released layout, loadable by
+        `from_pretrained` and by the model's own code (LoRA merged into the weights)."""
+        ...
 
 
 class PolicyClass(Protocol):
@@ -107,6 +138,11 @@ class PolicyClass(Protocol):
         lora: Any,
         trust_remote_code: bool,
     ) -> Policy: ...
+
+    def write_tiny(self, ckpt_dir: Path, texts: list[str], *, seed: int, vocoder: bool) -> None:
+        """Write a tiny random checkpoint in the released layout (`policy.build_tiny`), covering these texts;
+        with `vocoder`, the decoder's weights too. Parts already there are kept."""
+        ...
 
 
 def policy_class(kind: str) -> PolicyClass:

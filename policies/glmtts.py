@@ -3,6 +3,8 @@
 Loads a local checkpoint directory in the upstream layout:
     llm/                      HF LlamaForCausalLM: config.json + *.safetensors
     vq32k-phoneme-tokenizer/  GLM-4 style tiktoken tokenizer (read by policies/tokenizer.py; no remote code)
+    flow/, hift/              the decoder (rollouts/token2wav.py: flow-matching token -> mel, HiFT mel -> 24 kHz)
+`export` writes the same layout: the trained llm/ (LoRA merged), every other part of the loaded directory as it was.
 
 Prompt layout (upstream inference): [prompt text + " "][target text][<|begin_of_audio|>][prompt speech codes + ats];
 the model continues with speech tokens <|audio_c|> = ats + c and stops with <|user|>.
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from policies.decoding import DynamicDecoder, StaticDecoder
 from policies.sampling import SamplingParams, behaviour_logprob, row_keys, sample_step, step_distribution
 from policies.tokenizer import GLMTokenizer, RemoteCodeTokenizer, TokenizerError
-from rollouts.types import PromptRecord, Rollout
+from rollouts.types import PromptRecord, Rollout, VocodeResult
 
 LLM_DIR = "llm"
 TOKENIZER_DIR = "vq32k-phoneme-tokenizer"
@@ -127,6 +129,7 @@ class GLMTTSPolicy:
         self._reference: torch.nn.Module | None = None
         self._head_rows: torch.Tensor | None = None  # LM-head rows of [speech codes..., stop] (restricted_head)
         self._decode_caches: dict = {}  # decode="compiled": static KV caches kept per shape bucket
+        self._share_prompts = True  # teacher forcing runs a group's prompt once (off under FSDP2 units)
         check_vocab(model.config.vocab_size, special, ckpt_dir)
 
     # --- loading ----------------------------------------------------------------------------------------------
@@ -183,10 +186,29 @@ class GLMTTSPolicy:
         """The id padding a rollout's tokens."""
         return self.special.pad
 
+    speech_rate = 25.0  # speech tokens per second
+
     def speech_codes(self, rollout: Rollout) -> list[torch.Tensor]:
-        """Per row the generated speech codes 0..32767 (stop and padding removed): what the vocoder and the
-        duration-based rewards read."""
+        """Per row the generated speech codes 0..32767 (stop and padding removed): what the vocoder reads."""
         return rollout.codes(self.special.ats)
+
+    def load_decoder(self, records: list[PromptRecord], *, n_timesteps: int, dtype: str) -> GLMTTSDecoder:
+        """Token2Wav from flow/ + hift/ of the checkpoint directory; every record needs its voice prompt's mel
+        (`prompt_speech_feat`) and speaker embedding, the flow's conditions."""
+        from rollouts.manifest import ManifestError
+        from rollouts.token2wav import Token2Wav, VoicePrompt
+
+        for r in records:
+            if r.prompt_feat is None or r.embedding is None:
+                missing = "prompt_speech_feat" if r.prompt_feat is None else "embedding"
+                raise ManifestError(
+                    f"{r.source}: field '{missing}' is missing; vocoding needs it (or vocoder.enabled=false)"
+                )
+        token2wav = Token2Wav.from_pretrained(
+            Path(self.ckpt_dir), device=self.device, n_timesteps=n_timesteps, dtype=dtype
+        )
+        voices = [VoicePrompt(r.prompt_speech_tokens, r.prompt_feat, r.embedding) for r in records]
+        return GLMTTSDecoder(token2wav, voices, self.special.ats)
 
     # --- prompts ----------------------------------------------------------------------------------------------
     def encode_text(self, text: str) -> list[int]:
@@ -400,7 +422,8 @@ class GLMTTSPolicy:
         pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
         with self._model_for(reference) as model:
             backbone, _ = _backbone_and_head(model)
-            hidden = _forced_states(backbone, prompt, pmask, ids, attn, pos, share=not _dropout_active(model))
+            share = self._share_prompts and not _dropout_active(model)
+            hidden = _forced_states(backbone, prompt, pmask, ids, attn, pos, share=share)
             logits = self.restricted_logits(hidden, model)
         v = logits.shape[-1]
         flat = logits.reshape(n * t_w, v)
@@ -449,6 +472,14 @@ class GLMTTSPolicy:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def fsdp_units(self) -> list[torch.nn.Module]:
+        """The decoder layers (each an FSDP2 unit: gathered for its own forward / backward only). Teacher forcing
+        then runs one pass over every row: sharing a group's prompt pass runs the layers once or twice depending
+        on the rows, which ranks holding different rows cannot line up."""
+        self._share_prompts = False
+        backbone, _ = _backbone_and_head(self.model)
+        return list(backbone.layers)
+
     def state_for_checkpoint(self) -> dict[str, torch.Tensor]:
         """What a checkpoint stores: the adapter (and modules_to_save) with LoRA, else every weight."""
         if self.lora:
@@ -456,6 +487,36 @@ class GLMTTSPolicy:
 
             return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.model).items()}
         return {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+
+    def export(self, out_dir: Path) -> None:
+        """llm/ as HF safetensors + config.json (LoRA merged into the base weights), the tokenizer and every other
+        part of the loaded checkpoint directory (flow/, hift/, ...) copied as they are."""
+        import shutil
+
+        out_dir = Path(out_dir)
+        src = Path(self.ckpt_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for entry in sorted(src.iterdir()):
+            if entry.name == LLM_DIR:
+                continue
+            (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, out_dir / entry.name)
+        model = copy.deepcopy(self.model)
+        if self.lora:
+            model = model.merge_and_unload()
+        model.save_pretrained(str(out_dir / LLM_DIR), safe_serialization=True)
+
+    @classmethod
+    def write_tiny(cls, ckpt_dir: Path, texts: list[str], *, seed: int, vocoder: bool) -> None:
+        from policies.tiny import write_tiny_checkpoint
+        from rollouts.tiny_vocoder import write_tiny_vocoder
+
+        ckpt_dir = Path(ckpt_dir)
+        if not (ckpt_dir / LLM_DIR).exists():
+            write_tiny_checkpoint(ckpt_dir, texts, seed=seed)
+            print(f"ttsrl: wrote a tiny random GLM-TTS speech LM to {ckpt_dir}")
+        if vocoder and not (ckpt_dir / "flow").exists():
+            write_tiny_vocoder(ckpt_dir, seed=seed)
+            print(f"ttsrl: wrote a tiny random flow + HiFT vocoder to {ckpt_dir}")
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
         if self.lora:
@@ -471,6 +532,18 @@ class GLMTTSPolicy:
         missing = [k for k in missing if k not in tied]
         if missing or unexpected:
             raise CheckpointError(f"policy state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+class GLMTTSDecoder:
+    """Token2Wav over a rollout's speech codes, each row with its record's voice prompt (mel + speaker)."""
+
+    def __init__(self, token2wav, voices: list, ats: int):
+        self.token2wav, self.voices, self.ats = token2wav, voices, ats
+
+    def __call__(self, rollout: Rollout, seeds: list[int], *, batch_size: int) -> VocodeResult:
+        return self.token2wav(
+            rollout.codes(self.ats), [self.voices[int(k)] for k in rollout.prompt_index], seeds, batch_size=batch_size
+        )
 
 
 def _forced_states(

@@ -1,25 +1,36 @@
-"""Group rollouts with vLLM (`sampling.backend: vllm`; GPU, optional: needs `pip install vllm`).
+"""Group rollouts with vLLM (`sampling.backend: vllm`; GPU, optional: needs `pip install vllm`, 0.10 or newer).
 
 The GLM-TTS LM is a plain HF Llama, so vLLM serves `<ckpt>/llm/` as it is, inside each training process
-(`distributed_executor_backend="external_launcher"`, no tokenizer). Every row is one request with its own seed,
-derived from (seed, group id, member) like the built-in sampler's streams; the rows of a group share their prompt
-through vLLM's prefix cache. Per row:
+(`distributed_executor_backend="external_launcher"`, no tokenizer). Every row is one request (a `TokensPrompt`)
+with its own seed, derived from (seed, group id, member) like the built-in sampler's streams; the rows of a group
+share their prompt through vLLM's prefix cache. Per row:
 
     allowed_token_ids  the 32768 speech tokens + stop        (the built-in sampler's restricted vocabulary)
     min_tokens         int(min_ratio x target-text tokens)   (stop masked before it)
     max_tokens         min(int(max_ratio x text tokens), max_new_tokens)
-    temperature, top_k, top_p as configured; logprobs_mode "processed_logprobs", so each sampled token's log-prob
-    is taken after temperature, top-k and top-p: log q(y) of policies/sampling.py
+    temperature, top_k (0 = off), top_p as configured; logprobs_mode "processed_logprobs" (vLLM >= 0.10), so each
+    sampled token's log-prob is taken after the allowed-token and min-tokens masks, temperature, top-k and top-p
+
+With top-k alone or top-p alone that is log q(y) of policies/sampling.py. With both, it is not: vLLM cuts to the
+top k first and then keeps a share top_p of the *renormalised* top-k mass (vllm/v1/sample/ops/topk_topp_sampler.py),
+while policies/sampling.py keeps the tokens whose preceding mass under the *whole* distribution is < top_p
+(upstream's rule), capped at k. vLLM then samples from a narrower distribution than the trainer's q: its log-probs
+are higher than the trainer's and the rollouts are off-policy for the ratio's anchor; `vllm/logp_abs_diff` shows
+the gap, and `sample_groups` warns once.
 
 RAS is not one of vLLM's samplers: `sampling.ras` must be false with this backend. vLLM's kernels round differently
 from the trainer's, so its log-probs match the trainer's only to bf16/fp32 kernel precision; the trainer therefore
 recomputes the anchor log-probs with its own model (`vllm/logp_abs_diff` logs the gap). After every optimizer
 step, `sync_weights` loads the policy's current weights into vLLM (LoRA adapters merged) and clears its prefix
-cache.
+cache. Only vLLM's public API is used: `LLM(...)`, `LLM.generate`, `SamplingParams`, `TokensPrompt`, the returned
+`RequestOutput`s, `LLM.apply_model` (to call the engine model's own `load_weights` with (HF name, tensor) pairs)
+and `LLM.reset_prefix_cache`; never the engine's internals (`llm.llm_engine...`), whose layout changes between
+releases.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,19 +107,31 @@ class VLLMSampler:
         s = policy.special
         self.allowed = list(range(s.ats, s.ate + 1)) + [s.eoa]
         self.stale = False  # the policy changed since the engine got its weights: synced before the next sample
+        self._warned_top_k_top_p = False
 
     def mark_stale(self) -> None:
         """The policy's weights changed (an optimizer step, a loaded checkpoint): sync before sampling again."""
         self.stale = True
 
     def sync_weights(self) -> None:
-        """Load the policy's current weights into the engine (done by `sample_groups` when `stale`)."""
+        """Load the policy's current weights into the engine (done by `sample_groups` when `stale`).
+
+        `LLM.apply_model(func)` calls `func` on the engine's model in each worker; with the external launcher that
+        worker is this process, so `func` reads the policy's tensors directly. vLLM's Llama `load_weights` takes
+        (HF name, tensor) pairs and maps them onto its own layout (q/k/v and gate/up fused); it refuses a name it
+        does not know (unexpected biases aside) and a tensor of the wrong shape. The weights stream one tensor at a
+        time (a LoRA-merged weight is built only when it is loaded). The prefix cache holds keys and values computed
+        with the old weights: it is dropped."""
+        policy_model = self.policy.model
+
+        def load(model) -> None:
+            with torch.no_grad():
+                model.load_weights(hf_weights(policy_model))
+
+        self.llm.apply_model(load)
+        if self.llm.reset_prefix_cache() is False:  # vLLM refuses while requests run (none do between generates)
+            raise VLLMRolloutError("vLLM did not reset its prefix cache after the weight sync")
         self.stale = False
-        model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-        with torch.no_grad():
-            for name, t in hf_weights(self.policy.model):
-                model.load_weights([(name, t)])
-        self.llm.reset_prefix_cache()
 
     def sample_groups(
         self,
@@ -123,9 +146,18 @@ class VLLMSampler:
         max_new_tokens: int = 1000,
     ) -> Rollout:
         from vllm import SamplingParams as VParams
+        from vllm import TokensPrompt
 
         if params.ras:
             raise ValueError("sampling.backend vllm has no repetition-aware sampling: set sampling.ras false")
+        if params.top_k > 0 and params.top_p < 1.0 and not self._warned_top_k_top_p:
+            self._warned_top_k_top_p = True
+            warnings.warn(
+                "sampling.backend vllm with both top_k and top_p: vLLM applies top-p to the renormalised top-k "
+                "distribution, the trainer to the whole one, so vLLM samples a narrower distribution than the "
+                "trainer's (vllm/logp_abs_diff shows the gap); set one of them off for on-policy rollouts",
+                stacklevel=2,
+            )
         if len(group_ids) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts need {len(prompts)} group ids, got {len(group_ids)}")
         if self.stale:
@@ -136,12 +168,12 @@ class VLLMSampler:
         seeds = row_seeds(seed, group_ids, group_size)
         requests, sampling = [], []
         for r in range(rows.num_rows):
-            requests.append({"prompt_token_ids": prompts[r // group_size].ids})
+            requests.append(TokensPrompt(prompt_token_ids=list(prompts[r // group_size].ids)))
             sampling.append(
                 VParams(
                     n=1,
                     temperature=params.temperature,
-                    top_k=params.top_k if params.top_k > 0 else -1,
+                    top_k=params.top_k,  # 0: off, as in ours
                     top_p=params.top_p,
                     min_tokens=int(rows.min_len[r]),
                     max_tokens=int(rows.max_len[r]),

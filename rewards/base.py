@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-
-TOKEN_RATE = 25  # speech tokens per second
 
 
 @dataclass(frozen=True)
@@ -35,10 +34,12 @@ class Sample:
     group_id: int
     target_text: str  # the text that was synthesised
     prompt_text: str  # transcript of the voice prompt
-    codes: np.ndarray  # [L] int64 generated speech codes (25 Hz), stop excluded
-    finished: bool  # ended with the stop token (False: truncated at the length limit)
-    prompt_codes: np.ndarray  # [Tp] int64 speech codes of the voice prompt
+    codes: np.ndarray  # [L] int64 the policy's generated discrete codes, stop excluded ([0] for continuous ones)
+    finished: bool  # ended with the stop action (False: truncated at the length limit)
+    prompt_codes: np.ndarray  # [Tp] int64 speech tokens of the voice prompt (the manifest's)
     emotion: int | None = None  # target emotion label index (emotion2vec order); None = not given
+    duration_s: float = math.nan  # seconds of generated speech (the policy's own measure; NaN = unknown)
+    prompt_duration_s: float = math.nan  # seconds of the voice prompt (NaN = unknown)
     audio: np.ndarray | None = None  # [S] float32 mono waveform at `sample_rate` (None: not vocoded)
     sample_rate: int | None = None
     prompt_audio: np.ndarray | None = None  # [S'] float32 mono voice prompt at `prompt_sample_rate`

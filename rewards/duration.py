@@ -1,15 +1,16 @@
 """Duration (speaking-rate) reward: a guard against the speed hacking that CER rewards invite.
 
-generated duration    d = codes / 25 Hz
+generated duration    d = the sample's duration_s (the policy's: its generated frames / its frame rate)
 expected duration     e = n_han / cps_zh + n_latin / cps_en          (Han characters; Latin letters and digits)
                       rate_source="prompt": e is rescaled by the voice prompt's own pace,
-                      e *= (prompt codes / 25) / expected(prompt text)
+                      e *= prompt_duration_s / expected(prompt text)
 reward                exp(-|ln(d / e)| / tolerance)                   1 at the expected pace; with the
                                                                       default tolerance 0.5, 0.25 at 2x or 0.5x
 
 The reward is symmetric in the log-ratio: speaking twice too fast costs as much as twice too slow. A sample with
 no speech tokens gets reward 0 (its duration is 0 s, the farthest from any pace). A text with no Han or Latin
-characters has no expected duration: that sample is invalid.
+characters has no expected duration, and a sample whose duration is unknown (NaN) has none to compare: both are
+invalid.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Literal
 
 import numpy as np
 
-from rewards.base import TOKEN_RATE, Sample, ScoreResult, require
+from rewards.base import Sample, ScoreResult, require
 
 
 def count_units(text: str) -> tuple[int, int]:
@@ -62,19 +63,23 @@ class DurationScorer:
         values = np.zeros(n)
         reasons: list[str | None] = [None] * n
         ratio = np.full(n, np.nan)
-        gen_s = np.array([len(s.codes) / TOKEN_RATE for s in samples], dtype=np.float64)
+        gen_s = np.array([s.duration_s for s in samples], dtype=np.float64)
         exp_s = np.full(n, np.nan)
         for i, s in enumerate(samples):
+            if not math.isfinite(gen_s[i]) or gen_s[i] < 0:
+                reasons[i] = "the sample's duration is unknown"
+                continue
             e = self.expected_seconds(s.target_text)
             if e <= 0:
                 reasons[i] = "target text has no Han or Latin characters: no expected duration"
                 continue
             if self.rate_source == "prompt":
                 pe = self.expected_seconds(s.prompt_text)
-                if pe <= 0 or len(s.prompt_codes) == 0:
-                    reasons[i] = "voice prompt has no text or no speech codes: its pace is unknown"
+                pd = s.prompt_duration_s
+                if pe <= 0 or not math.isfinite(pd) or pd <= 0:
+                    reasons[i] = "voice prompt has no text or no known duration: its pace is unknown"
                     continue
-                e *= (len(s.prompt_codes) / TOKEN_RATE) / pe
+                e *= pd / pe
             exp_s[i] = e
             if gen_s[i] == 0:
                 values[i] = 0.0

@@ -15,7 +15,7 @@ Detector: by default an AudioSet classifier (`ASTForAudioClassification` from a 
 looked up by name, "Laughter"; sigmoid; sliding windows of `window_s` with hop `hop_s`; windows scoring >=
 `threshold` become segments, merged). Any frame-level segmenter plugs in through `detector` (a dotted path to a
 class with `segments(wavs_16k: list[np.ndarray]) -> list[list[tuple[float, float]]]`) and `detector_kwargs`;
-see the README ("Plugging in a laughter segmenter").
+see docs/rewards.md ("Plugging in a laughter segmenter").
 """
 
 from __future__ import annotations

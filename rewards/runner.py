@@ -11,14 +11,14 @@ import numpy as np
 import torch
 
 from rewards.base import Sample, Scorer, ScoreResult, build_scorer
-from rollouts.token2wav import VocodeResult
-from rollouts.types import PromptRecord, Rollout
+from rollouts.types import PROMPT_TOKEN_RATE, PromptRecord, Rollout, VocodeResult
 
 
 def samples_from_rollout(
     rollout: Rollout,
     records: list[PromptRecord],  # records[rollout.prompt_index[i]] is row i's prompt
     codes: list[torch.Tensor],  # per row its [L_i] speech codes (the policy's `speech_codes`)
+    speech_rate: float,  # the policy's generated frames per second of audio (durations in seconds)
     vocoded: VocodeResult | None = None,  # audio per row (None: not vocoded)
     prompt_audio: dict[str, tuple[np.ndarray, int] | None] | None = None,  # uttid -> (waveform, rate)
 ) -> list[Sample]:
@@ -36,6 +36,8 @@ def samples_from_rollout(
                 finished=bool(rollout.finished[i]),
                 prompt_codes=rec.prompt_speech_tokens,
                 emotion=rec.emotion,
+                duration_s=int(rollout.lengths[i]) / speech_rate,
+                prompt_duration_s=len(rec.prompt_speech_tokens) / PROMPT_TOKEN_RATE,
                 audio=None if vocoded is None else vocoded.audio[i],
                 sample_rate=None if vocoded is None else vocoded.sample_rate,
                 prompt_audio=None if pa is None else pa[0],

@@ -3,6 +3,7 @@
 Request:
     {"samples": [{"uttid": str, "group_id": int, "target_text": str, "prompt_text": str,
                   "codes": [int], "finished": bool, "prompt_codes": [int], "emotion": int | null,
+                  "duration_s": float | null, "prompt_duration_s": float | null,
                   "audio": AUDIO | null, "prompt_audio_ref": str | null}, ...],
      "prompt_audio": {ref: AUDIO}}                       # each voice prompt once, however many samples use it
     AUDIO = {"encoding": "float32" | "pcm16", "sample_rate": int, "data": base64 of little-endian samples}
@@ -61,6 +62,10 @@ def decode_audio(obj, where: str) -> tuple[np.ndarray, int]:
     return (np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32767.0), rate
 
 
+def _seconds(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None  # NaN (unknown) travels as null
+
+
 def encode_request(samples: list[Sample], encoding: str = "float32") -> dict:
     prompts: dict[str, dict] = {}
     out = []
@@ -80,6 +85,8 @@ def encode_request(samples: list[Sample], encoding: str = "float32") -> dict:
                 "finished": bool(s.finished),
                 "prompt_codes": [int(c) for c in s.prompt_codes],
                 "emotion": s.emotion,
+                "duration_s": _seconds(s.duration_s),
+                "prompt_duration_s": _seconds(s.prompt_duration_s),
                 "audio": None if s.audio is None else encode_audio(s.audio, s.sample_rate or 0, encoding),
                 "prompt_audio_ref": ref,
             }
@@ -129,6 +136,13 @@ def decode_request(obj, max_samples: int) -> list[Sample]:
         emotion = it.get("emotion")
         if emotion is not None and (isinstance(emotion, bool) or not isinstance(emotion, int)):
             raise WireError(f"{where}.emotion: must be an integer or null")
+        durations = {}
+        for name in ("duration_s", "prompt_duration_s"):
+            v = it.get(name)
+            v = math.nan if v is None else v
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (not math.isnan(v) and not 0 <= v < math.inf):
+                raise WireError(f"{where}.{name}: must be a finite number of seconds >= 0 or null")
+            durations[name] = float(v)
         samples.append(
             Sample(
                 uttid=field("uttid", str),
@@ -139,6 +153,7 @@ def decode_request(obj, max_samples: int) -> list[Sample]:
                 finished=bool(field("finished", bool, required=False, default=True)),
                 prompt_codes=np.asarray(prompt_codes, dtype=np.int64),
                 emotion=emotion,
+                **durations,
                 audio=wav,
                 sample_rate=rate,
                 prompt_audio=pwav,

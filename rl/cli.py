@@ -62,7 +62,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             what = args.config or "--set"
             raise ConfigError(
                 f"{what} changes {', '.join(changed)} of the run saved in {ckpt}; a resumed run must keep its "
-                f"settings (only train.steps, train.save_every, train.keep_last and wandb.* may change)"
+                f"settings (only train.steps, train.save_every, train.keep_last, optim.zero_stage and wandb.* "
+                f"may change)"
             )
     else:
         path = args.config or DEFAULT_CONFIG
@@ -83,7 +84,8 @@ def check_remote_code(configured: bool, allowed: bool, where: str) -> None:
         )
 
 
-RESUME_FREE = ("train.steps", "train.save_every", "train.keep_last", "train.output_dir", "wandb.")
+# settings a resumed run may change: none changes what is trained (optim.zero_stage picks the engine only)
+RESUME_FREE = ("train.steps", "train.save_every", "train.keep_last", "train.output_dir", "wandb.", "optim.zero_stage")
 
 
 def _diff(a, b, prefix: str = "") -> list[str]:
@@ -224,6 +226,40 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """The trained policy of a run's latest checkpoint (or a given checkpoint), written in the model's released
+    layout: the run's policy loaded from its `policy.ckpt_dir`, the checkpoint's trainable state put in, then
+    `Policy.export`."""
+    from pathlib import Path
+
+    import yaml
+
+    from policies.base import policy_class
+    from rl.checkpoint import find_checkpoint, load_checkpoint
+    from rl.config import config_from_data
+    from rl.errors import InputError
+    from rl.trainer import DTYPES
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"{out}: exists and is not an empty directory; export writes a new one")
+    found = find_checkpoint(args.run)
+    ckpt = load_checkpoint(found)
+    cfg, _ = config_from_data(yaml.safe_load(ckpt["config_yaml"]), str(found / "config.yaml"), [])
+    check_remote_code(cfg.policy.trust_remote_code, args.trust_remote_code, str(found))
+    policy = policy_class(cfg.policy.kind).from_pretrained(
+        cfg.policy.ckpt_dir,
+        dtype=DTYPES[cfg.policy.dtype],
+        device="cpu",
+        lora=cfg.policy.lora,
+        trust_remote_code=cfg.policy.trust_remote_code,
+    )
+    policy.load_checkpoint_state(ckpt["policy"])
+    policy.export(out)
+    print(f"ttsrl: exported {found} ({cfg.policy.kind}) to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ttsrl", description="GRPO alignment for text-to-speech speech language models."
@@ -249,6 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow policy.trust_remote_code: run the tokenizer code shipped in the checkpoint directory",
     )
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="write a run's trained policy in the model's released layout")
+    p.add_argument("run", help="a run directory (its latest checkpoint) or a checkpoint directory")
+    p.add_argument("out", help="a new (or empty) directory to write")
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="allow the run's policy.trust_remote_code tokenizer code"
+    )
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve-reward", help="serve a reward scorer over HTTP (POST /score, GET /health)")
     p.add_argument(

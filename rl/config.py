@@ -22,6 +22,7 @@ import yaml
 from policies.base import POLICIES
 from rl.configlib import ConfigError, opt, overlay, read_yaml, resolve_paths, set_override, to_dict
 from rl.schedules import Schedule
+from rollouts.types import SamplingParams
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -181,8 +182,8 @@ class OptimConfig:
     micro_batch_size: int = opt(0, "rows per forward pass inside a minibatch (0 = the whole minibatch)")
     zero_stage: int = opt(
         0,
-        "2 = ZeRO-2: AdamW state and reduced gradients partitioned across ranks (rl/zero.py); "
-        "0 = every rank holds all of them",
+        "with several processes (rl/engine.py): 0 = DDP, every rank holds the whole model and optimizer; "
+        "2 = FSDP2 sharding the AdamW state and gradients (ZeRO-2); 3 = FSDP2 sharding the weights too (ZeRO-3)",
     )
 
 
@@ -244,11 +245,12 @@ class Derived:
 
 def _validate(cfg: Config) -> None:
     s, o, d, a, ds, lo = cfg.sampling, cfg.optim, cfg.data, cfg.advantage, cfg.dynamic_sampling, cfg.loss
+    try:  # top-k / top-p / RAS: the sampler's own checks (the temperature schedule is checked below)
+        SamplingParams(top_k=s.top_k, top_p=s.top_p, ras=s.ras, ras_window=s.ras_window, ras_tau=s.ras_tau)
+    except ValueError as e:
+        raise ConfigError(f"sampling: {e}") from None
     checks = [
         (s.group_size >= 2, "sampling.group_size must be >= 2 (a group of one has no baseline)"),
-        (s.top_k >= 0, "sampling.top_k must be >= 0 (0 = off)"),
-        (0.0 < s.top_p <= 1.0, "sampling.top_p must be in (0, 1]"),
-        (s.ras_window >= 1 and s.ras_tau > 0, "sampling.ras_window must be >= 1 and ras_tau > 0"),
         (
             0 <= s.min_token_text_ratio <= s.max_token_text_ratio,
             "sampling.min_token_text_ratio must be >= 0 and <= max_token_text_ratio",
@@ -260,6 +262,12 @@ def _validate(cfg: Config) -> None:
             "false (or use the builtin sampler)",
         ),
         (s.backend != "vllm" or not s.compile_decode, "sampling.compile_decode is for the builtin sampler, not vllm"),
+        (
+            s.backend != "vllm" or s.top_k == 0 or s.top_p >= 1.0,
+            "sampling.backend vllm applies top_p inside the renormalised top_k, the builtin sampler (as upstream) "
+            "over the whole distribution capped at top_k: with both on the rollouts would be off-policy; set "
+            "sampling.top_k=0 or sampling.top_p=1.0",
+        ),
         (0.0 < s.vllm_gpu_memory_utilization < 1.0, "sampling.vllm_gpu_memory_utilization must be in (0, 1)"),
         (d.prompts_per_step >= 1, "data.prompts_per_step must be >= 1"),
         (bool(d.manifest), "data.manifest is empty: give the prompt manifest (upstream GRPO jsonl)"),
@@ -279,7 +287,7 @@ def _validate(cfg: Config) -> None:
         (o.grad_clip >= 0 and o.weight_decay >= 0, "optim.grad_clip and optim.weight_decay must be >= 0"),
         (o.ppo_epochs >= 1 and o.minibatches >= 1, "optim.ppo_epochs and optim.minibatches must be >= 1"),
         (o.micro_batch_size >= 0, "optim.micro_batch_size must be >= 0"),
-        (o.zero_stage in (0, 2), "optim.zero_stage must be 0 (no sharding) or 2 (ZeRO-2)"),
+        (o.zero_stage in (0, 2, 3), "optim.zero_stage must be 0 (DDP), 2 or 3 (FSDP2 sharding)"),
         (
             cfg.policy.dtype == "float32" or (cfg.policy.lora.enabled and not cfg.policy.lora.modules_to_save),
             f"policy.dtype {cfg.policy.dtype} would train {cfg.policy.dtype} weights, where AdamW updates smaller than "

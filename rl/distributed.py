@@ -2,8 +2,8 @@
 
 Every rank runs the same step plan (prompts, group ids, resampling decisions); each generation request's slots are
 split into contiguous shards, one per rank, so a group is never split across ranks. Ranks exchange only what the
-plan and the statistics need (informativeness, per-row rewards) and sum gradients. With one process every
-operation is the identity.
+plan and the statistics need (informativeness, per-row rewards, loss denominators); gradients are the engine's
+(rl/engine.py: DDP or FSDP2). With one process every operation is the identity.
 """
 
 from __future__ import annotations
@@ -46,15 +46,6 @@ class Dist:
 
     def min(self, x: float) -> float:
         return min(self.gather(float(x)))
-
-    def sum_grads(self, params: list[torch.nn.Parameter]) -> None:
-        """Sum gradients over ranks (every rank then holds the gradient of the whole batch)."""
-        if self.world == 1:
-            return
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
 
     def barrier(self) -> None:
         self._accelerator.wait_for_everyone()

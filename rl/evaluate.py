@@ -376,6 +376,8 @@ def _eval_samples(ok: list, results: dict, audio: dict) -> list:
             finished=not results[it.utt].truncated,
             prompt_codes=np.zeros(0, np.int64),
             emotion=it.emotion,
+            duration_s=len(audio[it.utt]) / token2wav_rate() if audio[it.utt] is not None else math.nan,
+            prompt_duration_s=len(prompt_wavs[it.prompt_wav][0]) / prompt_wavs[it.prompt_wav][1],
             audio=audio[it.utt],
             sample_rate=token2wav_rate(),
             prompt_audio=prompt_wavs[it.prompt_wav][0],

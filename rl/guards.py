@@ -18,10 +18,7 @@ from __future__ import annotations
 import math
 import shutil
 from collections import Counter
-from collections.abc import Iterable
 from pathlib import Path
-
-import torch
 
 from rl.errors import InputError, RunError
 
@@ -190,9 +187,8 @@ class UpdateGuard:
         self.in_a_row = int(state.get("in_a_row", 0))
 
 
-def check_finite(params: Iterable[torch.nn.Parameter], step: int, last_checkpoint: str | None) -> None:
-    """No checkpoint is ever written with non-finite weights."""
-    for p in params:
-        if not bool(torch.isfinite(p.detach()).all()):
-            intact = f"the last checkpoint ({last_checkpoint}) is intact" if last_checkpoint else "no checkpoint"
-            raise RunError(f"step {step}: the policy's weights hold NaN or inf; no checkpoint was written ({intact})")
+def check_finite(finite: bool, step: int, last_checkpoint: str | None) -> None:
+    """No checkpoint is ever written with non-finite weights (`finite`: every weight on every rank is)."""
+    if not finite:
+        intact = f"the last checkpoint ({last_checkpoint}) is intact" if last_checkpoint else "no checkpoint"
+        raise RunError(f"step {step}: the policy's weights hold NaN or inf; no checkpoint was written ({intact})")

@@ -28,14 +28,15 @@ from pathlib import Path
 
 import torch
 
-from policies.base import Policy, policy_class
+from policies.base import Decoder, Policy, policy_class
 from rewards.runner import build_scorers, cat_scores, samples_from_rollout, score, select_scores
 from rl.advantages import fused_reward_mean, normalize_fuse_normalize
 from rl.checkpoint import clean_partial, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from rl.config import Config, Derived, dump
-from rl.configlib import to_dict
+from rl.configlib import ConfigError, to_dict
 from rl.distributed import Dist
 from rl.dynamic_sampling import DynamicSampling, GroupResult, informative_groups
+from rl.engine import Engine, padding_rows
 from rl.errors import RunError
 from rl.guards import (
     RewardHealth,
@@ -50,10 +51,8 @@ from rl.guards import (
 from rl.losses import LossDenominators, policy_loss
 from rl.metrics import MetricsLogger
 from rl.samples import pick_rows, truncate_samples, write_samples
-from rl.zero import ShardedAdamW
 from rollouts.audio import read_wav
-from rollouts.manifest import ManifestError, PromptStream, read_manifest
-from rollouts.token2wav import Token2Wav, VoicePrompt
+from rollouts.manifest import PromptStream, read_manifest
 from rollouts.types import PromptRecord, Rollout, SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -141,6 +140,7 @@ class Run:
     out: Path  # the run directory
     accelerator: object  # accelerate.Accelerator
     dist: Dist
+    engine: Engine  # DDP / FSDP2 around the policy's module (rl/engine.py)
     records: list[PromptRecord]  # the manifest, raw texts
     policy: Policy
     generator: Generator
@@ -168,14 +168,14 @@ class Generator:
         cfg: Config,
         policy: Policy,
         vllm,
-        token2wav: Token2Wav | None,
-        voices: list[VoicePrompt],
+        decoder: Decoder | None,
         prompts: list,
         dist: Dist,
+        engine: Engine,
         accelerator,
     ):
-        self.cfg, self.policy, self.vllm, self.token2wav = cfg, policy, vllm, token2wav
-        self.voices, self.prompts, self.dist, self.accelerator = voices, prompts, dist, accelerator
+        self.cfg, self.policy, self.vllm, self.decoder = cfg, policy, vllm, decoder
+        self.prompts, self.dist, self.engine, self.accelerator = prompts, dist, engine, accelerator
 
     def params(self, step: int) -> SamplingParams:
         s = self.cfg.sampling
@@ -189,22 +189,19 @@ class Generator:
         )
 
     def vocode(self, ro: Rollout):
-        if self.token2wav is None:
+        if self.decoder is None:
             return None
         # one noise seed per group: decoder noise is shared inside a group and cannot leak into the advantages
-        return self.token2wav(
-            self.policy.speech_codes(ro),
-            [self.voices[int(k)] for k in ro.prompt_index],
-            [step_seed(self.cfg.train.seed, 0, int(g)) for g in ro.group_ids],
-            batch_size=self.cfg.vocoder.batch_size,
-        )
+        seeds = [step_seed(self.cfg.train.seed, 0, int(g)) for g in ro.group_ids]
+        return self.decoder(ro, seeds, batch_size=self.cfg.vocoder.batch_size)
 
     def __call__(self, prompt_idx: list[int], gids: list[int], params: SamplingParams, seed: int) -> Generated | None:
         """This rank's share of a round: one group per prompt (manifest indices), sampled and vocoded. None when the
         round has no slot for this rank."""
         mine = self.dist.shard(len(gids))
         if not mine:
-            return None
+            with self.engine.gathered():  # a collective under FSDP2: joined without a slot too
+                return None
         s = self.cfg.sampling
         t0 = time.perf_counter()
         kw = dict(
@@ -218,8 +215,8 @@ class Generator:
         gap = math.nan
         if self.vllm is not None:  # the engine syncs the policy's weights first when they changed
             ro, gap = self._trainer_logprobs(self.vllm.sample_groups(prompts, s.group_size, params, **kw))
-        else:
-            with self.accelerator.autocast():  # the precision of the update's forward passes (autocast is per thread)
+        else:  # the precision of the update's forward passes (autocast is per thread), with the whole weights
+            with self.accelerator.autocast(), self.engine.gathered():
                 ro = self.policy.sample_groups(
                     prompts, s.group_size, params, **kw, decode="compiled" if s.compile_decode else "dynamic"
                 )
@@ -332,8 +329,8 @@ def setup(cfg: Config, derived: Derived, resume: str | None, overwrite: bool, pr
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision)
     if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         raise RuntimeError(
-            f"launched with {accelerator.distributed_type.value}: ttsrl does its own data parallelism; "
-            f"use `accelerate launch --multi_gpu` and optim.zero_stage=2 for ZeRO-2 sharding"
+            f"launched with {accelerator.distributed_type.value}: ttsrl sets up DDP / FSDP2 itself (rl/engine.py); "
+            f"use `accelerate launch --multi_gpu`, with optim.zero_stage=2 or 3 for FSDP2 sharding"
         )
     dist = Dist(accelerator)
     other_run = [] if resume else refuse_other_run(out, overwrite)
@@ -350,9 +347,12 @@ def setup(cfg: Config, derived: Derived, resume: str | None, overwrite: bool, pr
         context=policy.context_length,
         max_new_tokens=cfg.sampling.max_new_tokens,
     )
-    token2wav = _load_vocoder(cfg, records, accelerator)
-    voices = [VoicePrompt(r.prompt_speech_tokens, r.prompt_feat, r.embedding) for r in records]
-    generator = Generator(cfg, policy, vllm, token2wav, voices, prompts, dist, accelerator)
+    decoder = _load_decoder(cfg, policy, records)
+    ckpt = load_checkpoint(found := find_checkpoint(resume)) if resume else None
+    if ckpt is not None:  # into the whole module, before an engine shards it
+        policy.load_checkpoint_state(ckpt["policy"])
+    engine = _engine(cfg, policy, dist, vllm)
+    generator = Generator(cfg, policy, vllm, decoder, prompts, dist, engine, accelerator)
     scorers = build_scorers(cfg.rewards)
     for sc in scorers.values():  # remote services: fail fast, before the first step, naming the url
         if callable(getattr(sc, "check", None)):
@@ -364,19 +364,21 @@ def setup(cfg: Config, derived: Derived, resume: str | None, overwrite: bool, pr
         out,
         accelerator,
         dist,
+        engine,
         records,
         policy,
         generator,
         scorers,
         PromptAudio(records),
-        _optimizer(cfg, policy, dist, accelerator),
+        _optimizer(cfg, policy, engine, accelerator),
         PromptStream(len(records), seed=cfg.train.seed, shuffle=cfg.data.shuffle),
         TrainState(run_id=uuid.uuid4().hex),
         RewardHealth(derived.weights, cfg.train.max_dead_reward_steps),
         UpdateGuard(cfg.train.max_skipped_updates),
         dump(cfg),
     )
-    ckpt = _resume(run, resume) if resume else None
+    if ckpt is not None:
+        _resume(run, ckpt, found)
     prefetch = Prefetch(cfg.train.pipeline, Prefetch.restore(run.state, ckpt, dist, generator, policy.pad_id, resume))
     if dist.main:  # every input is checked: from here on the run writes
         _open_run_dir(run, other_run, bool(resume), progress)
@@ -385,20 +387,12 @@ def setup(cfg: Config, derived: Derived, resume: str | None, overwrite: bool, pr
 
 def _load_policy(cfg: Config, derived: Derived, records: list[PromptRecord], dist: Dist, accelerator):
     ckpt_dir = Path(cfg.policy.ckpt_dir)
+    cls = policy_class(cfg.policy.kind)
     if cfg.policy.build_tiny and dist.main:
-        from policies.tiny import write_tiny_checkpoint
-        from rollouts.tiny_vocoder import write_tiny_vocoder
-
-        if not (ckpt_dir / "llm").exists():
-            write_tiny_checkpoint(
-                ckpt_dir, [t for r in records for t in (r.prompt_text, r.target_text)], seed=cfg.train.seed
-            )
-            print(f"ttsrl: wrote a tiny random GLM-TTS speech LM to {ckpt_dir}")
-        if cfg.vocoder.enabled and not (ckpt_dir / "flow").exists():
-            write_tiny_vocoder(ckpt_dir, seed=cfg.train.seed)
-            print(f"ttsrl: wrote a tiny random flow + HiFT vocoder to {ckpt_dir}")
+        texts = [t for r in records for t in (r.prompt_text, r.target_text)]
+        cls.write_tiny(ckpt_dir, texts, seed=cfg.train.seed, vocoder=cfg.vocoder.enabled)
     dist.barrier()
-    policy = policy_class(cfg.policy.kind).from_pretrained(
+    policy = cls.from_pretrained(
         ckpt_dir,
         dtype=DTYPES[cfg.policy.dtype],
         device=accelerator.device,
@@ -420,50 +414,45 @@ def _load_policy(cfg: Config, derived: Derived, records: list[PromptRecord], dis
     return policy, vllm
 
 
-def _load_vocoder(cfg: Config, records: list[PromptRecord], accelerator) -> Token2Wav | None:
+def _load_decoder(cfg: Config, policy: Policy, records: list[PromptRecord]) -> Decoder | None:
     if not cfg.vocoder.enabled:
         return None
-    for r in records:
-        if r.prompt_feat is None or r.embedding is None:
-            missing = "prompt_speech_feat" if r.prompt_feat is None else "embedding"
-            raise ManifestError(
-                f"{r.source}: field '{missing}' is missing; vocoding needs it (or vocoder.enabled=false)"
-            )
-    return Token2Wav.from_pretrained(
-        Path(cfg.policy.ckpt_dir),
-        device=accelerator.device,
-        n_timesteps=cfg.vocoder.n_timesteps,
-        dtype=cfg.vocoder.dtype,
-    )
+    return policy.load_decoder(records, n_timesteps=cfg.vocoder.n_timesteps, dtype=cfg.vocoder.dtype)
 
 
-def _optimizer(cfg: Config, policy: Policy, dist: Dist, accelerator) -> torch.optim.Optimizer:
-    adamw = dict(
+def _engine(cfg: Config, policy: Policy, dist: Dist, vllm) -> Engine:
+    if dist.world > 1 and cfg.optim.zero_stage and (vllm is not None or cfg.train.pipeline):
+        what = "sampling.backend=vllm" if vllm is not None else "train.pipeline=true"
+        raise ConfigError(
+            f"optim.zero_stage={cfg.optim.zero_stage} (FSDP2) cannot run with {what}: that samples outside the "
+            f"sharded module; use optim.zero_stage=0 (DDP)"
+        )
+    return Engine(policy, dist, cfg.optim.zero_stage)
+
+
+def _optimizer(cfg: Config, policy: Policy, engine: Engine, accelerator) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (FSDP2: their shards), built after the engine wrapped the module."""
+    fused = accelerator.device.type in ("cpu", "cuda") and engine.kind != "fsdp"  # one kernel over all parameters
+    return torch.optim.AdamW(
+        policy.trainable_parameters(),
         lr=cfg.optim.lr,
         betas=tuple(cfg.optim.betas),
         weight_decay=cfg.optim.weight_decay,
-        fused=accelerator.device.type in ("cpu", "cuda") or None,
-    )  # one kernel over all parameters
-    if cfg.optim.zero_stage == 2:  # AdamW state and reduced gradients partitioned across ranks (rl/zero.py)
-        return ShardedAdamW(policy.trainable_parameters(), dist.rank, dist.world, **adamw)
-    return torch.optim.AdamW(policy.trainable_parameters(), **adamw)
+        fused=fused or None,
+    )
 
 
-def _resume(run: Run, resume: str) -> dict:
-    """Load the latest checkpoint of `resume` into the policy, optimizer, stream and guards."""
-    found = find_checkpoint(resume)
-    ckpt = load_checkpoint(found)
-    run.policy.load_checkpoint_state(ckpt["policy"])
+def _resume(run: Run, ckpt: dict, found) -> None:
+    """The rest of a loaded checkpoint (the policy's weights are in already): optimizer, stream and guards."""
     if run.generator.vllm is not None:
         run.generator.vllm.mark_stale()  # the engine still holds the initial weights
-    run.optimizer.load_state_dict(ckpt["optimizer"])  # no rng to restore: every step seeds its own draws
+    run.engine.load_optimizer_state(run.optimizer, ckpt["optimizer"])  # no rng to restore: steps seed their draws
     run.state = TrainState(**ckpt["trainer_state"])
     run.stream.load_state(run.state.stream)
     run.health.load_state_dict(run.state.guards.get("rewards", {}))
     run.guard.load_state_dict(run.state.guards.get("updates", {}))
     if run.dist.main:
         print(f"ttsrl: resumed from {found} at step {run.state.step}")
-    return ckpt
 
 
 def _open_run_dir(run: Run, other_run: list, resumed: bool, progress: bool) -> None:
@@ -548,6 +537,7 @@ class Collected:
     audio: list  # one waveform (or None) per row of the parts, in order
     vllm_gaps: list[float]
     seconds: dict[str, float]  # rollout, vocode, score, prefetch_hidden
+    sample_rate: int = 0  # of the audio (the policy's decoder; 0 = not decoded)
 
 
 def collect(run: Run, prefetch: Prefetch, step: int) -> Collected:
@@ -597,6 +587,7 @@ def _score_round(run: Run, c: Collected, gen: Generated, slots: list[int], gids:
         ro,
         run.records,
         run.policy.speech_codes(ro),
+        run.policy.speech_rate,
         gen.vocoded,
         run.prompt_audio.get(ro.prompt_index) if gen.vocoded else None,
     )
@@ -616,6 +607,7 @@ def _score_round(run: Run, c: Collected, gen: Generated, slots: list[int], gids:
     c.lag.append(torch.full((ro.num_rows,), gen.lag))
     c.vllm_gaps.append(gen.vllm_gap)
     c.audio += gen.vocoded.audio if gen.vocoded else [None] * ro.num_rows
+    c.sample_rate = gen.vocoded.sample_rate if gen.vocoded else c.sample_rate
     return [GroupResult(slot=slots[i], group_id=gids[i], informative=info[gids[i]]) for i in run.dist.shard(len(gids))]
 
 
@@ -631,6 +623,7 @@ class StepBatch:
     rollout: Rollout | None  # this rank's rows (None: no rows on this rank)
     scores: object  # Scores of those rows (None without rows)
     audio: list  # their waveforms
+    sample_rate: int  # of the waveforms
     offset: int  # where this rank's rows start in the whole step's rows (ranks in order)
     group_ids: torch.Tensor  # [N] every rank's rows
     lengths: torch.Tensor  # [N]
@@ -665,6 +658,7 @@ def gather_step(run: Run, c: Collected, step: int) -> StepBatch:
         batch,
         scores,
         [c.audio[i] for i in rows],
+        c.sample_rate,
         offset,
         g_gids,
         g_lengths,
@@ -748,29 +742,41 @@ def update(run: Run, sb: StepBatch, advantages: torch.Tensor, train_mask: torch.
     run.policy.model.train()
     stats = UpdateStats()
     n, n_all = sb.num_rows, sb.total_rows
+    pad_row = padding_rows(dist, sb.rollout) if dist.world > 1 else None  # for ranks with fewer micro-batches
     for epoch in range(cfg.optim.ppo_epochs):
         g = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, 1000 + epoch))
         shuffled = cfg.optim.ppo_epochs * cfg.optim.minibatches > 1
         order = torch.randperm(n_all, generator=g) if shuffled else torch.arange(n_all)
         for global_mb in torch.tensor_split(order, cfg.optim.minibatches):
             mb = global_mb[(global_mb >= sb.offset) & (global_mb < sb.offset + n)] - sb.offset
-            sums, rmin, rmax = _accumulate(
-                run, sb, advantages, train_mask, mb, len(global_mb), step, stats, first_epoch=epoch == 0
-            )
-            stepped, grad_norm = _optimizer_step(run, dist.sum(sums["loss"]), step)
+            acc = _accumulate(run, sb, advantages, train_mask, mb, len(global_mb), step, pad_row, stats, epoch == 0)
+            stepped, grad_norm = _optimizer_step(run, dist.sum(acc.sums["loss"]), step)
             if stepped:
                 if run.generator.vllm is not None:
                     run.generator.vllm.mark_stale()  # the engine samples the next rollout with the new weights
-                for k, v in sums.items():
+                for k, v in acc.sums.items():
                     stats.per_step[k].append(dist.sum(v))
-                stats.per_step["ratio/min"].append(dist.min(rmin))
-                stats.per_step["ratio/max"].append(dist.max(rmax))
+                stats.per_step["ratio/min"].append(dist.min(acc.ratio_min))
+                stats.per_step["ratio/max"].append(dist.max(acc.ratio_max))
                 stats.per_step["grad_norm"].append(grad_norm)
             else:
                 stats.skipped += 1
     stats.seconds = time.perf_counter() - t0
     stats.entropy_sum, stats.entropy_tokens = dist.sum(stats.entropy_sum), dist.sum(stats.entropy_tokens)
     return stats
+
+
+@dataclass
+class LossSums:
+    """One minibatch's loss terms and token-weighted clip metrics, summed over this rank's micro-batches."""
+
+    sums: dict[str, float] = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(
+            ("loss", "pg_loss", "kl", "clip/low_frac", "clip/high_frac", "ratio/mean"), 0.0
+        )
+    )
+    ratio_min: float = math.inf
+    ratio_max: float = -math.inf
 
 
 def _accumulate(
@@ -781,86 +787,100 @@ def _accumulate(
     mb: torch.Tensor,
     mb_rows: int,
     step: int,
+    pad_row: Rollout | None,
     stats: UpdateStats,
-    *,
     first_epoch: bool,
-):
+) -> LossSums:
     """Forward + backward of one minibatch (this rank's rows `mb`), micro-batch by micro-batch; the loss divides
-    by the minibatch's global denominators (rl/losses.py), so the summed gradient is the whole minibatch's."""
-    cfg, dist, policy = run.cfg, run.dist, run.policy
+    by the minibatch's global denominators (rl/losses.py), so the summed gradient is the whole minibatch's. Every
+    rank runs as many micro-batches as the rank with the most (zero-weight padding), so that the engine's
+    collectives line up (rl/engine.py)."""
+    dist, engine, device = run.dist, run.engine, run.policy.device
     n = sb.num_rows
     mb_tokens = dist.sum(float(train_mask[mb].sum()) if n else 0.0)
     mb_seqs = dist.sum(float(train_mask[mb].any(-1).sum()) if n else 0.0)
     denom = LossDenominators(tokens=mb_tokens, seqs=mb_seqs, rows=float(mb_rows))  # the minibatch's, all ranks
-    micro = cfg.optim.micro_batch_size or max(len(mb), 1)
-    eps_low, eps_high = cfg.loss.eps_low(step), cfg.loss.eps_high(step)
+    micro = run.cfg.optim.micro_batch_size or max(len(mb), 1)
+    real = [m for m in torch.split(mb, micro) if bool(train_mask[m].any())]  # the micro-batches with tokens
+    count = int(dist.max(len(real)))
     run.optimizer.zero_grad(set_to_none=True)
-    sums = dict.fromkeys(("loss", "pg_loss", "kl", "clip/low_frac", "clip/high_frac", "ratio/mean"), 0.0)
-    rmin, rmax = math.inf, -math.inf
-    device = policy.device
-    for mic in torch.split(mb, micro):
-        sub = sb.rollout.select(mic)
-        mask = train_mask[mic].to(device)
-        m_tokens = float(mask.sum())
-        if m_tokens == 0:
-            continue
-        with run.accelerator.autocast():
-            logp, ent = policy.token_logprobs(sub)
-            ref_logp = None
-            if run.derived.needs_reference:
-                with torch.no_grad():
-                    ref_logp, _ = policy.token_logprobs(sub, reference=True)
-        anchor = sub.behaviour_logp.to(device) if cfg.loss.ratio_anchor == "old" else ref_logp
-        res = policy_loss(
-            logp,
-            anchor,
-            advantages[mic.to(device)],
-            mask,
-            eps_low=eps_low,
-            eps_high=eps_high,
-            ratio_level=cfg.loss.ratio_level,
-            agg=cfg.loss.agg,
-            norm_len=cfg.sampling.max_new_tokens,
-            kl_coef=cfg.loss.kl_coef,
-            ref_logp=ref_logp if cfg.loss.kl_coef > 0 else None,
-            denom=denom,
-        )
-        total = res.pg + cfg.loss.kl_coef * res.kl  # already this micro-batch's share of the minibatch loss
-        run.accelerator.backward(total)
-        sums["loss"] += float(total.detach())
-        sums["pg_loss"] += float(res.pg.detach())
-        sums["kl"] += float(res.kl.detach())
-        w_tok = m_tokens / max(mb_tokens, 1.0)  # the metrics are local: averaged by token share
-        for k in ("clip/low_frac", "clip/high_frac", "ratio/mean"):
-            sums[k] += res.metrics[k] * w_tok
-        rmin, rmax = min(rmin, res.metrics["ratio/min"]), max(rmax, res.metrics["ratio/max"])
-        if first_epoch:
-            seen = mask & ~torch.isnan(ent)
-            stats.entropy_sum += float(ent[seen].sum())
-            stats.entropy_tokens += float(seen.sum())
-    return sums, rmin, rmax
+    acc = LossSums()
+    for j in range(count):
+        with engine.micro_batch(last=j == count - 1):
+            if j < len(real):
+                sub, mask = sb.rollout.select(real[j]), train_mask[real[j]].to(device)
+                _micro_step(run, sub, advantages[real[j].to(device)], mask, denom, step, acc, stats, first_epoch)
+            else:  # padding: a forward + backward of weight 0
+                with run.accelerator.autocast():
+                    logp, _ = engine.logprobs(pad_row)
+                run.accelerator.backward(engine.padding_loss(logp))
+    return acc
+
+
+def _micro_step(
+    run: Run,
+    sub: Rollout,
+    adv: torch.Tensor,  # [n_micro]
+    mask: torch.Tensor,  # [n_micro, T] tokens to train
+    denom: LossDenominators,
+    step: int,
+    acc: LossSums,
+    stats: UpdateStats,
+    first_epoch: bool,
+) -> None:
+    """One micro-batch: the reference (no grad) and policy forwards, the clipped loss (this micro-batch's share of
+    the minibatch's), its backward; adds to `acc` (and to the entropy in `stats` in the first epoch)."""
+    cfg, engine = run.cfg, run.engine
+    with run.accelerator.autocast():
+        ref_logp = None
+        if run.derived.needs_reference:
+            with torch.no_grad():
+                ref_logp, _ = engine.logprobs(sub, reference=True)
+        logp, ent = engine.logprobs(sub)
+    anchor = sub.behaviour_logp.to(logp.device) if cfg.loss.ratio_anchor == "old" else ref_logp
+    res = policy_loss(
+        logp,
+        anchor,
+        adv,
+        mask,
+        eps_low=cfg.loss.eps_low(step),
+        eps_high=cfg.loss.eps_high(step),
+        ratio_level=cfg.loss.ratio_level,
+        agg=cfg.loss.agg,
+        norm_len=cfg.sampling.max_new_tokens,
+        kl_coef=cfg.loss.kl_coef,
+        ref_logp=ref_logp if cfg.loss.kl_coef > 0 else None,
+        denom=denom,
+    )
+    total = res.pg + cfg.loss.kl_coef * res.kl
+    run.accelerator.backward(total)
+    acc.sums["loss"] += float(total.detach())
+    acc.sums["pg_loss"] += float(res.pg.detach())
+    acc.sums["kl"] += float(res.kl.detach())
+    w_tok = float(mask.sum()) / max(denom.tokens, 1.0)  # the metrics are local: averaged by token share
+    for k in ("clip/low_frac", "clip/high_frac", "ratio/mean"):
+        acc.sums[k] += res.metrics[k] * w_tok
+    acc.ratio_min = min(acc.ratio_min, res.metrics["ratio/min"])
+    acc.ratio_max = max(acc.ratio_max, res.metrics["ratio/max"])
+    if first_epoch:
+        seen = mask & ~torch.isnan(ent)
+        stats.entropy_sum += float(ent[seen].sum())
+        stats.entropy_tokens += float(seen.sum())
 
 
 def _optimizer_step(run: Run, mb_loss: float, step: int) -> tuple[bool, float]:
-    """Sync the gradients, clip and step; returns (stepped, gradient norm). Not stepped (gradients dropped) when
-    the loss or the gradient norm is not finite (both are global, so every rank skips together). grad_clip 0 = no
-    clipping (the norm is still reported)."""
-    cfg, optimizer, guard = run.cfg, run.optimizer, run.guard
+    """Clip (the engine has summed the gradients over ranks) and step; returns (stepped, gradient norm). Not stepped
+    (gradients dropped) when the loss or the gradient norm is not finite (both are global, so every rank skips
+    together). grad_clip 0 = no clipping (the norm is still reported)."""
+    cfg, optimizer = run.cfg, run.optimizer
     params = run.policy.trainable_parameters()
-    if cfg.optim.zero_stage == 2:  # each gradient summed onto its owner rank, which steps its parameters
-        grad_norm = optimizer.reduce_clip_step(
-            cfg.optim.grad_clip or math.inf, allow=lambda norm: guard.allow(mb_loss, norm, step + 1)
-        )
-        stepped = guard.in_a_row == 0
-    else:  # every rank sums every gradient and steps the whole model
-        run.dist.sum_grads(params)
-        grad_norm = run.accelerator.clip_grad_norm_(params, cfg.optim.grad_clip or math.inf)
-        stepped = guard.allow(mb_loss, float(grad_norm), step + 1)
-        if stepped:
-            optimizer.step()
-    if not stepped:
+    grad_norm = run.engine.clip_grad_norm(run.accelerator, params, cfg.optim.grad_clip or math.inf)
+    stepped = run.guard.allow(mb_loss, grad_norm, step + 1)
+    if stepped:
+        optimizer.step()
+    else:
         optimizer.zero_grad(set_to_none=True)
-    return stepped, float(grad_norm)
+    return stepped, grad_norm
 
 
 # ---- 4. metrics, samples and checkpoints --------------------------------------------------------------------------
@@ -929,8 +949,10 @@ def write_step(run: Run, prefetch: Prefetch, metrics: dict, sb: StepBatch, advan
     save = state.step == cfg.train.steps or bool(cfg.train.save_every and state.step % cfg.train.save_every == 0)
     state.guards = {"rewards": run.health.state_dict(), "updates": run.guard.state_dict()}
     if save:
-        check_finite(run.policy.trainable_parameters(), state.step, _last_checkpoint(run.out))
-    optimizer_state = run.optimizer.state_dict() if save else None  # with zero_stage 2: gathered onto rank 0
+        check_finite(run.engine.all_finite(run.policy.trainable_parameters()), state.step, _last_checkpoint(run.out))
+    # full tensors on rank 0 (under FSDP2 gathered from every rank's shards)
+    policy_state = run.engine.policy_state() if save else None
+    optimizer_state = run.engine.optimizer_state(run.optimizer) if save else None
     if dist.main:
         run.logger.log(state.step, metrics)
         if cfg.train.samples_every and state.step % cfg.train.samples_every == 0 and sb.num_rows:
@@ -947,7 +969,7 @@ def write_step(run: Run, prefetch: Prefetch, metrics: dict, sb: StepBatch, advan
             save_checkpoint(
                 run.out,
                 state.step,
-                policy_state=run.policy.state_for_checkpoint(),
+                policy_state=policy_state,
                 optimizer_state=optimizer_state,
                 trainer_state=dataclasses.asdict(state),
                 config_yaml=run.config_yaml,
@@ -976,8 +998,8 @@ def _write_samples(run: Run, sb: StepBatch, advantages: torch.Tensor) -> None:
             }
         )
     audio = [sb.audio[i] for i in pick]
-    written = write_samples(run.out, run.state.step, recs, audio, 24000)
-    run.logger.log_samples(run.state.step, written, audio, 24000)
+    written = write_samples(run.out, run.state.step, recs, audio, sb.sample_rate)
+    run.logger.log_samples(run.state.step, written, audio, sb.sample_rate)
 
 
 def _rows_with_a_reward(values: dict[str, torch.Tensor], weights: dict[str, float]) -> int:

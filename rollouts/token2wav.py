@@ -27,6 +27,7 @@ import torch
 from rollouts.flow import FlowModel
 from rollouts.hift import HOP_SAMPLES, SAMPLE_RATE, HiFTGenerator, hift_sizes_from_state
 from rollouts.hyperpyyaml import HyperPyYAMLError, expect_object, read_hyperpyyaml
+from rollouts.types import VocodeResult
 
 
 class VocoderCheckpointError(ValueError):
@@ -38,13 +39,6 @@ class VoicePrompt:
     tokens: np.ndarray  # [Tp] int64 speech codes of the voice prompt
     feat: np.ndarray | None  # [Tf, 80] float32 24 kHz log-mel of the voice prompt
     embedding: np.ndarray | None  # [192] float32 speaker embedding
-
-
-@dataclass(frozen=True)
-class VocodeResult:
-    audio: list[np.ndarray | None]  # per item: [S] float32 at 24 kHz, or None
-    reasons: list[str | None]  # per item: why it has no audio (None when it has)
-    sample_rate: int = SAMPLE_RATE
 
 
 def strict_load(module: torch.nn.Module, state: dict, where: str) -> None:
@@ -213,7 +207,7 @@ class Token2Wav:
                 items, self._run([arrays[i] for i in items], [prompts[i] for i in items], [seeds[i] for i in items])
             ):
                 audio[i] = wav
-        return VocodeResult(audio=audio, reasons=reasons)
+        return VocodeResult(audio=audio, reasons=reasons, sample_rate=SAMPLE_RATE)
 
     def _run(self, codes: list[np.ndarray], prompts: list[VoicePrompt], seeds: list[int]) -> list[np.ndarray]:
         dev = self.device

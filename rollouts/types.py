@@ -37,6 +37,18 @@ class SamplingParams:
         return self.ras_window * self.ras_tau
 
 
+PROMPT_TOKEN_RATE = 25  # the manifest's prompt speech tokens per second (the 25 Hz S3 tokenizer of rollouts/prepare.py)
+
+
+@dataclass(frozen=True)
+class VocodeResult:
+    """A policy's decoded audio, one entry per rollout row."""
+
+    audio: list[np.ndarray | None]  # per row: [S] float32 mono at `sample_rate`, or None
+    reasons: list[str | None]  # per row: why it has no audio (None when it has)
+    sample_rate: int
+
+
 @dataclass(frozen=True)
 class PromptRecord:
     """One line of a manifest: a voice prompt and the text to synthesise."""

@@ -65,6 +65,8 @@ def audio_sample(
         finished=True,
         prompt_codes=np.zeros(20, np.int64),
         emotion=emotion,
+        duration_s=float(seconds),
+        prompt_duration_s=20 / 25,
         audio=(0.1 * rng.standard_normal(int(seconds * rate))).astype(np.float32),
         sample_rate=rate,
         prompt_audio=prompt.astype(np.float32),

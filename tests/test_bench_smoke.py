@@ -50,3 +50,21 @@ def test_scoring_bench(capsys):
     }
     assert res["services_concurrent_vs_sequential"] > 1.3  # two waiting services overlap
     assert "two services" in capsys.readouterr().out
+
+
+def test_grad_sync_bench():
+    import subprocess
+
+    from conftest import free_port
+
+    args = ["--hidden", "32", "--layers", "2", "--vocab", "256", "--seq", "8", "--rounds", "1", "--warmup", "0"]
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "grad_sync.py"), *args, "--port", str(free_port())],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    for variant in ("| local |", "| per-param |", "| per-param-zero2 |", "| ddp |", "| fsdp2 |"):
+        assert variant in out.stdout, out.stdout

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from rl.config import CONFIG_DIR, Config, load_config
+from rl.config import CONFIG_DIR, DEFAULT_CONFIG, Config, load_config
 from rl.configlib import ConfigError, describe
 from rl.schedules import Schedule
 
@@ -222,3 +222,24 @@ def test_base_chains_resolve_paths_per_file_and_refuse_cycles(tmp_path):
     write(tmp_path, "base: a.yaml\n", "b.yaml")
     with pytest.raises(ConfigError, match="makes a cycle"):
         load_config(tmp_path / "a.yaml")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("sampling.top_k=-1", "top_k must be >= 0"),
+        ("sampling.top_p=0", "top_k must be >= 0 and top_p in \\(0, 1\\], got 25, 0.0"),
+        ("sampling.ras_tau=0", "ras_window must be >= 1 and ras_tau > 0"),
+    ],
+)
+def test_sampling_settings_are_checked_by_the_sampler_s_own_rules(override, message):
+    with pytest.raises(ConfigError, match=f"sampling: {message}"):
+        load_config(DEFAULT_CONFIG, [override])
+
+
+def test_vllm_backend_refuses_top_k_with_top_p():
+    base = ["sampling.backend=vllm", "sampling.ras=false"]
+    with pytest.raises(ConfigError, match="applies top_p inside the renormalised top_k"):
+        load_config(DEFAULT_CONFIG, base + ["sampling.top_k=25", "sampling.top_p=0.8"])
+    load_config(DEFAULT_CONFIG, base + ["sampling.top_k=25", "sampling.top_p=1.0"])
+    load_config(DEFAULT_CONFIG, base + ["sampling.top_k=0", "sampling.top_p=0.8"])

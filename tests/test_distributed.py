@@ -17,8 +17,8 @@ from rl.trainer import train
 pytestmark = pytest.mark.slow  # every test runs `accelerate launch` subprocesses
 
 
-def launch(tmp, ckpt, procs, *overrides):
-    args = ["train", str(DEFAULT_CONFIG), "--no-progress", "--output-dir", str(tmp)]
+def launch(tmp, ckpt, procs, *overrides, resume=False):
+    args = ["train", str(DEFAULT_CONFIG), "--no-progress", "--output-dir", str(tmp)] + (["--resume", str(tmp)] * resume)
     for o in (
         f"policy.ckpt_dir={ckpt}",
         f"data.manifest={TINY_MANIFEST}",
@@ -56,6 +56,7 @@ def launch(tmp, ckpt, procs, *overrides):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert (f"; {procs} processes" in out.stdout) == (procs > 1), out.stdout[-2000:]  # really data-parallel
+    assert ("ttsrl: resumed from" in out.stdout) == resume
     return [json.loads(line) for line in (tmp / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -68,11 +69,23 @@ def single(tmp_path_factory, tiny_ckpt):
     return tmp, launch(tmp, tiny_ckpt, 1, "train.steps=2")
 
 
-@pytest.mark.parametrize("zero_stage", [0, 2], ids=["allreduce", "zero2"])
-def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, tiny_ckpt, single, zero_stage):
-    # tiny.yaml: dynamic re-rolls, 2 minibatches per step (so the global minibatch partition matters)
+@pytest.mark.parametrize(
+    "zero_stage, micro",
+    [(0, 0), (0, 1), (2, 0), (3, 1)],
+    ids=["ddp", "ddp-micro1", "fsdp2-zero2", "fsdp2-zero3-micro1"],
+)
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, tiny_ckpt, single, zero_stage, micro):
+    # tiny.yaml: dynamic re-rolls, 2 minibatches per step (so the global minibatch partition matters). micro 1: one
+    # row per forward, so the ranks hold different numbers of micro-batches and pad with zero-weight ones
     one_dir, one = single
-    two = launch(tmp_path / "two", tiny_ckpt, 2, "train.steps=2", f"optim.zero_stage={zero_stage}")
+    two = launch(
+        tmp_path / "two",
+        tiny_ckpt,
+        2,
+        "train.steps=2",
+        f"optim.zero_stage={zero_stage}",
+        f"optim.micro_batch_size={micro}",
+    )
     assert len(one) == len(two) == 2
     for a, b in zip(one, two):
         for key in ("reward/duration/mean", "len/mean", "resample/tries", "adv/frac_uninformative"):
@@ -83,7 +96,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, tiny_ckpt,
     wa = load_file(str(ck_one / "policy.safetensors"))
     wb = load_file(str(ck_two / "policy.safetensors"))
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5  # float summation order only
-    # the optimizer state is whole in the checkpoint (with ZeRO-2: gathered from both ranks' shards)
+    # the optimizer state is whole in the checkpoint (under FSDP2: gathered from both ranks' shards)
     oa = torch.load(ck_one / "optimizer.pt", weights_only=True)
     ob = torch.load(ck_two / "optimizer.pt", weights_only=True)
     assert sorted(oa["state"]) == sorted(ob["state"]) == list(range(len(wa)))
@@ -91,6 +104,25 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, tiny_ckpt,
         for k in ("exp_avg", "exp_avg_sq"):
             x, y = oa["state"][i][k], ob["state"][i][k]
             assert float((x - y).abs().max()) <= 1e-4 * float(x.abs().max()) + 1e-12, (i, k)
+
+
+def test_a_rank_without_rows_pads_and_a_sharded_run_resumes_on_one_process(tmp_path, tiny_ckpt):
+    # one group per step on 2 processes: rank 1 never holds a row, yet joins every gather (sampling, FSDP2 units)
+    # and runs zero-weight micro-batches with a row sent over from rank 0. Saved sharded (ZeRO-3) after step 1,
+    # the run resumes on one process without sharding and logs what the one-process run logs.
+    common = ("data.prompts_per_step=1", "sampling.group_size=4", "optim.minibatches=2")
+    one = launch(tmp_path / "one", tiny_ckpt, 1, "train.steps=2", *common)
+    launch(tmp_path / "two", tiny_ckpt, 2, "train.steps=1", "optim.zero_stage=3", *common)
+    resumed = launch(tmp_path / "two", tiny_ckpt, 1, "train.steps=2", *common, resume=True)
+    assert len(one) == len(resumed) == 2
+    for a, b in zip(one, resumed):
+        for key in ("reward/duration/mean", "len/mean", "resample/tries"):
+            assert a[key] == b[key], key
+        for key in ("loss", "grad_norm", "ratio/mean", "entropy"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    wa = load_file(str(tmp_path / "one" / "checkpoints" / "step-000002" / "policy.safetensors"))
+    wb = load_file(str(tmp_path / "two" / "checkpoints" / "step-000002" / "policy.safetensors"))
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
 
 
 def test_pipelined_run_on_two_processes_resumes_only_with_two(tmp_path, tiny_ckpt):

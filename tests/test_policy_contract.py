@@ -20,7 +20,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_the_trainer_names_no_concrete_policy():
     source = (REPO / "rl" / "trainer.py").read_text()
-    assert "glmtts" not in source.lower() and "policies.glmtts" not in source
+    for concrete in ("glmtts", "token2wav", "voiceprompt", "policies.tiny", "tiny_vocoder", "24000"):
+        assert concrete not in source.lower(), concrete  # the policy owns its model, decoder and tiny writer
+    import ast
+
+    for layer in ("rollouts", "rewards"):  # data flows one way: policies -> rollouts -> rewards -> rl
+        for f in (REPO / layer).glob("*.py"):
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                    assert not any(n.split(".")[0] == "policies" for n in names), f"{f} imports {names}"
     from policies.glmtts import GLMTTSPolicy
 
     assert base.policy_class("glmtts") is GLMTTSPolicy
@@ -61,7 +70,8 @@ def test_a_registered_toy_policy_trains_and_learns(tmp_path, monkeypatch):
     monkeypatch.setitem(base.POLICIES, "toy", "toy_policy:ToyPolicy")
     pol = toy_policy.ToyPolicy.from_pretrained(toy_policy.write_toy_checkpoint(tmp_path / "check"))
     assert isinstance(pol, base.Policy)
-    cfg, derived = load_config(DEFAULT_CONFIG, toy_run(tmp_path, "train.steps=10", "train.save_every=5"))
+    extra = ("train.steps=10", "train.save_every=5", "vocoder.enabled=true", "train.samples_every=5")
+    cfg, derived = load_config(DEFAULT_CONFIG, toy_run(tmp_path, *extra))
     train(cfg, derived, progress=False)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 10
@@ -72,6 +82,19 @@ def test_a_registered_toy_policy_trains_and_learns(tmp_path, monkeypatch):
 
     saved = load_checkpoint(find_checkpoint(tmp_path / "run"))["policy"]
     assert set(saved) == {"logits"} and saved["logits"][:, -1].mean() < 2.0  # the stop logits went down
+    # the audio the samples hold is the policy's own decoder's (16 kHz tones, 40 ms per action)
+    from rollouts.audio import read_wav
+
+    wavs = sorted((tmp_path / "run" / "samples").rglob("*.wav"))
+    assert wavs
+    wav, rate = read_wav(wavs[0])
+    assert rate == 16000 and len(wav) % 640 == 0
+    # and `ttsrl export` writes the policy's own layout, which loads back to the trained table
+    from rl.cli import main
+
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "exported")]) == 0
+    again = toy_policy.ToyPolicy.from_pretrained(tmp_path / "exported")
+    assert torch.equal(again.model.logits.detach(), saved["logits"])
 
 
 def test_toy_rollouts_are_reproduced_teacher_forced(tmp_path):

@@ -83,8 +83,13 @@ def test_bad_payloads_get_clear_4xx_and_the_server_stays_up():
         assert r.status_code == 422 and "samples[0].codes: must be a list of 64-bit integers" in r.json()["error"]
         r = post(json={"prompt_audio": {}, "samples": [{"uttid": "a", "target_text": "x", "prompt_audio_ref": [1]}]})
         assert r.status_code == 422 and "samples[0].prompt_audio_ref: expected str" in r.json()["error"]
-        r = post(json={"samples": [{"uttid": "a", "target_text": "今天", "codes": [1, 2, 3]}]})
+        for bad in (-1.0, "2", True):
+            r = post(json={"samples": [{"uttid": "a", "target_text": "x", "duration_s": bad}]})
+            assert r.status_code == 422 and "samples[0].duration_s: must be a finite number" in r.json()["error"]
+        r = post(json={"samples": [{"uttid": "a", "target_text": "今天", "codes": [1, 2, 3], "duration_s": 0.12}]})
         assert r.status_code == 200 and r.json()["valid"] == [True]
+        r = post(json={"samples": [{"uttid": "a", "target_text": "今天", "codes": [1, 2, 3]}]})  # no duration
+        assert r.status_code == 200 and r.json()["valid"] == [False] and "duration is unknown" in r.json()["reasons"][0]
     finally:
         srv.stop()
 

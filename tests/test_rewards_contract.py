@@ -19,6 +19,8 @@ def sample(text="今天天气很好", n_codes=50, prompt_text="你好", prompt_c
         codes=np.zeros(n_codes, dtype=np.int64),
         finished=True,
         prompt_codes=np.zeros(prompt_codes, dtype=np.int64),
+        duration_s=n_codes / 25,
+        prompt_duration_s=prompt_codes / 25,
         **kw,
     )
 

@@ -2,7 +2,7 @@
 
 Each test reproduces a failure a user met (another run's directory reused, unsafe uttids, dead reward services,
 non-finite settings and updates, malformed service answers, torn logs, remote code from model directories, bad
-manifests, a full disk, a stalled reward server) and checks the behaviour the README's "Failure behaviour" lists.
+manifests, a full disk, a stalled reward server) and checks the behaviour docs/training.md's "Failure behaviour" lists.
 """
 
 from __future__ import annotations
@@ -275,15 +275,22 @@ def test_non_finite_updates_are_skipped_counted_and_stop_the_run(tmp_path, tiny_
 
 
 def test_no_checkpoint_is_written_with_non_finite_weights(tmp_path):
+    from types import SimpleNamespace
+
+    from rl.distributed import Dist
+    from rl.engine import all_finite
     from rl.guards import check_finite
 
+    one = Dist(SimpleNamespace(process_index=0, num_processes=1, is_main_process=True))
     p = torch.nn.Parameter(torch.tensor([1.0, float("inf")]))
+    assert all_finite([torch.nn.Parameter(torch.ones(2))], one)
+    check_finite(all_finite([torch.nn.Parameter(torch.ones(2))], one), 7, "x")
     with pytest.raises(
         RunError,
         match=r"step 7: the policy's weights hold NaN or inf; no checkpoint was written "
         r"\(the last checkpoint \(x\) is intact\)",
     ):
-        check_finite([p], 7, "x")
+        check_finite(all_finite([torch.nn.Parameter(torch.ones(2)), p], one), 7, "x")
 
 
 # ---- 5. malformed answers of a reward service -------------------------------------------------------------------

@@ -284,6 +284,37 @@ def test_lora_with_reference_anchor_and_kl(tmp_path, tiny_ckpt):
     assert metrics["kl"] > 0 and metrics["ratio/max"] > 1.0
     state = weights(tmp_path / "run", 2)
     assert state and all("lora_" in k or "modules_to_save" in k or "embed_tokens" in k or "lm_head" in k for k in state)
+    check_export(tmp_path, tiny_ckpt, cfg)
+
+
+def check_export(tmp_path, tiny_ckpt, cfg):
+    """`ttsrl export` writes the upstream layout: the LoRA merged into llm/, which loads strictly with plain
+    transformers and with the policy's loader, and scores the run's rollouts as the trained policy does."""
+    from conftest import TINY_MANIFEST
+    from transformers import LlamaForCausalLM
+
+    from policies.glmtts import GLMTTSPolicy
+    from rl.checkpoint import find_checkpoint, load_checkpoint
+    from rl.cli import main
+    from rollouts.manifest import read_manifest
+    from rollouts.types import SamplingParams
+
+    out = tmp_path / "exported"
+    assert main(["export", str(tmp_path / "run"), str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in tiny_ckpt.iterdir())
+    _, info = LlamaForCausalLM.from_pretrained(str(out / "llm"), output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    trained = GLMTTSPolicy.from_pretrained(tiny_ckpt, lora=cfg.policy.lora)
+    trained.load_checkpoint_state(load_checkpoint(find_checkpoint(tmp_path / "run"))["policy"])
+    exported = GLMTTSPolicy.from_pretrained(out)
+    assert not exported.lora
+    prompts = [trained.prompt_input(r) for r in read_manifest(TINY_MANIFEST)[:2]]
+    ro = trained.sample_groups(prompts, 2, SamplingParams(top_k=25), group_ids=[0, 1], seed=3, max_new_tokens=20)
+    with torch.no_grad():
+        a, _ = trained.token_logprobs(ro)
+        b, _ = exported.token_logprobs(ro)
+    assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+    assert main(["export", str(tmp_path / "run"), str(out)]) == 2  # never into a directory that holds files
 
 
 def test_invalid_rewards_are_counted_and_masked(tmp_path, tiny_ckpt):

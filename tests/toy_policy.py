@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from rollouts.types import PromptRecord, Rollout, SamplingParams
+from rollouts.types import PromptRecord, Rollout, SamplingParams, VocodeResult
 
 
 @dataclass(frozen=True)
@@ -156,6 +156,9 @@ class ToyPolicy:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [self.model.logits]
 
+    def fsdp_units(self) -> list[torch.nn.Module]:
+        return []  # one table: FSDP2 shards it with the whole
+
     def state_for_checkpoint(self) -> dict[str, torch.Tensor]:
         return {"logits": self.model.logits.detach().clone()}
 
@@ -163,5 +166,38 @@ class ToyPolicy:
         with torch.no_grad():
             self.model.logits.copy_(state["logits"])
 
+    speech_rate = 25.0  # actions per second of its audio
+
     def speech_codes(self, rollout: Rollout) -> list[torch.Tensor]:
         return [rollout.tokens[i, : int(rollout.lengths[i])] for i in range(rollout.num_rows)]
+
+    def load_decoder(self, records: list[PromptRecord], *, n_timesteps: int, dtype: str) -> ToyDecoder:
+        return ToyDecoder(self)
+
+    def export(self, out_dir: Path) -> None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        save_file({"logits": self.model.logits.detach().cpu().contiguous()}, str(Path(out_dir) / "toy.safetensors"))
+
+    @classmethod
+    def write_tiny(cls, ckpt_dir: Path, texts: list[str], *, seed: int, vocoder: bool) -> None:
+        if not (Path(ckpt_dir) / "toy.safetensors").exists():
+            write_toy_checkpoint(Path(ckpt_dir), seed=seed)
+
+
+class ToyDecoder:
+    """Each action is 40 ms of a sine tone whose pitch is the code (16 kHz): audio for the trainer to pass on."""
+
+    rate = 16000
+
+    def __init__(self, policy: ToyPolicy):
+        self.policy = policy
+
+    def __call__(self, rollout: Rollout, seeds: list[int], *, batch_size: int) -> VocodeResult:
+        t = torch.arange(self.rate // 25) / self.rate
+        audio = [
+            torch.cat([torch.sin(2 * math.pi * (100 + 50 * int(c)) * t) for c in codes]).numpy() if len(codes) else None
+            for codes in self.policy.speech_codes(rollout)
+        ]
+        return VocodeResult(
+            audio=audio, reasons=[None if a is not None else "no speech" for a in audio], sample_rate=self.rate
+        )
