@@ -12,7 +12,7 @@ MYPY_FILES := $(wildcard policies/base.py rollouts/types.py rl/advantages.py rl/
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) "torch==2.13.0"
 	$(PIP) -e ".[test,bench]"
@@ -21,6 +21,15 @@ $(STAMP): pyproject.toml constraints.txt
 	@# voxcpm (the released VoxCPM2 code, a test reference) declares torchaudio, gradio, ...: no deps; its model
 	@# modules need only einops, pydantic, librosa, tqdm, safetensors, transformers (all installed above).
 	$(PIP) --no-deps "voxcpm==2.0.3"
+	@# silero-vad (the silence reward's VAD; its released weights ship in the package) needs only torch; its
+	@# extras pull torchaudio: no deps.
+	$(PIP) --no-deps "silero-vad==6.2.3"
+	@# distillmos (the quality reward's MOS model; its released weights ship in the package) and its xls-r-sqa
+	@# model code declare torchaudio, used only by their file loaders: no deps (rewards/quality.py).
+	$(PIP) --no-deps "distillmos==0.9.1" "xls-r-sqa==0.1.0"
+	@# moonshine-voice: only its real English recordings are used (tests/test_silence.py); it declares sounddevice
+	@# and requests for code ttsrl never imports: no deps. Its wheel is Linux x86-64 only; elsewhere those tests skip.
+	$(PIP) --no-deps "moonshine-voice==0.1.5" || echo "moonshine-voice is not available here: the real-speech tests skip"
 	@# torchaudio from PyPI is a CUDA build that breaks CPU installs; refuse it.
 	$(BIN)/python -c "import importlib.util, sys; sys.exit('torchaudio must not be installed' if importlib.util.find_spec('torchaudio') else 0)"
 	touch $(STAMP)

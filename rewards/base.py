@@ -103,6 +103,8 @@ SCORERS: dict[str, str] = {
     "sim": "rewards.sim:SimScorer",
     "emotion": "rewards.emotion:EmotionScorer",
     "laughter": "rewards.laughter:LaughterScorer",
+    "silence": "rewards.silence:SilenceScorer",
+    "quality": "rewards.quality:QualityScorer",
     "remote": "rewards.remote:RemoteScorer",
 }
 

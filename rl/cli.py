@@ -260,6 +260,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a run's trained policy in the model's released layout")
+    p.add_argument("run", help="a run directory (its latest checkpoint) or a checkpoint directory")
+    p.add_argument("out", help="a new (or empty) directory to write")
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="allow the run's policy.trust_remote_code tokenizer code"
+    )
+    p.set_defaults(func=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ttsrl", description="GRPO alignment for text-to-speech speech language models."
@@ -286,13 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("export", help="write a run's trained policy in the model's released layout")
-    p.add_argument("run", help="a run directory (its latest checkpoint) or a checkpoint directory")
-    p.add_argument("out", help="a new (or empty) directory to write")
-    p.add_argument(
-        "--trust-remote-code", action="store_true", help="allow the run's policy.trust_remote_code tokenizer code"
-    )
-    p.set_defaults(func=cmd_export)
+    _add_export_parser(sub)
 
     p = sub.add_parser("serve-reward", help="serve a reward scorer over HTTP (POST /score, GET /health)")
     p.add_argument(
