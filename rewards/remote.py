@@ -400,6 +400,7 @@ def _concat(results: list[ScoreResult]) -> ScoreResult:
     keys = sorted({k for r in results for k in r.sub_scores})
     subs = {k: np.concatenate([r.sub_scores.get(k, np.full(len(r.values), np.nan)) for r in results]) for k in keys}
     reasons = [x for r in results for x in (r.reasons or [None] * len(r.values))]
+    spans = [x for r in results for x in (r.spans or [None] * len(r.values))] if any(r.spans for r in results) else []
     return ScoreResult(
-        np.concatenate([r.values for r in results]), np.concatenate([r.valid for r in results]), subs, reasons
+        np.concatenate([r.values for r in results]), np.concatenate([r.valid for r in results]), subs, reasons, spans
     )

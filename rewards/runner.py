@@ -119,7 +119,8 @@ def _finite_or_invalid(res: ScoreResult) -> ScoreResult:
     for i in np.flatnonzero(bad):
         reasons[i] = f"the scorer marked a non-finite value ({values[i]}) valid"
     values[bad] = np.nan
-    return ScoreResult(values, valid & ~bad, dict(res.sub_scores), reasons)
+    spans = [None if b else sp for sp, b in zip(res.spans, bad)] if res.spans else []
+    return ScoreResult(values, valid & ~bad, dict(res.sub_scores), reasons, spans)
 
 
 def _expand(res: ScoreResult, keep: list[int], invalid: list[str | None]) -> ScoreResult:
@@ -138,7 +139,12 @@ def _expand(res: ScoreResult, keep: list[int], invalid: list[str | None]) -> Sco
         full = np.full(n, np.nan)
         full[keep] = v
         subs[k] = full
-    return ScoreResult(values, valid, subs, reasons)
+    spans: list = []
+    if res.spans:
+        spans = [None] * n
+        for j, i in enumerate(keep):
+            spans[i] = res.spans[j]
+    return ScoreResult(values, valid, subs, reasons, spans)
 
 
 def select_scores(scores: Scores, rows: list[int]) -> Scores:
@@ -149,6 +155,7 @@ def select_scores(scores: Scores, rows: list[int]) -> Scores:
             r.valid[idx],
             {s: v[idx] for s, v in r.sub_scores.items()},
             [r.reasons[i] for i in idx] if r.reasons else [],
+            [r.spans[i] for i in idx] if r.spans else [],
         )
         for k, r in scores.results.items()
     }
@@ -163,8 +170,9 @@ def cat_scores(parts: list[Scores]) -> Scores:
         rs = [p.results[k] for p in parts]
         subs = {s: np.concatenate([r.sub_scores[s] for r in rs]) for s in rs[0].sub_scores}
         reasons = [x for r in rs for x in (r.reasons or [None] * len(r.values))]
+        spans = [x for r in rs for x in (r.spans or [None] * len(r.values))] if any(r.spans for r in rs) else []
         results[k] = ScoreResult(
-            np.concatenate([r.values for r in rs]), np.concatenate([r.valid for r in rs]), subs, reasons
+            np.concatenate([r.values for r in rs]), np.concatenate([r.valid for r in rs]), subs, reasons, spans
         )
         values[k] = torch.cat([p.values[k] for p in parts])
     service: dict[str, dict] = {}

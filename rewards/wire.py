@@ -174,7 +174,32 @@ def encode_result(res: ScoreResult) -> dict:
         "valid": [bool(v) for v in res.valid],
         "reasons": list(res.reasons) if res.reasons else [None] * n,
         "sub_scores": {k: [_num(x) for x in v.tolist()] for k, v in res.sub_scores.items()},
+        **({"spans": [None if sp is None else [list(x) for x in sp] for sp in res.spans]} if res.spans else {}),
     }
+
+
+def _spans(items, n: int) -> list:
+    """`spans` (optional): n entries, each null or a list of [start_s, end_s] pairs, 0 <= start <= end, finite."""
+    if items is None:
+        return []
+    if not isinstance(items, list) or len(items) != n:
+        raise WireError(f"spans: expected a list of {n} entries (null or a list of [start_s, end_s] pairs)")
+    out: list = []
+    for i, sp in enumerate(items):
+        if sp is None:
+            out.append(None)
+            continue
+        ok = isinstance(sp, list) and all(
+            isinstance(x, list)
+            and len(x) == 2
+            and all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in x)
+            and 0 <= x[0] <= x[1]
+            for x in sp
+        )
+        if not ok:
+            raise WireError(f"spans[{i}]: expected null or a list of [start_s, end_s] with 0 <= start <= end")
+        out.append(tuple((float(a), float(b)) for a, b in sp))
+    return out
 
 
 def _numbers(items, n: int, where: str) -> np.ndarray:
@@ -220,4 +245,6 @@ def decode_result(obj, n: int) -> ScoreResult:
         r or (None if ok else "the reward service marked it invalid without a reason")
         for r, ok in zip(reasons, valid.tolist())
     ]
-    return ScoreResult(values, valid, subs, reasons)
+    spans = _spans(obj.get("spans"), n)
+    spans = [sp if ok else None for sp, ok in zip(spans, valid.tolist())] if spans else []
+    return ScoreResult(values, valid, subs, reasons, spans)

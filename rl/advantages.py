@@ -19,6 +19,7 @@ Defaults reproduce the upstream GLM-TTS normaliser (np.std, no eps, 1e-2 thresho
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -150,3 +151,61 @@ def fused_reward_mean(stats: dict[str, float], weights: dict[str, float]) -> flo
         m = stats.get(f"reward/{k}/mean", float("nan"))
         total += w * m
     return total
+
+
+# ---- token level -------------------------------------------------------------------------------------------------
+#
+# A token-level reward (e.g. `rewards.cer.kwargs.token_level`) also says which stretches of a sample's audio were
+# wrong: spans (start_s, end_s) in seconds. With the policy's frame rate r (actions per second of audio: action t of
+# a row covers [t / r, (t + 1) / r)), the frames a span covers are
+#
+#     e_k,i,t = 1   if t < L_i and t / r < end and (t + 1) / r > start   (a span of zero width: the frame holding it)
+#
+# where L_i is the row's generated speech length (its stop action, if any, is never blamed). The advantage of each
+# action is then the sequence's advantage minus the weighted penalties:
+#
+#     A_i,t = A_i - c * sum_k w_k * e_k,i,t          c = advantage.token_coef, w_k the reward's weight
+#
+# (upstream GLM-TTS's `normalize_rewards_per_group_token_level` intent: the spans' tokens are pushed down on top of
+# the sequence-level credit). Rows without spans (None) keep A_i on every action.
+
+
+def span_frames(
+    spans: list[tuple[tuple[float, float], ...] | None],  # [N] per row its (start_s, end_s) spans, None = unknown
+    lengths: torch.Tensor,  # [N] long, generated speech frames per row (the stop action excluded)
+    frame_rate: float,  # actions per second of audio (the policy's `speech_rate`)
+    num_frames: int,  # T, the width of the rollout's action tensors
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frames inside any span (see above). Returns (covered [N, T] bool, has_spans [N] bool)."""
+    if frame_rate <= 0:
+        raise ValueError(f"frame_rate must be > 0, got {frame_rate}")
+    n = lengths.shape[0]
+    if len(spans) != n:
+        raise ValueError(f"spans has {len(spans)} rows, lengths {n}")
+    covered = torch.zeros(n, num_frames, dtype=torch.bool)
+    has = torch.tensor([sp is not None for sp in spans], dtype=torch.bool)
+    tol = 1e-9  # a boundary that lands on a frame edge (up to rounding) does not reach into the next frame
+    for i, sp in enumerate(spans):
+        limit = min(int(lengths[i]), num_frames)
+        for start, end in sp or ():
+            lo = max(math.floor(start * frame_rate + tol), 0)
+            hi = min(max(math.ceil(end * frame_rate - tol), lo + 1), limit)
+            if lo < hi:
+                covered[i, lo:hi] = True
+    return covered, has
+
+
+def token_level_advantages(
+    advantages: torch.Tensor,  # [N] sequence advantages
+    penalties: dict[str, torch.Tensor],  # name -> [N, T] bool/float e_k (span_frames' covered)
+    weights: dict[str, float],  # name -> the reward's weight w_k
+    coef: float,  # c
+) -> torch.Tensor:
+    """A_i,t = A_i - c * sum_k w_k * e_k,i,t. Returns [N, T] float32 (T from the penalties)."""
+    if not penalties:
+        raise ValueError("token_level_advantages needs at least one penalty")
+    shapes = {tuple(p.shape) for p in penalties.values()}
+    if len(shapes) != 1 or next(iter(shapes))[:1] != tuple(advantages.shape):
+        raise ValueError(f"penalties must all be [N, T] with N = {advantages.shape[0]}; got {sorted(shapes)}")
+    term = sum(float(weights.get(k, 0.0)) * p.to(torch.float64) for k, p in penalties.items())
+    return (advantages.to(torch.float64)[:, None] - coef * term).to(torch.float32)

@@ -143,6 +143,9 @@ class AdvantageConfig:
     eps: float = opt(0.0, "added to every std before dividing (upstream 0, TRL 1e-4)")
     min_std: float = opt(1e-2, "a reward (or fused score) whose group std is below this contributes 0")
     second_norm: Literal["group", "batch"] = opt("group", "normalise the fused score per group or over the batch")
+    token_coef: float = opt(
+        0.5, "token-level rewards (e.g. cer token_level): advantage taken off each frame inside a wrong span, x weight"
+    )
 
 
 @dataclass(frozen=True)
@@ -209,6 +212,19 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    window: int = opt(
+        20, "reward-hacking monitor (rl/monitor.py): steps of reward means in its sliding window (0 = off, else >= 3)"
+    )
+    min_corr: float = opt(
+        -0.5, "monitor/hacking flags a rising weighted reward and a falling one correlated below this, in [-1, 1]"
+    )
+    sample_groups: int = opt(
+        2, "samples: the highest- and lowest-advantage rows of this many groups join each saved step's (0 = off)"
+    )
+
+
+@dataclass(frozen=True)
 class WandbConfig:
     enabled: bool = opt(False, "log to Weights & Biases as well as metrics.jsonl")
     project: str = opt("ttsrl", "wandb project")
@@ -228,6 +244,7 @@ class Config:
     loss: LossConfig = opt(LossConfig(), "clipped policy loss")
     optim: OptimConfig = opt(OptimConfig(), "optimizer and update schedule")
     train: TrainConfig = opt(TrainConfig(), "run length, seed, outputs")
+    monitor: MonitorConfig = opt(MonitorConfig(), "reward-hacking monitor: reward correlations and trends")
     wandb: WandbConfig = opt(WandbConfig(), "Weights & Biases")
 
 
@@ -279,6 +296,7 @@ def _validate(cfg: Config) -> None:
         (bool(cfg.policy.ckpt_dir), "policy.ckpt_dir is empty: give a GLM-TTS checkpoint directory"),
         (a.std_ddof in (0, 1), "advantage.std_ddof must be 0 or 1"),
         (a.eps >= 0 and a.min_std >= 0, "advantage.eps and advantage.min_std must be >= 0"),
+        (a.token_coef >= 0, "advantage.token_coef must be >= 0"),
         (ds.max_tries >= 1 and ds.max_gen_batches >= 1, "dynamic_sampling.max_tries/max_gen_batches must be >= 1"),
         (ds.min_std >= 0, "dynamic_sampling.min_std must be >= 0"),
         (lo.kl_coef >= 0, "loss.kl_coef must be >= 0"),
@@ -301,6 +319,9 @@ def _validate(cfg: Config) -> None:
             cfg.train.samples_every >= 0 and cfg.train.samples_per_step >= 1,
             "train.samples_every >= 0 and train.samples_per_step >= 1",
         ),
+        (cfg.monitor.window == 0 or cfg.monitor.window >= 3, "monitor.window must be 0 (off) or >= 3"),
+        (-1.0 <= cfg.monitor.min_corr <= 1.0, "monitor.min_corr must be in [-1, 1]"),
+        (cfg.monitor.sample_groups >= 0, "monitor.sample_groups must be >= 0"),
         (not cfg.policy.lora.enabled or cfg.policy.lora.r >= 1, "policy.lora.r must be >= 1"),
     ]
     for ok, msg in checks:

@@ -1,6 +1,6 @@
 """The clipped policy-gradient loss (PPO / GRPO / DAPO / GSPO / Dr.GRPO family).
 
-Per token t of sequence i, with advantage A_i:
+Per token t of sequence i, with advantage A_i (or a per-token A_i,t from a token-level reward):
 
     ratio_i,t = exp(logp_i,t - anchor_logp_i,t)                      ratio_level="token"
     ratio_i   = exp( sum_t m_i,t (logp - anchor)_i,t / sum_t m_i,t )   ratio_level="sequence" (GSPO)
@@ -122,7 +122,7 @@ class LossOutput:
 def policy_loss(
     logp: torch.Tensor,  # [B, T] log-probs of the taken tokens under the current policy (with grad)
     anchor_logp: torch.Tensor,  # [B, T] the same under the anchor (old or reference); no grad taken
-    advantages: torch.Tensor,  # [B]
+    advantages: torch.Tensor,  # [B] per sequence, or [B, T] per token (token-level rewards, rl/advantages.py)
     mask: torch.Tensor,  # [B, T] bool/0-1: tokens that count
     *,
     eps_low: float,
@@ -145,8 +145,10 @@ def policy_loss(
             f"logp, anchor_logp and mask must share one [B, T] shape; got {tuple(logp.shape)}, "
             f"{tuple(anchor_logp.shape)}, {tuple(mask.shape)}"
         )
-    if advantages.shape != logp.shape[:1]:
-        raise ValueError(f"advantages must be [B]={logp.shape[0]}, got {tuple(advantages.shape)}")
+    if advantages.shape not in (logp.shape[:1], logp.shape):
+        raise ValueError(
+            f"advantages must be [B]={logp.shape[0]} or [B, T]={tuple(logp.shape)}, got {tuple(advantages.shape)}"
+        )
     if eps_low < 0 or eps_high < 0:
         raise ValueError("eps_low and eps_high must be >= 0")
     if ref_logp is None and kl_coef != 0.0:
@@ -163,7 +165,8 @@ def policy_loss(
                 f"whole minibatch over all ranks"
             )
     m = mask.to(logp.dtype)
-    adv = advantages.detach().to(logp.dtype)[:, None]  # [B, 1]
+    adv = advantages.detach().to(logp.dtype)
+    adv = adv[:, None] if adv.dim() == 1 else adv  # [B, 1] or [B, T]
     log_ratio = (logp - anchor_logp.detach()).clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT)
     valid = mask.bool()
     log_ratio = torch.where(valid, log_ratio, torch.zeros_like(log_ratio))  # padding carries no ratio, no NaN

@@ -69,7 +69,8 @@ class MetricsLogger:
             self.wandb.log({k: v for k, v in metrics.items() if v is not None}, step=step)
 
     def log_samples(self, step: int, samples: list[dict], audio: list, sample_rate: int) -> None:
-        """A wandb table of the step's samples: audio, texts, every reward, the advantage (JSONL/wav: rl/samples.py)."""
+        """A wandb table of the step's samples: pick, audio, texts, every reward, the advantage (JSONL/wav:
+        rl/samples.py)."""
         if self.wandb is None:
             return
         import wandb
@@ -80,6 +81,7 @@ class MetricsLogger:
                 "step",
                 "uttid",
                 "group",
+                "pick",
                 "audio",
                 "target_text",
                 "prompt_text",
@@ -95,6 +97,7 @@ class MetricsLogger:
                 step,
                 s["uttid"],
                 s["group_id"],
+                s.get("pick", "first"),
                 clip,
                 s["target_text"],
                 s["prompt_text"],

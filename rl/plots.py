@@ -4,6 +4,8 @@
 <run>/plots/length.png    mean generated length and the truncated fraction
 <run>/plots/clip.png      clip fractions (low, high) and the eps_low / eps_high / temperature schedules
 <run>/plots/loss.png      loss, KL, entropy, grad norm
+<run>/plots/monitor.png   the reward-hacking monitor (rl/monitor.py): every pair's reward correlation over the window,
+                          and how many pairs are flagged (only when the metrics have monitor/corr/* keys)
 """
 
 from __future__ import annotations
@@ -88,4 +90,35 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         fig.savefig(path, dpi=90)
         plt.close(fig)
         written.append(path)
+    if (path := _plot_monitor(plt, rows, out_dir / "monitor.png", run_dir.name)) is not None:
+        written.append(path)
     return written
+
+
+def _plot_monitor(plt, rows: list[dict], path: Path, title: str) -> Path | None:
+    """Every monitor/corr/<a>__<b> on one axis in [-1, 1], monitor/hacking below; None when there is no pair."""
+    pairs = sorted({k for r in rows for k in r if k.startswith("monitor/corr/")})
+    pairs = [k for k in pairs if _series(rows, k)[0]]
+    if not pairs:
+        return None
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(8, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}, squeeze=True
+    )
+    for key in pairs:
+        xs, ys = _series(rows, key)
+        top.plot(xs, ys, lw=1.5, label=key[len("monitor/corr/") :].replace("__", " ~ "))
+    top.axhline(0.0, color="grey", lw=0.8)
+    top.set_ylim(-1.05, 1.05)
+    top.set_ylabel("reward correlation (window)", fontsize=8)
+    top.legend(fontsize=7, loc="lower left")
+    top.grid(alpha=0.3)
+    xs, ys = _series(rows, "monitor/hacking")
+    bottom.step(xs, ys, where="post", lw=1.5, color="tab:red")
+    bottom.set_ylabel("flagged pairs", fontsize=8)
+    bottom.set_xlabel("step")
+    bottom.grid(alpha=0.3)
+    fig.suptitle(f"{title}: monitor")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

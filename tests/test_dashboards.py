@@ -45,10 +45,16 @@ def test_samples_wandb_audio_table_and_plots(tmp_path, tiny_ckpt, monkeypatch):
     train(cfg, d, progress=False)
     run = tmp_path / "run"
 
-    # samples.jsonl + wavs: one sample from each of the first 2 groups, every logged step
+    # samples.jsonl + wavs: one sample from each of the first 2 groups, every logged step, and the monitor's best-
+    # and worst-advantage rows of the first 2 groups (monitor.sample_groups, default 2)
     lines = [json.loads(x) for x in (run / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert [x["step"] for x in lines] == [1, 1, 2, 2]
-    assert len({(x["step"], x["group_id"]) for x in lines}) == 4
+    # (a first row that is also its group's best or worst is saved once, as that)
+    assert len({(x["step"], x["group_id"]) for x in lines}) == 4 and {x["step"] for x in lines} == {1, 2}
+    assert {x["pick"] for x in lines} <= {"first", "best", "worst"}
+    for key in {(x["step"], x["group_id"]) for x in lines}:
+        picks = [x["pick"] for x in lines if (x["step"], x["group_id"]) == key]
+        assert len(picks) == len(set(picks)) and (picks == ["first"] or {"best", "worst"} <= set(picks)), picks
+    assert len({x["wav"] for x in lines}) == len(lines)  # no wav written over another
     for x in lines:
         assert set(x["rewards"]) == {"duration"} and x["target_text"] and x["prompt_text"]
         wav, rate = read_wav(x["wav"])
@@ -58,9 +64,11 @@ def test_samples_wandb_audio_table_and_plots(tmp_path, tiny_ckpt, monkeypatch):
     # the wandb table: audio, texts, every reward and the advantage, one row per saved sample
     assert len(tables) == 2
     t = tables[0]
-    for col in ("audio", "target_text", "prompt_text", "advantage", "duration"):
+    for col in ("pick", "audio", "target_text", "prompt_text", "advantage", "duration"):
         assert col in t.columns, col
-    assert len(t.data) == 2 and all(isinstance(row[t.columns.index("audio")], wandb.Audio) for row in t.data)
+    assert len(t.data) == sum(x["step"] == 1 for x in lines) and all(
+        isinstance(row[t.columns.index("audio")], wandb.Audio) for row in t.data
+    )
     assert list((run / "wandb").glob("offline-run-*"))
 
     # curves without wandb

@@ -1,24 +1,16 @@
 """The silence reward with real weights on real speech: silero VAD's released model (from the silero-vad package)
 on a real English recording (shipped in the moonshine-voice package); both are installed by `make test`."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
+from conftest import real_recording
 
 from rewards.base import Sample, ScorerConfigError, build_scorer
-from rollouts.audio import read_wav, resample
+from rollouts.audio import resample
 
 
 def recording() -> tuple[np.ndarray, int]:
-    spec = importlib.util.find_spec("moonshine_voice")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("moonshine-voice (its real recordings; `make test` installs it) is not installed")
-    path = Path(list(spec.submodule_search_locations)[0]) / "assets" / "beckett.wav"
-    wav, rate = read_wav(path)
-    assert rate == 16000 and len(wav) > 5 * rate
-    return wav.astype(np.float32), rate
+    return real_recording()
 
 
 def sample(wav, rate) -> Sample:

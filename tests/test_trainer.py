@@ -100,6 +100,11 @@ def test_resume_is_exact(tmp_path, tiny_ckpt, zero_stage):
     assert [r["step"] for r in rb] == [1, 2, 3, 4]
     for x, y in zip(ra, rb):
         assert x["reward/fused/mean"] == y["reward/fused/mean"] and x["len/mean"] == y["len/mean"]
+        # the reward-hacking monitor's window comes back with the checkpoint (rl/monitor.py)
+        assert {k: v for k, v in x.items() if k.startswith("monitor/")} == {
+            k: v for k, v in y.items() if k.startswith("monitor/")
+        }
+    assert rb[2]["monitor/trend/duration"] is not None  # step 3's window holds steps 1 and 2 from the checkpoint
 
 
 @pytest.mark.slow
