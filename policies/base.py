@@ -20,6 +20,7 @@ from rollouts.types import PromptRecord, Rollout, SamplingParams, VocodeResult
 # kind -> "module:Class"; a new policy is one line here (imported only when picked)
 POLICIES: dict[str, str] = {
     "glmtts": "policies.glmtts:GLMTTSPolicy",
+    "glmtts_flow": "policies.glmtts_flow:GLMTTSFlowPolicy",
 }
 
 
@@ -56,6 +57,9 @@ class Policy(Protocol):
     def pad_id(self) -> int:
         """The id padding a rollout's tokens (to rebuild a saved rollout)."""
         ...
+
+    actions_are_frames: bool  # action t of a row is its audio frame t (token-level rewards need it)
+    vllm_sampling: bool  # sampling.backend vllm can sample it
 
     @property
     def speech_rate(self) -> float:
@@ -101,6 +105,11 @@ class Policy(Protocol):
         grad) or the frozen reference; the same distribution the sampler drew from."""
         ...
 
+    def rollout_metrics(self, rollout: Rollout) -> dict[str, float]:
+        """The policy's own per-step metrics, as means over the rollout's rows (the trainer averages them over the
+        ranks and logs them as they are named); {} when it has none."""
+        ...
+
     def make_reference(self) -> None:
         """Keep a frozen copy of the initial weights (or the LoRA base) for `reference=True`."""
         ...
@@ -137,6 +146,7 @@ class PolicyClass(Protocol):
         device: str | torch.device,
         lora: Any,
         trust_remote_code: bool,
+        config: Any = None,  # rl.config.PolicyConfig: the policy's own section (e.g. policy.flow) is read from it
     ) -> Policy: ...
 
     def write_tiny(self, ckpt_dir: Path, texts: list[str], *, seed: int, vocoder: bool) -> None:

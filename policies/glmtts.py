@@ -142,6 +142,7 @@ class GLMTTSPolicy:
         device: str | torch.device = "cpu",
         lora=None,  # rl.config.LoraConfig or None
         trust_remote_code: bool = False,
+        config=None,  # rl.config.PolicyConfig: nothing in it beyond the arguments above applies to the LM
     ) -> GLMTTSPolicy:
         from transformers import LlamaForCausalLM
         from transformers.utils import logging as hf_logging
@@ -187,6 +188,8 @@ class GLMTTSPolicy:
         return self.special.pad
 
     speech_rate = 25.0  # speech tokens per second
+    actions_are_frames = True  # action t is the code of frame t (token-level rewards map audio spans onto it)
+    vllm_sampling = True  # sampling.backend vllm can serve this LM (policies/vllm_rollout.py)
 
     def speech_codes(self, rollout: Rollout) -> list[torch.Tensor]:
         """Per row the generated speech codes 0..32767 (stop and padding removed): what the vocoder reads."""
@@ -447,6 +450,9 @@ class GLMTTSPolicy:
         return F.pad(lp, (0, pad)), F.pad(ent.reshape(n, t_w), (0, pad), value=float("nan"))
 
     # --- reference model --------------------------------------------------------------------------------------
+    def rollout_metrics(self, rollout: Rollout) -> dict[str, float]:
+        return {}  # the trainer's own metrics (len/, ratio/, clip/ ...) say all there is about the LM's actions
+
     def make_reference(self) -> None:
         """Freeze a copy of the current weights as the reference (LoRA: the base model with adapters disabled)."""
         if self.lora:

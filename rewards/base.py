@@ -117,6 +117,7 @@ SCORERS: dict[str, str] = {
     "laughter": "rewards.laughter:LaughterScorer",
     "silence": "rewards.silence:SilenceScorer",
     "quality": "rewards.quality:QualityScorer",
+    "loudness": "rewards.loudness:LoudnessScorer",
     "remote": "rewards.remote:RemoteScorer",
 }
 

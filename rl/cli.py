@@ -253,6 +253,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         device="cpu",
         lora=cfg.policy.lora,
         trust_remote_code=cfg.policy.trust_remote_code,
+        config=cfg.policy,
     )
     policy.load_checkpoint_state(ckpt["policy"])
     policy.export(out)

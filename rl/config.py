@@ -44,6 +44,24 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class FlowPolicyConfig:
+    eta: float = opt(0.7, "policy.kind glmtts_flow: the SDE's noise level (Flow-GRPO 0.7; > 0 to train)")
+    sde_steps: list[int] = opt(
+        [1, 2], "the denoising steps (0-based, of n_timesteps) that take the SDE and are actions; the rest ODE"
+    )
+    noise: Literal["flow_grpo", "constant"] = opt(
+        "flow_grpo", "g(t): flow_grpo eta sqrt(n / (1 - n)) (n = noise fraction) or constant eta (DanceGRPO)"
+    )
+    n_timesteps: int = opt(10, "Euler steps of the flow's sampler (upstream 10)")
+    logprob: Literal["mean", "sum"] = opt(
+        "mean", "an action's Gaussian log-prob: mean over its mel elements (Flow-GRPO) or their sum (exact)"
+    )
+    lora_target_modules: list[str] = opt(
+        ["to_q", "to_k", "to_v", "to_out.0", "ff.ff.0.0", "ff.ff.2"], "DiT linear layers that get LoRA adapters"
+    )
+
+
+@dataclass(frozen=True)
 class PolicyConfig:
     kind: str = opt("glmtts", "the registered policy to train (policies/base.py POLICIES)")
     ckpt_dir: str = opt(
@@ -57,6 +75,7 @@ class PolicyConfig:
         False, "load the tokenizer through transformers with its own Python code instead of the built-in reader"
     )
     lora: LoraConfig = opt(LoraConfig(), "LoRA adapter settings")
+    flow: FlowPolicyConfig = opt(FlowPolicyConfig(), "the flow-stage policy (kind glmtts_flow): SDE sampling")
 
 
 @dataclass(frozen=True)
@@ -323,6 +342,14 @@ def _validate(cfg: Config) -> None:
         (-1.0 <= cfg.monitor.min_corr <= 1.0, "monitor.min_corr must be in [-1, 1]"),
         (cfg.monitor.sample_groups >= 0, "monitor.sample_groups must be >= 0"),
         (not cfg.policy.lora.enabled or cfg.policy.lora.r >= 1, "policy.lora.r must be >= 1"),
+        (cfg.policy.flow.eta > 0, "policy.flow.eta must be > 0 (eta 0 is the plain ODE: no action to train)"),
+        (cfg.policy.flow.n_timesteps >= 1, "policy.flow.n_timesteps must be >= 1"),
+        (
+            bool(cfg.policy.flow.sde_steps)
+            and len(set(cfg.policy.flow.sde_steps)) == len(cfg.policy.flow.sde_steps)
+            and all(0 <= k < cfg.policy.flow.n_timesteps for k in cfg.policy.flow.sde_steps),
+            "policy.flow.sde_steps must be distinct steps in [0, policy.flow.n_timesteps)",
+        ),
     ]
     for ok, msg in checks:
         if not ok:

@@ -121,11 +121,20 @@ _ROLLOUT_TENSORS = (
 
 
 def rollout_tensors(ro: Rollout) -> dict[str, torch.Tensor]:
-    return {k: getattr(ro, k).contiguous() for k in _ROLLOUT_TENSORS}
+    """Every tensor of a rollout (its extras as `extra/<name>`), for pending.safetensors."""
+    return {k: getattr(ro, k).contiguous() for k in _ROLLOUT_TENSORS} | {
+        f"extra/{k}": v.contiguous() for k, v in ro.extras.items()
+    }
 
 
 def rollout_from_state(tensors: dict[str, torch.Tensor], meta: dict, pad_id: int) -> Rollout:
-    return Rollout(**{k: tensors[k] for k in _ROLLOUT_TENSORS}, params=SamplingParams(**meta["params"]), pad_id=pad_id)
+    extras = {k.removeprefix("extra/"): v for k, v in tensors.items() if k.startswith("extra/")}
+    return Rollout(
+        **{k: tensors[k] for k in _ROLLOUT_TENSORS},
+        params=SamplingParams(**meta["params"]),
+        pad_id=pad_id,
+        extras=extras,
+    )
 
 
 def step_seed(seed: int, step: int, salt: int = 0) -> int:
@@ -400,7 +409,9 @@ def _load_policy(cfg: Config, derived: Derived, records: list[PromptRecord], dis
         device=accelerator.device,
         lora=cfg.policy.lora,
         trust_remote_code=cfg.policy.trust_remote_code,
+        config=cfg.policy,
     )
+    _check_policy_fits(cfg, policy)
     if derived.needs_reference:
         policy.make_reference()
     vllm = None  # sampling.backend vllm: the rollouts come from a vLLM engine that holds a copy of the weights
@@ -414,6 +425,20 @@ def _load_policy(cfg: Config, derived: Derived, records: list[PromptRecord], dis
             seed=cfg.train.seed,
         )
     return policy, vllm
+
+
+def _check_policy_fits(cfg: Config, policy: Policy) -> None:
+    """Settings that need what only some policies have: vLLM sampling (an LM vLLM can serve) and token-level
+    rewards (actions that are the audio's frames, at `speech_rate` per second)."""
+    kind = cfg.policy.kind
+    if cfg.sampling.backend == "vllm" and not getattr(policy, "vllm_sampling", False):
+        raise ConfigError(f"sampling.backend vllm: policy.kind {kind} is not sampled by vLLM (use backend torch)")
+    spans = [k for k, r in cfg.rewards.items() if r.weight != 0 and r.kwargs.get("token_level")]
+    if spans and not getattr(policy, "actions_are_frames", False):
+        raise ConfigError(
+            f"rewards.{spans[0]}.kwargs.token_level: policy.kind {kind}'s actions are not audio frames, so wrong "
+            "spans cannot be mapped onto them; use the sequence-level reward (token_level: false)"
+        )
 
 
 def _load_decoder(cfg: Config, policy: Policy, records: list[PromptRecord]) -> Decoder | None:
@@ -715,6 +740,11 @@ def token_advantages(run: Run, sb: StepBatch, adv, advantages: torch.Tensor, tra
     keys = [k for k, w in weights.items() if w != 0 and sb.all_scores.results[k].spans]  # the same on every rank
     if not keys:
         return advantages
+    if not getattr(run.policy, "actions_are_frames", False):
+        raise RuntimeError(
+            f"reward '{keys[0]}' returns token-level spans, but policy.kind {run.cfg.policy.kind}'s actions are not "
+            "audio frames: give it a sequence-level reward"
+        )
     n = sb.num_rows
     if n:
         t = sb.rollout.tokens.shape[1]
@@ -952,6 +982,7 @@ def step_metrics(run: Run, step: int, c: Collected, sb: StepBatch, adv, upd: Upd
     }
     if run.generator.vllm is not None:  # mean |log-prob of vLLM - the trainer's|, the largest over rounds and ranks
         metrics["vllm/logp_abs_diff"] = run.dist.max(max([g for g in c.vllm_gaps if g == g], default=0.0))
+    metrics.update(policy_metrics(run, sb))
     n_all = sb.total_rows
     for k, res in sb.all_scores.results.items():
         metrics[f"reward/{k}/mean"] = adv.stats[f"reward/{k}/mean"]
@@ -967,6 +998,16 @@ def step_metrics(run: Run, step: int, c: Collected, sb: StepBatch, adv, upd: Upd
         for key, v in sb.all_scores.service.get(k, {}).items():
             metrics[f"service/{k}/{key}"] = v
     return metrics
+
+
+def policy_metrics(run: Run, sb: StepBatch) -> dict:
+    """The policy's own values for the step (`Policy.rollout_metrics`: means over this rank's rows, e.g. the flow
+    policy's flow/eta, flow/sde_steps, flow/logprob_mean), averaged over the ranks weighted by their rows."""
+    own = run.policy.rollout_metrics(sb.rollout) if sb.num_rows else {}
+    every = run.dist.gather((sb.num_rows, own))
+    rows = sum(n for n, _ in every)
+    keys = sorted({k for _, m in every for k in m})
+    return {k: sum(n * m[k] for n, m in every if k in m) / max(rows, 1) for k in keys}
 
 
 def watch_rewards(run: Run, metrics: dict) -> dict:

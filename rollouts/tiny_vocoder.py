@@ -32,7 +32,15 @@ TINY_FLOW = {
 }
 
 
-def write_tiny_vocoder(ckpt_dir: str | Path, *, seed: int = 0, hift_channels: int = 16) -> Path:
+# weight-norm gains (original0) of a tiny HiFT whose level and spectrum follow its mel (`mel_sensitive`): with the
+# default init the random vocoder's output is its f0 source alone, the same whatever the mel, which a flow policy
+# (policies/glmtts_flow.py) could never be rewarded through
+MEL_SENSITIVE_GAINS = {"conv_pre": 1.0, "ups": 1.0, "resblocks": 1.0, "conv_post": 0.1}
+
+
+def write_tiny_vocoder(
+    ckpt_dir: str | Path, *, seed: int = 0, hift_channels: int = 16, mel_sensitive: bool = False
+) -> Path:
     ckpt_dir = Path(ckpt_dir)
     torch.manual_seed(seed)
     flow = FlowModel(**TINY_FLOW)
@@ -52,6 +60,10 @@ def write_tiny_vocoder(ckpt_dir: str | Path, *, seed: int = 0, hift_channels: in
                 p.uniform_(0.5, 1.5)
             elif p.dim() > 1:
                 p.normal_(0.0, 0.1)
+        if mel_sensitive:
+            for name, p in hift.named_parameters():
+                if name.endswith("original0") and name.split(".")[0] in MEL_SENSITIVE_GAINS:
+                    p.fill_(MEL_SENSITIVE_GAINS[name.split(".")[0]])
         hift.f0_predictor.classifier.weight.normal_(0.0, 0.01)
         hift.f0_predictor.classifier.bias.fill_(150.0)
     (ckpt_dir / "hift").mkdir(parents=True, exist_ok=True)

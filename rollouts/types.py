@@ -6,7 +6,7 @@ Records are frozen; a stage builds new records instead of mutating the ones it r
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -86,6 +86,9 @@ class Rollout:
     text_lengths: torch.Tensor  # [N] long, target-text tokens (the length bounds scale with it)
     params: SamplingParams  # the sampling distribution the tokens came from
     pad_id: int
+    # policy-specific per-row tensors [N, ...] that travel with the rows (a flow policy's SDE states, its mel, ...):
+    # select() indexes them and cat() zero-pads their non-row dims to a common size. Token policies leave it empty.
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_rows(self) -> int:
@@ -102,6 +105,7 @@ class Rollout:
         for f in fields(self):
             v = getattr(self, f.name)
             out[f.name] = v.index_select(0, idx.to(v.device)) if isinstance(v, torch.Tensor) else v
+        out["extras"] = {k: v.index_select(0, idx.to(v.device)) for k, v in self.extras.items()}
         return Rollout(**out)
 
     @staticmethod
@@ -136,4 +140,25 @@ class Rollout:
             text_lengths=torch.cat([p.text_lengths for p in parts]),
             params=parts[0].params,
             pad_id=pad,
+            extras=_cat_extras([p.extras for p in parts], [p.num_rows for p in parts]),
         )
+
+
+def _cat_extras(parts: list[dict[str, torch.Tensor]], rows: list[int]) -> dict[str, torch.Tensor]:
+    """Row-concatenate each extra, zero-padding its other dims to the largest; a part without it gets zeros."""
+    names = sorted({k for p in parts for k in p})
+    out = {}
+    for k in names:
+        have = [p[k] for p in parts if k in p]
+        if len({(t.dtype, t.ndim) for t in have}) != 1:
+            raise ValueError(f"extras[{k!r}] differs in dtype or rank between the rollouts")
+        shape = [max(t.shape[d] for t in have) for d in range(1, have[0].ndim)]
+        chunks = []
+        for p, n in zip(parts, rows):
+            z = torch.zeros(n, *shape, dtype=have[0].dtype, device=have[0].device)
+            if k in p:
+                t = p[k]
+                z[(slice(None), *(slice(0, s) for s in t.shape[1:]))] = t.to(z.device)
+            chunks.append(z)
+        out[k] = torch.cat(chunks)
+    return out

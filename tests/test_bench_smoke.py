@@ -81,3 +81,11 @@ def test_asr_backends_bench(capsys):
     res = asr_backends.main(["--clips", "1", "--repeats", "1", "--max-new-tokens", "4"])
     assert res["ratio"] > 0 and res["tokens_per_clip"] == {"transformers": 4, "faster-whisper": 4}
     assert "transformers / faster-whisper" in capsys.readouterr().out
+
+
+def test_flow_step_bench(capsys):
+    from bench import flow_step
+
+    res = flow_step.main(["--sizes", "tiny", "--rows", "2", "--repeats", "1"])
+    assert set(res["tiny"]) == {"vocode", "rollout", "recompute", "update", "ratio"} and res["tiny"]["ratio"] > 1
+    assert "flow-GRPO step / vocode" in capsys.readouterr().out

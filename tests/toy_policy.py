@@ -48,7 +48,9 @@ class ToyPolicy:
         self.pad_id = self.codes + 1
 
     @classmethod
-    def from_pretrained(cls, ckpt_dir, *, dtype=torch.float32, device="cpu", lora=None, trust_remote_code=False):
+    def from_pretrained(
+        cls, ckpt_dir, *, dtype=torch.float32, device="cpu", lora=None, trust_remote_code=False, config=None
+    ):
         path = Path(ckpt_dir) / "toy.safetensors"
         if not path.is_file():
             raise ValueError(f"{ckpt_dir}: missing toy.safetensors")
@@ -150,6 +152,9 @@ class ToyPolicy:
         ent = -(lp.exp() * lp.nan_to_num(neginf=0.0)).sum(-1).detach()  # only logged
         return torch.where(mask, taken, 0.0), torch.where(mask, ent, float("nan"))
 
+    def rollout_metrics(self, rollout) -> dict[str, float]:
+        return {}
+
     def make_reference(self) -> None:
         self.reference = self.model.logits.detach().clone()
 
@@ -167,6 +172,8 @@ class ToyPolicy:
             self.model.logits.copy_(state["logits"])
 
     speech_rate = 25.0  # actions per second of its audio
+    actions_are_frames = True  # one tone per action
+    vllm_sampling = False
 
     def speech_codes(self, rollout: Rollout) -> list[torch.Tensor]:
         return [rollout.tokens[i, : int(rollout.lengths[i])] for i in range(rollout.num_rows)]
