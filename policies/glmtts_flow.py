@@ -396,38 +396,71 @@ class GLMTTSFlowPolicy:
         return out
 
     # --- teacher forcing --------------------------------------------------------------------------------------
+    def _transitions(self, rollout: Rollout, rows: list[int]):
+        """The recorded transitions of `rows`, flattened to R*K: (x, x_next, t, dt, FlowBatch) on the device."""
+        dev, k = self.device, rollout.token_mask.shape[1]
+        e = {name: rollout.extras[name][rows].to(dev) for name in ("x", "x_next", "t", "dt", "cond", "aligned")}
+        frames = rollout.extras["frames"][rows]
+        t_max, r = int(frames.max()), len(rows)
+        mask = (torch.arange(t_max)[None] < frames[:, None]).to(dev)
+        rep = lambda z: z[:, None].expand(r, k, *z.shape[1:]).reshape(r * k, *z.shape[1:])  # noqa: E731
+        fb = FlowBatch(
+            cond=rep(e["cond"][:, :t_max]),
+            aligned=rep(e["aligned"][:, :t_max]),
+            spk=rep(rollout.extras["spk"][rows].to(dev)),
+            mask=rep(mask),
+            prompt_frames=rep(rollout.extras["prompt_frames"][rows]),
+        )
+        x = e["x"][:, :, :t_max].reshape(r * k, t_max, -1)
+        x_next = e["x_next"][:, :, :t_max].reshape(r * k, t_max, -1)
+        return x, x_next, e["t"].reshape(-1), e["dt"].reshape(-1), fb
+
+    def _means(self, x, t, dt, fb, reference: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transitions' Gaussian mean (under the DiT or its reference) and std."""
+        with self._estimator_for(reference) as est:
+            v = guided_velocity(est, x, fb, t, self.flow.inference_cfg_rate, self.flow.speech_token_cfg)
+        g = diffusion_coefficient(t.cpu(), self.settings.eta, GLMTTS_TIME, self.settings.noise).to(x.device)
+        return sde_step_mean_std(x, v, t, dt, g, GLMTTS_TIME)
+
+    def _per_action(self, rollout: Rollout, fn) -> torch.Tensor:
+        """[N, K] values fn(x, x_next, t, dt, fb) -> [R * K] of the rows with actions, 0 elsewhere."""
+        n, k = rollout.token_mask.shape
+        dev = self.device
+        out = torch.zeros(n, k, device=dev)
+        rows = [i for i in range(n) if bool(rollout.token_mask[i].any())]
+        if rows:
+            values = fn(*self._transitions(rollout, rows)).reshape(len(rows), k)
+            out = out.index_put((torch.tensor(rows, device=dev),), values)
+        return out * rollout.token_mask.to(dev)
+
     def token_logprobs(self, rollout: Rollout, *, reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs [N, K] of the recorded transitions under the current DiT (with grad) or the reference, and
         NaN entropies (a Gaussian's entropy is fixed by the noise schedule: nothing to log)."""
-        n, k = rollout.token_mask.shape
-        dev = self.device
-        logp = torch.zeros(n, k, device=dev)
-        rows = [i for i in range(n) if bool(rollout.token_mask[i].any())]
-        if rows:
-            e = {name: rollout.extras[name][rows].to(dev) for name in ("x", "x_next", "t", "dt", "cond", "aligned")}
-            frames = rollout.extras["frames"][rows]
-            t_max = int(frames.max())
-            mask = (torch.arange(t_max)[None] < frames[:, None]).to(dev)
-            r = len(rows)
-            rep = lambda z: z[:, None].expand(r, k, *z.shape[1:]).reshape(r * k, *z.shape[1:])  # noqa: E731
-            fb = FlowBatch(
-                cond=rep(e["cond"][:, :t_max]),
-                aligned=rep(e["aligned"][:, :t_max]),
-                spk=rep(rollout.extras["spk"][rows].to(dev)),
-                mask=rep(mask),
-                prompt_frames=rep(rollout.extras["prompt_frames"][rows]),
-            )
-            x = e["x"][:, :, :t_max].reshape(r * k, t_max, -1)
-            x_next = e["x_next"][:, :, :t_max].reshape(r * k, t_max, -1)
-            t, dt = e["t"].reshape(-1), e["dt"].reshape(-1)
-            with self._estimator_for(reference) as est:
-                v = guided_velocity(est, x, fb, t, self.flow.inference_cfg_rate, self.flow.speech_token_cfg)
-            g = diffusion_coefficient(t.cpu(), self.settings.eta, GLMTTS_TIME, self.settings.noise).to(dev)
-            mean, std = sde_step_mean_std(x, v, t, dt, g, GLMTTS_TIME)
-            lp = transition_logprob(x_next, mean, std, fb.mask, self.settings.logprob).reshape(r, k)
-            logp = logp.index_put((torch.tensor(rows, device=dev),), lp)
-        logp = logp * rollout.token_mask.to(dev)
-        return logp, torch.full((n, k), float("nan"), device=dev)
+
+        def logprob(x, x_next, t, dt, fb):
+            mean, std = self._means(x, t, dt, fb, reference)
+            return transition_logprob(x_next, mean, std, fb.mask, self.settings.logprob)
+
+        return self._per_action(rollout, logprob), torch.full(
+            rollout.token_mask.shape, float("nan"), device=self.device
+        )
+
+    def reference_kl(self, rollout: Rollout) -> torch.Tensor:
+        """[N, K] closed-form KL(current || reference) of each transition (with grad): two Gaussians of the same
+        std, ||mean - mean_ref||^2 / (2 std^2) over the row's valid elements, averaged or summed as the log-probs
+        (policy.flow.logprob). The trainer uses it for loss.kl_coef instead of the k3 estimate."""
+
+        def kl(x, x_next, t, dt, fb):
+            mean, std = self._means(x, t, dt, fb, reference=False)
+            with torch.no_grad():
+                ref, _ = self._means(x, t, dt, fb, reference=True)
+            m = fb.mask[..., None].to(torch.float32)
+            per = ((mean.float() - ref.float()) ** 2 / (2.0 * std.float() ** 2) * m).flatten(1).sum(1)
+            if self.settings.logprob == "mean":
+                per = per / (m.flatten(1).sum(1) * x.shape[-1]).clamp(min=1.0)
+            return per
+
+        return self._per_action(rollout, kl)
 
     def rollout_metrics(self, rollout: Rollout) -> dict[str, float]:
         """flow/eta and flow/sde_steps (the sampler's settings), flow/logprob_mean (the behaviour log-prob of an

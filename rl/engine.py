@@ -95,6 +95,10 @@ class Engine:
             return self.policy.token_logprobs(rollout, reference=True)
         return self.module(self.policy.token_logprobs, rollout, reference=reference)
 
+    def reference_kl(self, rollout: Rollout) -> torch.Tensor:
+        """policy.reference_kl (a closed-form per-action KL to the reference, with grad) through the engine."""
+        return self.module(self.policy.reference_kl, rollout)
+
     @contextlib.contextmanager
     def micro_batch(self, last: bool) -> Iterator[None]:
         """Around one micro-batch's forward + backward: DDP communicates in the last one only."""

@@ -13,7 +13,8 @@ holding at least one valid token) and N_rows (rows, valid or not):
     seq_sum_const  sum m L / (N_rows * norm_len)                     (Dr.GRPO; norm_len a fixed length)
 
 Optional KL to a reference, k3 estimator: kl_t = exp(ref - logp) - (ref - logp) - 1, added as
-kl_coef * (sum m kl / N_tok).
+kl_coef * (sum m kl / N_tok); or, when the policy gives it in closed form (`kl_tokens`, e.g. the flow policy's
+Gaussian transitions: ||mean - mean_ref||^2 / (2 std^2)), that per-token KL in place of k3.
 
 Whose denominators. Without `denom`, `policy_loss` uses the batch's own (N_* counted from `mask`), so its loss is
 the batch's mean. A minibatch split into micro-batches (and over ranks) must instead divide every micro-batch's
@@ -131,8 +132,9 @@ def policy_loss(
     agg: Agg = "token_mean",
     norm_len: int | None = None,
     kl_coef: float = 0.0,
-    ref_logp: torch.Tensor | None = None,  # [B, T], required when kl_coef > 0
+    ref_logp: torch.Tensor | None = None,  # [B, T], required when kl_coef > 0 (unless kl_tokens is given)
     denom: LossDenominators | None = None,
+    kl_tokens: torch.Tensor | None = None,  # [B, T] per-token KL to the reference in closed form (with grad)
 ) -> LossOutput:
     """Returns LossOutput. `denom` None: pg and kl are this batch's own means (local denominators). `denom` given
     (the whole minibatch's counts over all ranks): pg = agg_loss(..., denom) and kl = token sum / denom.tokens, so
@@ -151,8 +153,10 @@ def policy_loss(
         )
     if eps_low < 0 or eps_high < 0:
         raise ValueError("eps_low and eps_high must be >= 0")
-    if ref_logp is None and kl_coef != 0.0:
-        raise ValueError("kl_coef > 0 needs ref_logp")
+    if ref_logp is None and kl_tokens is None and kl_coef != 0.0:
+        raise ValueError("kl_coef > 0 needs ref_logp (or kl_tokens)")
+    if kl_tokens is not None and kl_tokens.shape != logp.shape:
+        raise ValueError(f"kl_tokens must be [B, T]={tuple(logp.shape)}, got {tuple(kl_tokens.shape)}")
     local = LossDenominators.from_mask(mask, norm_len)
     if denom is not None:
         if denom.norm_len is None:
@@ -184,9 +188,12 @@ def policy_loss(
 
     kl = torch.zeros((), dtype=logp.dtype, device=logp.device)
     kl_local = kl
-    if ref_logp is not None:
-        delta = (ref_logp.detach() - logp).clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT)
-        kl_tok = torch.where(valid, torch.exp(delta) - delta - 1.0, torch.zeros_like(delta))
+    if kl_tokens is not None or ref_logp is not None:
+        if kl_tokens is not None:  # the policy's closed form (e.g. two Gaussians' KL)
+            kl_tok = torch.where(valid, kl_tokens.to(logp.dtype), torch.zeros_like(logp))
+        else:  # k3: exp(d) - d - 1 with d = ref - logp, unbiased and >= 0
+            delta = (ref_logp.detach() - logp).clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT)
+            kl_tok = torch.where(valid, torch.exp(delta) - delta - 1.0, torch.zeros_like(delta))
         kl_sum = kl_tok.sum()
         kl_local = kl_sum / max(local.tokens, 1.0)
         kl = kl_sum / max(denom.tokens, 1.0) if denom is not None else kl_local

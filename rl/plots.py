@@ -6,6 +6,8 @@
 <run>/plots/loss.png      loss, KL, entropy, grad norm
 <run>/plots/monitor.png   the reward-hacking monitor (rl/monitor.py): every pair's reward correlation over the window,
                           and how many pairs are flagged (only when the metrics have monitor/corr/* keys)
+<run>/plots/flow.png      the flow policy's own metrics (flow/eta, flow/sde_steps, flow/logprob_mean, flow/frames;
+                          only when the metrics have flow/* keys)
 """
 
 from __future__ import annotations
@@ -92,7 +94,28 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         written.append(path)
     if (path := _plot_monitor(plt, rows, out_dir / "monitor.png", run_dir.name)) is not None:
         written.append(path)
+    if (path := _plot_prefixed(plt, rows, "flow/", out_dir / "flow.png", run_dir.name)) is not None:
+        written.append(path)
     return written
+
+
+def _plot_prefixed(plt, rows: list[dict], prefix: str, path: Path, title: str) -> Path | None:
+    """One panel per metric named <prefix>...; None when the run logged none."""
+    keys = sorted({k for r in rows for k in r if k.startswith(prefix) and _series(rows, k)[0]})
+    if not keys:
+        return None
+    fig, axes = plt.subplots(len(keys), 1, figsize=(8, 1.8 * len(keys) + 0.6), sharex=True, squeeze=False)
+    for ax, key in zip(axes[:, 0], keys):
+        xs, ys = _series(rows, key)
+        ax.plot(xs, ys, lw=1.5)
+        ax.set_ylabel(key[len(prefix) :], fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("step")
+    fig.suptitle(f"{title}: {prefix.rstrip('/')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def _plot_monitor(plt, rows: list[dict], path: Path, title: str) -> Path | None:

@@ -888,12 +888,14 @@ def _micro_step(
     """One micro-batch: the reference (no grad) and policy forwards, the clipped loss (this micro-batch's share of
     the minibatch's), its backward; adds to `acc` (and to the entropy in `stats` in the first epoch)."""
     cfg, engine = run.cfg, run.engine
+    closed = cfg.loss.kl_coef > 0 and hasattr(run.policy, "reference_kl")  # e.g. the flow's Gaussian actions
     with run.accelerator.autocast():
         ref_logp = None
-        if run.derived.needs_reference:
+        if cfg.loss.ratio_anchor == "ref" or (cfg.loss.kl_coef > 0 and not closed):
             with torch.no_grad():
                 ref_logp, _ = engine.logprobs(sub, reference=True)
         logp, ent = engine.logprobs(sub)
+        kl_tokens = engine.reference_kl(sub) if closed else None  # closed form, in place of k3 on ref_logp
     anchor = sub.behaviour_logp.to(logp.device) if cfg.loss.ratio_anchor == "old" else ref_logp
     res = policy_loss(
         logp,
@@ -906,8 +908,9 @@ def _micro_step(
         agg=cfg.loss.agg,
         norm_len=cfg.sampling.max_new_tokens,
         kl_coef=cfg.loss.kl_coef,
-        ref_logp=ref_logp if cfg.loss.kl_coef > 0 else None,
+        ref_logp=ref_logp if cfg.loss.kl_coef > 0 and not closed else None,
         denom=denom,
+        kl_tokens=kl_tokens,
     )
     total = res.pg + cfg.loss.kl_coef * res.kl
     run.accelerator.backward(total)

@@ -149,6 +149,9 @@ def test_tiny_flow_config_trains_the_flow_and_exports_upstreams_layout(tmp_path)
     reward = [r["reward/loudness/mean"] for r in log]
     assert sum(reward[-3:]) / 3 > sum(reward[:3]) / 3 + 0.15, reward  # the flow learns the level
     assert all(abs(r["ratio/mean"] - 1) < 1e-3 for r in log)
+    assert all(r["flow/eta"] == 0.7 and r["flow/sde_steps"] == 2 and r["flow/logprob_mean"] < 0 for r in log)
+    assert cli_main(["plot", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "plots" / "flow.png").read_bytes()[:4] == b"\x89PNG"
     assert cli_main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
     src = torch.load(tmp_path / "ckpt" / "flow" / "flow.pt", weights_only=True)
     out = torch.load(tmp_path / "out" / "flow" / "flow.pt", weights_only=True)
@@ -228,3 +231,31 @@ def test_extras_travel_with_the_rows_through_select_cat_and_checkpoints(flow_ckp
     )
     sub = both.select([4, 1])
     assert torch.equal(sub.extras["mel"], both.extras["mel"][[4, 1]])
+
+
+def test_the_closed_form_kl_to_the_reference(flow_ckpt, tiny_records):
+    pol = policy(flow_ckpt)
+    ro = sample(pol, tiny_records[:2], group_size=2)
+    pol.make_reference()
+    assert pol.reference_kl(ro).abs().max() == 0.0  # the same weights
+    with torch.no_grad():
+        for p in pol.trainable_parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    kl = pol.reference_kl(ro)
+    assert kl.shape == ro.token_mask.shape and bool((kl > 0).all())
+    # by hand: ||mean - mean_ref||^2 / (2 std^2), mean over the row's valid elements, for row 1's second action
+    x, _, t, dt, fb = pol._transitions(ro, [1])
+    with torch.no_grad():
+        mean, std = pol._means(x, t, dt, fb, reference=False)
+        ref, _ = pol._means(x, t, dt, fb, reference=True)
+    n = int(ro.extras["frames"][1])
+    want = ((mean[1, :n] - ref[1, :n]) ** 2).sum() / (2 * std[1].squeeze() ** 2) / (n * 80)
+    assert float(kl[1, 1].detach()) == pytest.approx(float(want), rel=1e-4)
+    kl.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pol.trainable_parameters())
+
+
+@pytest.mark.slow
+def test_kl_coef_trains_with_the_closed_form_kl(tmp_path):
+    log = flow_run(tmp_path, "train.steps=2", "loss.kl_coef=0.5", "train.samples_every=0", "train.save_every=0")
+    assert log[0]["kl"] >= 0 and log[1]["kl"] > 0  # the second step's weights have moved from the reference

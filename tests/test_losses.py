@@ -225,3 +225,18 @@ def test_policy_loss_refuses_denominators_smaller_than_the_batch_or_a_second_nor
             norm_len=4,
             denom=LossDenominators(10, 4, 4, norm_len=8),
         )
+
+
+def test_a_closed_form_kl_replaces_k3():
+    logp = torch.zeros(2, 2, requires_grad=True)
+    kl_tok = torch.tensor([[0.5, 1.0], [2.0, 7.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1], [1, 0]], dtype=torch.bool)
+    out = policy_loss(
+        logp, logp.detach(), torch.zeros(2), mask, eps_low=0.2, eps_high=0.2, kl_coef=0.1, kl_tokens=kl_tok
+    )
+    assert float(out.kl) == pytest.approx((0.5 + 1.0 + 2.0) / 3)  # the masked 7 does not count
+    assert float(out.loss) == pytest.approx(0.1 * 3.5 / 3)
+    out.loss.backward()
+    torch.testing.assert_close(kl_tok.grad, torch.tensor([[0.1, 0.1], [0.1, 0.0]]) / 3)
+    with pytest.raises(ValueError, match="kl_tokens"):
+        policy_loss(logp, logp.detach(), torch.zeros(2), mask, eps_low=0.2, eps_high=0.2, kl_tokens=kl_tok[:1])
