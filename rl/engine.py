@@ -97,7 +97,8 @@ class Engine:
 
     def reference_kl(self, rollout: Rollout) -> torch.Tensor:
         """policy.reference_kl (a closed-form per-action KL to the reference, with grad) through the engine."""
-        return self.module(self.policy.reference_kl, rollout)
+        fn = self.policy.reference_kl  # type: ignore[attr-defined]  # an optional member of the contract
+        return self.module(fn, rollout)
 
     @contextlib.contextmanager
     def micro_batch(self, last: bool) -> Iterator[None]:

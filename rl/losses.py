@@ -192,6 +192,7 @@ def policy_loss(
         if kl_tokens is not None:  # the policy's closed form (e.g. two Gaussians' KL)
             kl_tok = torch.where(valid, kl_tokens.to(logp.dtype), torch.zeros_like(logp))
         else:  # k3: exp(d) - d - 1 with d = ref - logp, unbiased and >= 0
+            assert ref_logp is not None
             delta = (ref_logp.detach() - logp).clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT)
             kl_tok = torch.where(valid, torch.exp(delta) - delta - 1.0, torch.zeros_like(delta))
         kl_sum = kl_tok.sum()

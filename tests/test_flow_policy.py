@@ -259,3 +259,42 @@ def test_the_closed_form_kl_to_the_reference(flow_ckpt, tiny_records):
 def test_kl_coef_trains_with_the_closed_form_kl(tmp_path):
     log = flow_run(tmp_path, "train.steps=2", "loss.kl_coef=0.5", "train.samples_every=0", "train.save_every=0")
     assert log[0]["kl"] >= 0 and log[1]["kl"] > 0  # the second step's weights have moved from the reference
+
+
+def test_upstreams_flow_flags_sample_as_upstream(flow_ckpt, tiny_records, tmp_path):
+    # the released flow concatenates the projected speaker to the condition, guides the tokens too (speech_token_cfg)
+    # and has no speaker adaLN: the tiny checkpoint has the other settings, so rebuild flow/ with these
+    import shutil
+
+    from rollouts.flow import FlowModel
+    from rollouts.tiny_vocoder import TINY_FLOW
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(flow_ckpt, ckpt)
+    cfg = {**TINY_FLOW, "spkr_emb_adaLN": False, "speech_token_cfg": True, "remove_spkr_concat_condition": False}
+    torch.manual_seed(3)
+    flow = FlowModel(**cfg)
+    with torch.no_grad():
+        for p in flow.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.05)
+    lines = ["flow: !new:flow.flow.Flow"] + [f"    {k}: {v}" for k, v in cfg.items()]
+    (ckpt / "flow" / "config.yaml").write_text("\n".join(lines) + "\n")
+    torch.save(flow.state_dict(), ckpt / "flow" / "flow.pt")
+    pol = policy(ckpt, eta=0.0)
+    assert pol.flow.concat_speaker and pol.flow.speech_token_cfg
+    ro = sample(pol, tiny_records[:1], group_size=2)
+    from policies.sampling import row_keys
+
+    keys = row_keys(7, ro.group_ids, torch.tensor([0, 1]))
+    rec = tiny_records[0]
+    tokens = torch.cat([torch.as_tensor(rec.prompt_speech_tokens, dtype=torch.long), pol.speech_codes(ro)[1]])
+    gen = torch.Generator().manual_seed(int(keys[1]) & (2**63 - 1))
+    want = flow.eval().sample(
+        [tokens], [torch.as_tensor(rec.prompt_feat)], torch.as_tensor(rec.embedding)[None], [gen], n_timesteps=10
+    )[0]
+    pf, n = int(ro.extras["prompt_frames"][1]), int(ro.extras["frames"][1])
+    torch.testing.assert_close(ro.extras["mel"][1, pf:n].T, want, rtol=0, atol=1e-5)
+    eta = policy(ckpt, eta=0.7)
+    ro = sample(eta, tiny_records[:1], group_size=2)
+    assert (eta.token_logprobs(ro)[0] - ro.behaviour_logp).abs().max() < 1e-4
