@@ -367,6 +367,11 @@ def _validate(cfg: Config) -> None:
             "data.phoneme needs data.phoneme_dicts: the directory holding G2P_able_1word.json and "
             "G2P_replace_dict.jsonl (the GLM-TTS repository's configs/)"
         )
+    _check_rewards(cfg)
+
+
+def _check_rewards(cfg: Config) -> None:
+    """Every reward entry: a scorer, its kwargs against its constructor and their ranges, and a weight to train on."""
     if not cfg.rewards:
         raise ConfigError("rewards: at least one reward is needed, e.g. rewards.duration.scorer=duration")
     from rewards.base import ScorerConfigError, check_scorer_kwargs, resolve_scorer_class
