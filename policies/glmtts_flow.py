@@ -44,7 +44,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from policies.flow_sde import FlowTime, diffusion_coefficient, sde_step_mean_std
 from policies.glmtts import CheckpointError, GLMTTSPolicy, PromptInput
@@ -244,28 +243,14 @@ class GLMTTSFlowPolicy:
     # --- the flow's inputs ------------------------------------------------------------------------------------
     def flow_batch(self, voices: list[VoicePrompt], codes: list[torch.Tensor]) -> FlowBatch:
         """Conditions for each row: [prompt codes + generated codes] aligned to the mel frames, prompt mel, speaker."""
-        flow, dev = self.flow, self.device
+        dev = self.device
         tokens = [
             torch.cat([torch.as_tensor(v.tokens, dtype=torch.long), c.long().cpu()]) for v, c in zip(voices, codes)
         ]
-        frames = [flow.feat_len(int(t.numel())) for t in tokens]
-        n, t_max = len(tokens), max(frames)
-        mask = torch.zeros(n, t_max, dtype=torch.bool, device=dev)
-        aligned = torch.zeros(n, t_max, dtype=torch.long, device=dev)
-        cond = torch.zeros(n, t_max, flow.mel_dim, device=dev)
-        prompt_frames = torch.zeros(n, dtype=torch.long)
-        for i, (tok, v, f) in enumerate(zip(tokens, voices, frames)):
-            mask[i, :f] = True
-            aligned[i, :f] = F.interpolate(tok.to(dev)[None, None].float(), size=f, mode="nearest")[0, 0].long()
-            pf = torch.as_tensor(np.asarray(v.feat, np.float32))
-            k = min(pf.shape[0], f)
-            if k:
-                cond[i, :k] = pf[-k:].to(dev)
-            prompt_frames[i] = pf.shape[0]
+        feats = [torch.as_tensor(np.asarray(v.feat, np.float32)) for v in voices]
         emb = torch.as_tensor(np.stack([np.asarray(v.embedding, np.float32) for v in voices]), device=dev)
-        spk = F.normalize(emb, dim=1)
-        if flow.concat_speaker:
-            cond = torch.cat([cond, flow.spk_embed_affine_layer(spk)[:, None].expand(-1, t_max, -1)], dim=-1)
+        cond, aligned, spk, mask, frames = self.flow.conditions(tokens, feats, emb)
+        prompt_frames = torch.tensor([f.shape[0] for f in feats], dtype=torch.long)
         return FlowBatch(cond=cond, aligned=aligned, spk=spk, mask=mask, prompt_frames=prompt_frames, frames=frames)
 
     # --- sampling ---------------------------------------------------------------------------------------------

@@ -337,6 +337,32 @@ class FlowModel(nn.Module):
         t = torch.linspace(0, 1, n_timesteps + 1, device=device)
         return 1 - torch.cos(t * 0.5 * torch.pi) if self.t_scheduler == "cosine" else t
 
+    def conditions(
+        self,
+        tokens: list[torch.Tensor],  # per item [N_i] long: prompt codes followed by generated codes
+        prompt_feats: list[torch.Tensor],  # per item [P_i, M] prompt mel
+        embeddings: torch.Tensor,  # [B, 192] raw speaker embeddings
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+        """The estimator's conditions, as upstream builds them: (cond [B, T, C] prompt mel (+ projected speaker),
+        aligned [B, T] token ids at the mel frames, spk [B, 192] normalised, mask [B, T], frames per item)."""
+        device = embeddings.device
+        b = len(tokens)
+        lens = [self.feat_len(int(tok.numel())) for tok in tokens]
+        t_max = max(lens)
+        mask = torch.zeros(b, t_max, dtype=torch.bool, device=device)
+        aligned = torch.zeros(b, t_max, dtype=torch.long, device=device)
+        cond = torch.zeros(b, t_max, self.mel_dim, device=device)
+        for i, (tok, pf, n) in enumerate(zip(tokens, prompt_feats, lens)):
+            mask[i, :n] = True
+            aligned[i, :n] = F.interpolate(tok.to(device)[None, None].float(), size=n, mode="nearest")[0, 0].long()
+            k = min(pf.shape[0], n)
+            if k:
+                cond[i, :k] = pf[-k:].to(device)
+        spk = F.normalize(embeddings.float(), dim=1)
+        if self.concat_speaker:
+            cond = torch.cat([cond, self.spk_embed_affine_layer(spk)[:, None].expand(-1, t_max, -1)], dim=-1)
+        return cond, aligned, spk, mask, lens
+
     @torch.no_grad()
     def sample(
         self,
@@ -349,23 +375,10 @@ class FlowModel(nn.Module):
         """Mel for each item after its prompt: list of [M, feat_len(N_i) - P_i]."""
         device = embeddings.device
         b = len(tokens)
-        lens = [self.feat_len(int(tok.numel())) for tok in tokens]
-        t_max = max(lens)
-        mask = torch.zeros(b, t_max, dtype=torch.bool, device=device)
-        aligned = torch.zeros(b, t_max, dtype=torch.long, device=device)
-        cond = torch.zeros(b, t_max, self.mel_dim, device=device)
-        x = torch.zeros(b, t_max, self.mel_dim, device=device)
-        for i, (tok, pf, n) in enumerate(zip(tokens, prompt_feats, lens)):
-            mask[i, :n] = True
-            ids = F.interpolate(tok.to(device)[None, None].float(), size=n, mode="nearest")[0, 0].long()
-            aligned[i, :n] = ids
-            k = min(pf.shape[0], n)
-            if k:
-                cond[i, :k] = pf[-k:].to(device)
+        cond, aligned, spk, mask, lens = self.conditions(tokens, prompt_feats, embeddings)
+        x = torch.zeros(b, mask.shape[1], self.mel_dim, device=device)
+        for i, n in enumerate(lens):
             x[i, :n] = torch.randn(n, self.mel_dim, generator=generators[i], device=generators[i].device).to(device)
-        spk = F.normalize(embeddings.float(), dim=1)
-        if self.concat_speaker:
-            cond = torch.cat([cond, self.spk_embed_affine_layer(spk)[:, None].expand(-1, t_max, -1)], dim=-1)
         # conditional and unconditional branches as one batch of 2B rows
         cond2 = torch.cat([cond, torch.zeros_like(cond)])
         tok2 = torch.cat([aligned, torch.zeros_like(aligned) if self.speech_token_cfg else aligned])
