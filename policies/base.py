@@ -21,6 +21,7 @@ from rollouts.types import PromptRecord, Rollout, SamplingParams, VocodeResult
 POLICIES: dict[str, str] = {
     "glmtts": "policies.glmtts:GLMTTSPolicy",
     "glmtts_flow": "policies.glmtts_flow:GLMTTSFlowPolicy",
+    "glmtts_joint": "policies.glmtts_joint:GLMTTSJointPolicy",
 }
 
 
@@ -132,6 +133,30 @@ class Policy(Protocol):
     def export(self, out_dir: Path) -> None:
         """Write the trained model to `out_dir` (new, empty) in the model's released layout, loadable by
         `from_pretrained` and by the model's own code (LoRA merged into the weights)."""
+        ...
+
+
+class StagedPolicy(Protocol):
+    """Optional members of a policy whose actions belong to named stages (rl/stages.py). A policy that names one
+    stage (`stages = ("lm",)`) needs only `stages`: it gains `<stage>/...` metrics and `stages.<name>.*` settings.
+    One with several (glmtts_joint: LM tokens and flow transitions) also says which column is which and splits its
+    trainable parameters between them; each stage then has its own loss, denominators, clip range, learning rate
+    and gradient clipping. `closed_kl_stages` names the stages whose KL to the reference `reference_kl` gives in
+    closed form ([N, T], with grad; 0 elsewhere), used for `loss.kl_coef` instead of the k3 estimate."""
+
+    stages: tuple[str, ...]
+    closed_kl_stages: tuple[str, ...]
+
+    def action_stages(self, rollout: Rollout) -> torch.Tensor:
+        """[N, T] long: the index into `stages` of each action column."""
+        ...
+
+    def stage_parameters(self) -> dict[str, list[torch.nn.Parameter]]:
+        """Per stage its share of `trainable_parameters()` (each parameter in exactly one stage)."""
+        ...
+
+    def reference_kl(self, rollout: Rollout) -> torch.Tensor:
+        """[N, T] closed-form per-action KL(current || reference) on the `closed_kl_stages` columns, with grad."""
         ...
 
 

@@ -188,6 +188,7 @@ class GLMTTSPolicy:
         return self.special.pad
 
     speech_rate = 25.0  # speech tokens per second
+    stages = ("lm",)  # rl/stages.py: its actions' metrics are lm/loss, lm/ratio/*, ...
     actions_are_frames = True  # action t is the code of frame t (token-level rewards map audio spans onto it)
     vllm_sampling = True  # sampling.backend vllm can serve this LM (policies/vllm_rollout.py)
 

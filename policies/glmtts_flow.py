@@ -3,9 +3,10 @@
 Loads the same upstream checkpoint directory as `glmtts` (llm/, vq32k-phoneme-tokenizer/, flow/, hift/). The LM
 is frozen and only picks the speech codes; the policy is the flow's DiT estimator, which turns codes into mel.
 
-Group: one prompt and one LM code sequence (sampled once per group by the frozen LM, from the group's own random
-stream), and its G members are G noise trajectories of the flow, so the advantages measure only what the flow
-decides.
+Group: one prompt and one code sequence (sampled once per group by the frozen LM, from the group's own random
+stream; or, with `policy.flow.codes: manifest`, the manifest's fixed `syn_speech_token`, e.g. the codes of a
+recording of the text), and its G members are G noise trajectories of the flow, so the advantages measure only what
+the flow decides.
 
 Sampler: the upstream Euler ODE on the cosine t-schedule (noise at t = 0, data at t = 1, sigma_min 1e-6) with
 classifier-free guidance exactly as upstream (v = (1 + 0.7) v_cond - 0.7 v_uncond, the unconditional branch
@@ -52,6 +53,17 @@ from rollouts.token2wav import VoicePrompt, load_flow, load_hift
 from rollouts.types import PromptRecord, Rollout, SamplingParams, VocodeResult
 
 GLMTTS_TIME = FlowTime(data_at=1.0, sigma_min=1e-6)
+# the per-group fields a flow rollout takes from its group's codes (one LM row, or the manifest's codes)
+_GROUP_FIELDS = (
+    "prompt_ids",
+    "prompt_mask",
+    "group_ids",
+    "finished",
+    "truncated",
+    "lengths",
+    "min_lengths",
+    "text_lengths",
+)
 FLOW_FILE = Path("flow") / "flow.pt"
 
 
@@ -65,10 +77,13 @@ class FlowSettings:
     n_timesteps: int = 10
     logprob: str = "mean"
     lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "ff.ff.0.0", "ff.ff.2")
+    codes: str = "lm"  # lm: sampled once per group by the frozen LM; manifest: the record's syn_speech_token
 
     def __post_init__(self) -> None:
         if self.eta < 0 or self.n_timesteps < 1 or self.noise not in ("flow_grpo", "constant"):
             raise ValueError("policy.flow: eta >= 0, n_timesteps >= 1, noise flow_grpo or constant")
+        if self.codes not in ("lm", "manifest"):
+            raise ValueError(f"policy.flow.codes must be lm or manifest, got {self.codes!r}")
         if self.logprob not in ("mean", "sum"):
             raise ValueError(f"policy.flow.logprob must be mean or sum, got {self.logprob!r}")
         if not self.sde_steps or any(not 0 <= k < self.n_timesteps for k in self.sde_steps):
@@ -82,6 +97,7 @@ class FlowPrompt:
     lm: PromptInput  # the frozen LM's prompt (it samples the group's codes)
     voice: VoicePrompt  # the flow's conditions: prompt codes, prompt mel, speaker embedding
     source: str = ""
+    codes: np.ndarray | None = None  # [Tt] the manifest's fixed target codes (policy.flow.codes manifest)
 
     @property
     def text_len(self) -> int:
@@ -102,6 +118,16 @@ class FlowBatch:
     mask: torch.Tensor  # [N, Tm] bool, valid frames
     prompt_frames: torch.Tensor  # [N] long
     frames: list[int] = field(default_factory=list)  # per row, its valid frames
+
+
+@dataclass(frozen=True)
+class FlowActions:
+    """The flow's actions of N rows: K = len(sde_steps) SDE transitions each."""
+
+    tokens: torch.Tensor  # [N, K] long, the SDE step of each action (-1 where the row has none)
+    mask: torch.Tensor  # [N, K] bool, rows with codes
+    logp: torch.Tensor  # [N, K] float32 behaviour log-probs (0 where masked)
+    extras: dict[str, torch.Tensor]  # per row: codes, mel, frames, the recorded transitions and conditions
 
 
 class FlowActor(torch.nn.Module):
@@ -157,10 +183,16 @@ class GLMTTSFlowPolicy:
     speech_rate = 25.0  # the LM's speech codes per second (durations come from the codes)
     actions_are_frames = False  # an action is a whole denoising transition: token-level rewards do not apply
     vllm_sampling = False
+    stages = ("flow",)  # rl/stages.py: its actions' metrics are flow/loss, flow/ratio/*, ...
+    closed_kl_stages = ("flow",)  # reference_kl gives the KL in closed form
 
-    def __init__(self, lm: GLMTTSPolicy, flow, hift, settings: FlowSettings, *, ckpt_dir: str, lora=None):
+    def __init__(
+        self, lm: GLMTTSPolicy, flow, hift, settings: FlowSettings, *, ckpt_dir: str, lora=None, train_lm=False
+    ):
+        """`lm` samples the codes; frozen here unless `train_lm` (the joint policy trains it: glmtts_joint)."""
         self.lm = lm
-        self.lm.model.requires_grad_(False).eval()
+        if not train_lm:
+            self.lm.model.requires_grad_(False).eval()
         self.flow = flow.eval().requires_grad_(False)
         self.hift = hift.eval().requires_grad_(False)
         self.settings = settings
@@ -191,13 +223,20 @@ class GLMTTSFlowPolicy:
         lm = GLMTTSPolicy.from_pretrained(
             ckpt_dir, dtype=dtype, device=device, lora=None, trust_remote_code=trust_remote_code
         )
+        return cls.around(lm, ckpt_dir, device=device, lora=lora, config=config)
+
+    @classmethod
+    def around(
+        cls, lm: GLMTTSPolicy, ckpt_dir: Path, *, device, lora, config: Any, train_lm: bool = False
+    ) -> GLMTTSFlowPolicy:
+        """The flow stage of `ckpt_dir` (flow/ trained, hift/ decoding, both loaded strictly) around a loaded LM."""
         for part in ("flow", "hift"):
             if not (ckpt_dir / part).is_dir():
                 raise CheckpointError(f"{ckpt_dir}: missing {part}/ (the flow policy trains flow/, decodes with hift/)")
         flow, hift = load_flow(ckpt_dir), load_hift(ckpt_dir)
         fc = getattr(config, "flow", None)
         settings = FlowSettings() if fc is None else settings_from_config(fc)
-        return cls(lm, flow.to(device), hift.to(device), settings, ckpt_dir=str(ckpt_dir), lora=lora)
+        return cls(lm, flow.to(device), hift.to(device), settings, ckpt_dir=str(ckpt_dir), lora=lora, train_lm=train_lm)
 
     @classmethod
     def write_tiny(cls, ckpt_dir: Path, texts: list[str], *, seed: int, vocoder: bool) -> None:
@@ -226,11 +265,21 @@ class GLMTTSFlowPolicy:
         return self.lm.encode_text(text)
 
     def prompt_input(self, record: PromptRecord) -> FlowPrompt:
+        from rollouts.manifest import ManifestError
+
         if record.prompt_feat is None or record.embedding is None:
             missing = "prompt_speech_feat" if record.prompt_feat is None else "embedding"
-            raise ValueError(f"{record.source}: field '{missing}' is missing; the flow policy needs it")
+            raise ManifestError(f"{record.source}: field '{missing}' is missing; the flow policy needs it")
+        codes = None
+        if self.settings.codes == "manifest":
+            if record.target_speech_tokens is None:
+                raise ManifestError(
+                    f"{record.source}: field 'syn_speech_token' is missing; policy.flow.codes manifest trains the "
+                    f"flow on each line's fixed target codes"
+                )
+            codes = record.target_speech_tokens
         voice = VoicePrompt(record.prompt_speech_tokens, record.prompt_feat, record.embedding)
-        return FlowPrompt(self.lm.prompt_input(record), voice, record.source)
+        return FlowPrompt(self.lm.prompt_input(record), voice, record.source, codes)
 
     def speech_codes(self, rollout: Rollout) -> list[torch.Tensor]:
         codes = rollout.extras["codes"]
@@ -268,57 +317,77 @@ class GLMTTSFlowPolicy:
         max_new_tokens: int = 1000,
         decode: str = "dynamic",
     ) -> Rollout:
-        """Codes once per group from the frozen LM (its stream (seed, group, 0) with `params`), then G flow
-        trajectories per group: row j of group g draws its initial noise and every SDE noise from (seed, g, j)."""
-        lm = self.lm.sample_groups(
-            [p.lm for p in prompts],
-            1,
-            params,
-            group_ids=group_ids,
-            seed=seed,
-            min_ratio=min_ratio,
-            max_ratio=max_ratio,
-            max_new_tokens=max_new_tokens,
-            decode=decode,
-        )
+        """Codes once per group (from the frozen LM, its stream (seed, group, 0) with `params`; or the manifest's
+        fixed codes with policy.flow.codes manifest), then G flow trajectories per group: row j of group g draws its
+        initial noise and every SDE noise from (seed, g, j)."""
+        bounds = dict(min_ratio=min_ratio, max_ratio=max_ratio, max_new_tokens=max_new_tokens)
+        if self.settings.codes == "manifest":
+            codes, lm = self._manifest_codes(prompts, group_ids, **bounds)
+        else:
+            lm_ro = self.lm.sample_groups(
+                [p.lm for p in prompts], 1, params, group_ids=group_ids, seed=seed, decode=decode, **bounds
+            )
+            codes = lm_ro.codes(self.lm.special.ats)
+            lm = {k: getattr(lm_ro, k) for k in _GROUP_FIELDS}
         rows = torch.arange(len(prompts)).repeat_interleave(group_size)  # row -> its prompt
-        codes = [c for c in lm.codes(self.lm.special.ats)]
-        row_codes = [codes[int(g)] for g in rows]
-        ok = torch.tensor([c.numel() > 0 for c in row_codes])  # a group whose LM said nothing has no flow actions
         keys = row_keys(
             seed, torch.tensor(group_ids).repeat_interleave(group_size), torch.arange(group_size).repeat(len(prompts))
         )
+        fa = self.sample_flow([prompts[int(r)].voice for r in rows], [codes[int(g)] for g in rows], keys)
+        return Rollout(
+            **{k: v[rows] for k, v in lm.items()},
+            tokens=fa.tokens,
+            token_mask=fa.mask,
+            behaviour_logp=fa.logp,
+            prompt_index=rows,
+            params=params,
+            pad_id=-1,
+            extras=fa.extras,
+        )
+
+    def _manifest_codes(
+        self, prompts: list[FlowPrompt], group_ids: list[int], **bounds
+    ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """Each prompt's fixed codes (the manifest's syn_speech_token) and its group's per-prompt fields."""
+        rb = self.lm.row_batch([p.lm for p in prompts], 1, **bounds)
+        codes = []
+        for p in prompts:
+            if p.codes is None:
+                raise ValueError(f"{p.source}: no fixed codes (policy.flow.codes manifest needs syn_speech_token)")
+            codes.append(torch.as_tensor(p.codes, dtype=torch.long))
+        n = len(prompts)
+        return codes, {
+            "prompt_ids": rb.prompt_ids,
+            "prompt_mask": rb.prompt_mask,
+            "group_ids": torch.tensor(group_ids, dtype=torch.long),
+            "finished": torch.ones(n, dtype=torch.bool),  # a recording's codes end where it ends
+            "truncated": torch.zeros(n, dtype=torch.bool),
+            "lengths": torch.tensor([c.numel() for c in codes]),
+            "min_lengths": rb.min_len,
+            "text_lengths": rb.text_len,
+        }
+
+    @torch.no_grad()
+    def sample_flow(self, voices: list[VoicePrompt], codes: list[torch.Tensor], keys: torch.Tensor) -> FlowActions:
+        """Row i's mel from its voice prompt and speech codes (the ODE with SDE steps), its initial noise and every
+        SDE noise drawn from the stream keys[i]; a row without codes has no actions."""
+        ok = torch.tensor([c.numel() > 0 for c in codes])
         gens = [torch.Generator().manual_seed(int(k) & (2**63 - 1)) for k in keys]
         k_sde = len(self.settings.sde_steps)
-        n, width = len(rows), max(1, max(c.numel() for c in row_codes))
+        n, width = len(codes), max(1, max(c.numel() for c in codes))
         run = [i for i in range(n) if bool(ok[i])]
         x_hist = x_next = t_rec = dt_rec = mel = None
         logp = torch.zeros(n, k_sde)
         fb = None
         if run:
-            fb = self.flow_batch([prompts[int(rows[i])].voice for i in run], [row_codes[i] for i in run])
+            fb = self.flow_batch([voices[i] for i in run], [codes[i] for i in run])
             mel, hist = self._sample([gens[i] for i in run], fb)
             x_hist, x_next, t_rec, dt_rec, lp = hist
             logp[run] = lp.cpu()
-        extras = self._extras(n, run, row_codes, width, fb, mel, x_hist, x_next, t_rec, dt_rec)
+        extras = self._extras(n, run, codes, width, fb, mel, x_hist, x_next, t_rec, dt_rec)
         mask = ok[:, None].expand(n, k_sde).clone()
-        return Rollout(
-            prompt_ids=lm.prompt_ids[rows],
-            prompt_mask=lm.prompt_mask[rows],
-            tokens=torch.tensor(self.settings.sde_steps).repeat(n, 1).masked_fill(~mask, -1),
-            token_mask=mask,
-            behaviour_logp=logp * mask,
-            group_ids=lm.group_ids[rows],
-            prompt_index=rows,
-            finished=lm.finished[rows],
-            truncated=lm.truncated[rows],
-            lengths=lm.lengths[rows],
-            min_lengths=lm.min_lengths[rows],
-            text_lengths=lm.text_lengths[rows],
-            params=params,
-            pad_id=-1,
-            extras=extras,
-        )
+        steps = torch.tensor(self.settings.sde_steps).repeat(n, 1).masked_fill(~mask, -1)
+        return FlowActions(tokens=steps, mask=mask, logp=logp * mask, extras=extras)
 
     def _sample(self, gens: list[torch.Generator], fb: FlowBatch):
         """The upstream ODE with SDE steps: (mel [R, Tm, M], (x [R, K, Tm, M], x_next, t [R, K], dt [R, K],
@@ -549,7 +618,7 @@ class FlowMelDecoder:
         mel, frames, pf = rollout.extras["mel"], rollout.extras["frames"], rollout.extras["prompt_frames"]
         todo = []
         for i in range(n):
-            if not bool(rollout.token_mask[i].any()):
+            if int(frames[i]) == 0:  # the flow did not run: the row has no codes
                 reasons[i] = "empty generation: no speech codes to vocode"
             elif int(frames[i]) - int(pf[i]) <= 0:
                 reasons[i] = f"voice prompt mel ({int(pf[i])} frames) covers the whole output"
@@ -592,4 +661,5 @@ def settings_from_config(fc) -> FlowSettings:
         n_timesteps=int(fc.n_timesteps),
         logprob=str(fc.logprob),
         lora_target_modules=tuple(fc.lora_target_modules),
+        codes=str(fc.codes),
     )

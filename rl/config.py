@@ -59,6 +59,11 @@ class FlowPolicyConfig:
     lora_target_modules: list[str] = opt(
         ["to_q", "to_k", "to_v", "to_out.0", "ff.ff.0.0", "ff.ff.2"], "DiT linear layers that get LoRA adapters"
     )
+    codes: Literal["lm", "manifest"] = opt(
+        "lm",
+        "glmtts_flow: a group's codes are sampled once by the frozen LM (lm) or are the manifest's fixed "
+        "syn_speech_token (manifest: every line needs it)",
+    )
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,9 @@ class PolicyConfig:
         False, "load the tokenizer through transformers with its own Python code instead of the built-in reader"
     )
     lora: LoraConfig = opt(LoraConfig(), "LoRA adapter settings")
-    flow: FlowPolicyConfig = opt(FlowPolicyConfig(), "the flow-stage policy (kind glmtts_flow): SDE sampling")
+    flow: FlowPolicyConfig = opt(
+        FlowPolicyConfig(), "the flow stage's SDE sampling (kinds glmtts_flow and glmtts_joint)"
+    )
 
 
 @dataclass(frozen=True)
@@ -194,6 +201,14 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class StageConfig:
+    loss_weight: float = opt(1.0, "this stage's loss is multiplied by this in the step's loss (a sum over stages)")
+    lr: float | None = opt(None, "AdamW learning rate of this stage's parameters (null = optim.lr)")
+    eps_low: Schedule | None = opt(None, "lower clip range of this stage's ratios, a schedule (null = loss.eps_low)")
+    eps_high: Schedule | None = opt(None, "upper clip range of this stage's ratios, a schedule (null = loss.eps_high)")
+
+
+@dataclass(frozen=True)
 class OptimConfig:
     lr: float = opt(1e-6, "AdamW learning rate (upstream GLM-TTS: 1e-6)")
     betas: list[float] = opt([0.9, 0.95], "AdamW betas (upstream: 0.9, 0.95)")
@@ -261,6 +276,11 @@ class Config:
     advantage: AdvantageConfig = opt(AdvantageConfig(), "normalize -> fuse -> normalize")
     dynamic_sampling: DynamicSamplingConfig = opt(DynamicSamplingConfig(), "resampling of uninformative groups")
     loss: LossConfig = opt(LossConfig(), "clipped policy loss")
+    stages: dict[str, StageConfig] = opt(
+        {},
+        "per-stage loss weight, learning rate and clip range of the policy's stages (glmtts: lm; glmtts_flow: "
+        "flow; glmtts_joint: lm and flow); a stage not listed takes the loss.* and optim.* values",
+    )
     optim: OptimConfig = opt(OptimConfig(), "optimizer and update schedule")
     train: TrainConfig = opt(TrainConfig(), "run length, seed, outputs")
     monitor: MonitorConfig = opt(MonitorConfig(), "reward-hacking monitor: reward correlations and trends")
@@ -345,6 +365,11 @@ def _validate(cfg: Config) -> None:
         (cfg.policy.flow.eta > 0, "policy.flow.eta must be > 0 (eta 0 is the plain ODE: no action to train)"),
         (cfg.policy.flow.n_timesteps >= 1, "policy.flow.n_timesteps must be >= 1"),
         (
+            cfg.policy.flow.codes == "lm" or cfg.policy.kind == "glmtts_flow",
+            f"policy.flow.codes manifest is for policy.kind glmtts_flow (the flow on fixed codes); "
+            f"{cfg.policy.kind} samples its codes",
+        ),
+        (
             bool(cfg.policy.flow.sde_steps)
             and len(set(cfg.policy.flow.sde_steps)) == len(cfg.policy.flow.sde_steps)
             and all(0 <= k < cfg.policy.flow.n_timesteps for k in cfg.policy.flow.sde_steps),
@@ -368,6 +393,17 @@ def _validate(cfg: Config) -> None:
             "G2P_replace_dict.jsonl (the GLM-TTS repository's configs/)"
         )
     _check_rewards(cfg)
+    _check_stages(cfg)
+
+
+def _check_stages(cfg: Config) -> None:
+    """stages.<name>: weights >= 0 (not all 0), learning rates > 0; the names are checked against the policy's
+    own stages when it is loaded (rl/stages.py), before the run writes anything."""
+    for name, st in cfg.stages.items():
+        if not (math.isfinite(st.loss_weight) and st.loss_weight >= 0):
+            raise ConfigError(f"stages.{name}.loss_weight must be a number >= 0, got {st.loss_weight}")
+        if st.lr is not None and not (math.isfinite(st.lr) and st.lr > 0):
+            raise ConfigError(f"stages.{name}.lr must be > 0 (or null for optim.lr), got {st.lr}")
 
 
 def _check_rewards(cfg: Config) -> None:
@@ -393,11 +429,17 @@ def _check_schedules(cfg: Config) -> None:
     """Every schedule, over every step the run samples or trains at (0..train.steps; a pipelined run samples one
     step ahead), stays in its key's valid range."""
     last = cfg.train.steps
-    ranges = (
+    low_want, high_want = "in [0, 1) (the ratio's lower clip bound 1 - eps_low > 0)", ">= 0"
+    ranges = [
         ("sampling.temperature", cfg.sampling.temperature, 0.0, False, math.inf, "> 0"),
-        ("loss.eps_low", cfg.loss.eps_low, 0.0, True, 1.0, "in [0, 1) (the ratio's lower clip bound 1 - eps_low > 0)"),
-        ("loss.eps_high", cfg.loss.eps_high, 0.0, True, math.inf, ">= 0"),
-    )
+        ("loss.eps_low", cfg.loss.eps_low, 0.0, True, 1.0, low_want),
+        ("loss.eps_high", cfg.loss.eps_high, 0.0, True, math.inf, high_want),
+    ]
+    for name, st in cfg.stages.items():
+        if st.eps_low is not None:
+            ranges.append((f"stages.{name}.eps_low", st.eps_low, 0.0, True, 1.0, low_want))
+        if st.eps_high is not None:
+            ranges.append((f"stages.{name}.eps_high", st.eps_high, 0.0, True, math.inf, high_want))
     for key, sched, low, low_ok, high, want in ranges:
         try:
             sched.validate(key)

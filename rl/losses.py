@@ -217,3 +217,53 @@ def policy_loss(
             "pg_loss": float(pg_local.detach()),
         }
     return LossOutput(loss=loss, pg=pg, kl=kl, metrics=metrics)
+
+
+def staged_loss(
+    logp: torch.Tensor,  # [B, T] every action's log-prob under the current policy (with grad)
+    anchor_logp: torch.Tensor,  # [B, T] the same under the anchor
+    advantages: torch.Tensor,  # [B] or [B, T], shared by every stage
+    masks: list[torch.Tensor],  # per stage s, [B, T]: its actions that count (disjoint)
+    denoms: list[LossDenominators],  # per stage, its minibatch's counts (of its own actions)
+    *,
+    eps: list[tuple[float, float]],  # per stage (eps_low, eps_high)
+    weights: list[float],  # per stage, its loss weight w_s
+    kl_coef: float = 0.0,
+    ref_logp: torch.Tensor | None = None,  # [B, T] for the stages with a k3 KL
+    kl_tokens: torch.Tensor | None = None,  # [B, T] closed-form KL, for the stages in `closed`
+    closed: list[bool] | None = None,  # per stage: its KL is `kl_tokens` (else k3 on `ref_logp`)
+    ratio_level: Literal["token", "sequence"] = "token",
+    agg: Agg = "token_mean",
+    norm_len: int | None = None,
+) -> tuple[torch.Tensor, list[LossOutput]]:
+    """The loss of a policy whose actions come in stages (rl/stages.py): L = sum_s w_s (pg_s + kl_coef kl_s), each
+    stage's `policy_loss` over its own actions with its own clip range and denominators. Returns (L, the stages'
+    LossOutputs, unweighted). One stage with weight 1 is exactly `policy_loss`'s loss."""
+    n = len(masks)
+    if not (len(denoms) == len(eps) == len(weights) == n) or n == 0:
+        raise ValueError("masks, denoms, eps and weights need one entry per stage")
+    closed = closed if closed is not None else [False] * n
+    total: torch.Tensor | None = None
+    outs = []
+    for s in range(n):
+        kl_on = kl_coef > 0
+        res = policy_loss(
+            logp,
+            anchor_logp,
+            advantages,
+            masks[s],
+            eps_low=eps[s][0],
+            eps_high=eps[s][1],
+            ratio_level=ratio_level,
+            agg=agg,
+            norm_len=norm_len,
+            kl_coef=kl_coef,
+            ref_logp=ref_logp if kl_on and not closed[s] else None,
+            denom=denoms[s],
+            kl_tokens=kl_tokens if kl_on and closed[s] else None,
+        )
+        term = weights[s] * res.loss
+        total = term if total is None else total + term
+        outs.append(res)
+    assert total is not None
+    return total, outs

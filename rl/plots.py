@@ -7,7 +7,9 @@
 <run>/plots/monitor.png   the reward-hacking monitor (rl/monitor.py): every pair's reward correlation over the window,
                           and how many pairs are flagged (only when the metrics have monitor/corr/* keys)
 <run>/plots/flow.png      the flow policy's own metrics (flow/eta, flow/sde_steps, flow/logprob_mean, flow/frames;
-                          only when the metrics have flow/* keys)
+                          only when the metrics have them)
+<run>/plots/stages.png    one column per stage of the policy (rl/stages.py: lm, flow): its loss, ratio (mean, with
+                          min and max), clip fractions and gradient norm (only when the metrics have <stage>/* keys)
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+
+from rl.stages import STAGE_METRICS
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -94,14 +98,59 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         written.append(path)
     if (path := _plot_monitor(plt, rows, out_dir / "monitor.png", run_dir.name)) is not None:
         written.append(path)
-    if (path := _plot_prefixed(plt, rows, "flow/", out_dir / "flow.png", run_dir.name)) is not None:
+    stage_keys = {f"{name}/{m}" for name in _stages(rows) for m in STAGE_METRICS}
+    if (path := _plot_prefixed(plt, rows, "flow/", out_dir / "flow.png", run_dir.name, stage_keys)) is not None:
+        written.append(path)
+    if (path := _plot_stages(plt, rows, out_dir / "stages.png", run_dir.name)) is not None:
         written.append(path)
     return written
 
 
-def _plot_prefixed(plt, rows: list[dict], prefix: str, path: Path, title: str) -> Path | None:
-    """One panel per metric named <prefix>...; None when the run logged none."""
-    keys = sorted({k for r in rows for k in r if k.startswith(prefix) and _series(rows, k)[0]})
+def _stages(rows: list[dict]) -> list[str]:
+    """The stages a run logged <stage>/grad_norm for (rl/trainer.py stage_metrics), in first-seen order."""
+    names: dict[str, None] = {}
+    for r in rows:
+        for k in r:
+            if k.count("/") == 1 and k.endswith("/grad_norm"):
+                names.setdefault(k.split("/")[0])
+    return list(names)
+
+
+def _plot_stages(plt, rows: list[dict], path: Path, title: str) -> Path | None:
+    """A column per stage: loss, ratio (mean; min-max shaded), clip fractions, grad norm. None without stages."""
+    names = _stages(rows)
+    if not names:
+        return None
+    panels = [("loss", "loss"), ("ratio/mean", "ratio"), ("clip/low_frac", "clip low"), ("clip/high_frac", "clip high")]
+    panels.append(("grad_norm", "grad norm"))
+    fig, axes = plt.subplots(
+        len(panels), len(names), figsize=(4.2 * len(names), 1.8 * len(panels) + 0.6), sharex=True, squeeze=False
+    )
+    for col, name in enumerate(names):
+        for row, (key, label) in enumerate(panels):
+            ax = axes[row, col]
+            xs, ys = _series(rows, f"{name}/{key}")
+            ax.plot(xs, ys, lw=1.5)
+            if key == "ratio/mean":
+                lo, hi = _series(rows, f"{name}/ratio/min")[1], _series(rows, f"{name}/ratio/max")[1]
+                if len(lo) == len(hi) == len(xs):
+                    ax.fill_between(xs, lo, hi, alpha=0.2)
+            ax.set_ylabel(label, fontsize=8)
+            ax.grid(alpha=0.3)
+        axes[0, col].set_title(name, fontsize=10)
+        axes[-1, col].set_xlabel("step")
+    fig.suptitle(f"{title}: stages")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _plot_prefixed(
+    plt, rows: list[dict], prefix: str, path: Path, title: str, skip: set[str] | frozenset = frozenset()
+) -> Path | None:
+    """One panel per metric named <prefix>... (but those in `skip`); None when the run logged none."""
+    keys = sorted({k for r in rows for k in r if k.startswith(prefix) and k not in skip and _series(rows, k)[0]})
     if not keys:
         return None
     fig, axes = plt.subplots(len(keys), 1, figsize=(8, 1.8 * len(keys) + 0.6), sharex=True, squeeze=False)

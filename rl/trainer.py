@@ -17,6 +17,7 @@ uninterrupted run would have done.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import sys
@@ -48,10 +49,11 @@ from rl.guards import (
     clear_run,
     refuse_other_run,
 )
-from rl.losses import LossDenominators, policy_loss
+from rl.losses import LossDenominators, LossOutput, staged_loss
 from rl.metrics import MetricsLogger
 from rl.monitor import monitor_metrics, push
 from rl.samples import pick_samples, truncate_samples, write_samples
+from rl.stages import Stage, combined_norm, param_groups, plan_stages, stage_masks
 from rollouts.audio import read_wav
 from rollouts.manifest import PromptStream, read_manifest
 from rollouts.types import PromptRecord, Rollout, SamplingParams
@@ -163,6 +165,7 @@ class Run:
     health: RewardHealth
     guard: UpdateGuard
     config_yaml: str
+    stages: list[Stage]  # the policy's action stages, each with its loss weight, lr and clip range (rl/stages.py)
     logger: MetricsLogger | None = None  # rank 0
     bar: object = None  # tqdm, rank 0 with progress
 
@@ -348,6 +351,7 @@ def setup(cfg: Config, derived: Derived, resume: str | None, overwrite: bool, pr
     records = read_manifest(cfg.data.manifest, cfg.data.root or None)
     check_text_size(records, cfg.data.max_text_tokens)
     policy, vllm = _load_policy(cfg, derived, records, dist, accelerator)
+    stages = plan_stages(cfg, policy)
     from rollouts.text import lm_records  # the texts as the LM reads them (data.text_normalize, data.phoneme)
 
     prompts = [policy.prompt_input(r) for r in lm_records(records, cfg.data, policy.encode_text)]
@@ -381,12 +385,13 @@ def setup(cfg: Config, derived: Derived, resume: str | None, overwrite: bool, pr
         generator,
         scorers,
         PromptAudio(records),
-        _optimizer(cfg, policy, engine, accelerator),
+        _optimizer(cfg, policy, engine, accelerator, stages),
         PromptStream(len(records), seed=cfg.train.seed, shuffle=cfg.data.shuffle),
         TrainState(run_id=uuid.uuid4().hex),
         RewardHealth(derived.weights, cfg.train.max_dead_reward_steps),
         UpdateGuard(cfg.train.max_skipped_updates),
         dump(cfg),
+        stages,
     )
     if ckpt is not None:
         _resume(run, ckpt, found)
@@ -457,11 +462,12 @@ def _engine(cfg: Config, policy: Policy, dist: Dist, vllm) -> Engine:
     return Engine(policy, dist, cfg.optim.zero_stage)
 
 
-def _optimizer(cfg: Config, policy: Policy, engine: Engine, accelerator) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters (FSDP2: their shards), built after the engine wrapped the module."""
+def _optimizer(cfg: Config, policy: Policy, engine: Engine, accelerator, stages: list[Stage]) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (FSDP2: their shards), built after the engine wrapped the module; one
+    parameter group per stage of the policy, with the stage's learning rate (rl/stages.py)."""
     fused = accelerator.device.type in ("cpu", "cuda") and engine.kind != "fsdp"  # one kernel over all parameters
     return torch.optim.AdamW(
-        policy.trainable_parameters(),
+        param_groups(policy, stages),
         lr=cfg.optim.lr,
         betas=tuple(cfg.optim.betas),
         weight_decay=cfg.optim.weight_decay,
@@ -764,26 +770,17 @@ def token_advantages(run: Run, sb: StepBatch, adv, advantages: torch.Tensor, tra
 # ---- 3. update ----------------------------------------------------------------------------------------------------
 
 
+# the loss terms and token-weighted clip metrics summed over micro-batches (then over ranks), overall and per stage
+_SUMMED = ("loss", "pg_loss", "kl", "clip/low_frac", "clip/high_frac", "ratio/mean")
+
+
 @dataclass
 class UpdateStats:
-    """Per optimizer step (that was taken) of one training step, summed over ranks."""
+    """Per optimizer step (that was taken) of one training step, summed over ranks: `per_step[key]` lists the values
+    of `loss`, `pg_loss`, `kl`, `clip/*`, `ratio/*`, `grad_norm` and, for a policy that names its stages, the same
+    per stage as `<stage>/<key>`."""
 
-    per_step: dict[str, list[float]] = dataclasses.field(
-        default_factory=lambda: {
-            k: []
-            for k in (
-                "loss",
-                "pg_loss",
-                "kl",
-                "clip/low_frac",
-                "clip/high_frac",
-                "ratio/mean",
-                "ratio/min",
-                "ratio/max",
-                "grad_norm",
-            )
-        }
-    )
+    per_step: dict[str, list[float]] = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
     entropy_sum: float = 0.0  # over the first epoch's valid tokens
     entropy_tokens: float = 0.0
     skipped: int = 0  # optimizer steps skipped for a non-finite loss or gradient norm
@@ -800,22 +797,21 @@ def update(run: Run, sb: StepBatch, advantages: torch.Tensor, train_mask: torch.
     stats = UpdateStats()
     n, n_all = sb.num_rows, sb.total_rows
     pad_row = padding_rows(dist, sb.rollout) if dist.world > 1 else None  # for ranks with fewer micro-batches
+    masks = stage_masks(run.policy, sb.rollout, train_mask, run.stages) if n else [train_mask] * len(run.stages)
     for epoch in range(cfg.optim.ppo_epochs):
         g = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, 1000 + epoch))
         shuffled = cfg.optim.ppo_epochs * cfg.optim.minibatches > 1
         order = torch.randperm(n_all, generator=g) if shuffled else torch.arange(n_all)
         for global_mb in torch.tensor_split(order, cfg.optim.minibatches):
             mb = global_mb[(global_mb >= sb.offset) & (global_mb < sb.offset + n)] - sb.offset
-            acc = _accumulate(run, sb, advantages, train_mask, mb, len(global_mb), step, pad_row, stats, epoch == 0)
-            stepped, grad_norm = _optimizer_step(run, dist.sum(acc.sums["loss"]), step)
+            acc = _accumulate(
+                run, sb, advantages, train_mask, masks, mb, len(global_mb), step, pad_row, stats, epoch == 0
+            )
+            stepped, norms = _optimizer_step(run, dist.sum(acc.sums["loss"]), step)
             if stepped:
                 if run.generator.vllm is not None:
                     run.generator.vllm.mark_stale()  # the engine samples the next rollout with the new weights
-                for k, v in acc.sums.items():
-                    stats.per_step[k].append(dist.sum(v))
-                stats.per_step["ratio/min"].append(dist.min(acc.ratio_min))
-                stats.per_step["ratio/max"].append(dist.max(acc.ratio_max))
-                stats.per_step["grad_norm"].append(grad_norm)
+                _record_step(run, acc, norms, stats)
             else:
                 stats.skipped += 1
     stats.seconds = time.perf_counter() - t0
@@ -823,17 +819,49 @@ def update(run: Run, sb: StepBatch, advantages: torch.Tensor, train_mask: torch.
     return stats
 
 
+def _record_step(run: Run, acc: LossSums, norms: list[float], stats: UpdateStats) -> None:
+    """One optimizer step's values, summed (min / max) over the ranks, into `stats.per_step`."""
+    dist = run.dist
+    for k, v in acc.sums.items():
+        stats.per_step[k].append(dist.sum(v))
+    for prefix in ("", *(s.key("") for s in run.stages if s.name)):  # every rank joins each collective
+        low = dist.min(acc.extremes.get(prefix + "ratio/min", math.inf))
+        high = dist.max(acc.extremes.get(prefix + "ratio/max", -math.inf))
+        if math.isfinite(low):  # some rank trained actions of this stage
+            stats.per_step[prefix + "ratio/min"].append(low)
+            stats.per_step[prefix + "ratio/max"].append(high)
+    stats.per_step["grad_norm"].append(combined_norm(norms))
+    for s, norm in zip(run.stages, norms):
+        if s.name:
+            stats.per_step[s.key("grad_norm")].append(norm)
+
+
 @dataclass
 class LossSums:
-    """One minibatch's loss terms and token-weighted clip metrics, summed over this rank's micro-batches."""
+    """One minibatch's loss terms and token-weighted clip metrics, summed over this rank's micro-batches: overall
+    (`_SUMMED` keys) and, for named stages, per stage (`<stage>/<key>`). `extremes` holds the ratio's min / max."""
 
-    sums: dict[str, float] = dataclasses.field(
-        default_factory=lambda: dict.fromkeys(
-            ("loss", "pg_loss", "kl", "clip/low_frac", "clip/high_frac", "ratio/mean"), 0.0
-        )
+    sums: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(_SUMMED, 0.0))
+    extremes: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"ratio/min": math.inf, "ratio/max": -math.inf}
     )
-    ratio_min: float = math.inf
-    ratio_max: float = -math.inf
+
+    @classmethod
+    def for_stages(cls, stages: list[Stage]) -> LossSums:
+        """Every key zeroed, the named stages' too: each rank then sums the same keys over the ranks, in order."""
+        acc = cls()
+        for s in stages:
+            if s.name:
+                acc.sums.update({s.key(k): 0.0 for k in _SUMMED})
+        return acc
+
+    def add(self, prefix: str, res, share: float) -> None:
+        """A stage's (or the whole loss's) clip metrics of one micro-batch, weighted by its share of the tokens."""
+        for k in ("clip/low_frac", "clip/high_frac", "ratio/mean"):
+            self.sums[prefix + k] += res.metrics[k] * share
+        low, high = prefix + "ratio/min", prefix + "ratio/max"
+        self.extremes[low] = min(self.extremes.get(low, math.inf), res.metrics["ratio/min"])
+        self.extremes[high] = max(self.extremes.get(high, -math.inf), res.metrics["ratio/max"])
 
 
 def _accumulate(
@@ -841,6 +869,7 @@ def _accumulate(
     sb: StepBatch,
     advantages: torch.Tensor,
     train_mask: torch.Tensor,
+    masks: list[torch.Tensor],
     mb: torch.Tensor,
     mb_rows: int,
     step: int,
@@ -848,25 +877,28 @@ def _accumulate(
     stats: UpdateStats,
     first_epoch: bool,
 ) -> LossSums:
-    """Forward + backward of one minibatch (this rank's rows `mb`), micro-batch by micro-batch; the loss divides
-    by the minibatch's global denominators (rl/losses.py), so the summed gradient is the whole minibatch's. Every
-    rank runs as many micro-batches as the rank with the most (zero-weight padding), so that the engine's
-    collectives line up (rl/engine.py)."""
+    """Forward + backward of one minibatch (this rank's rows `mb`), micro-batch by micro-batch; each stage's loss
+    divides by that stage's global denominators over the minibatch (rl/losses.py, `masks`: [n, T] per stage), so the
+    summed gradient is the whole minibatch's. Every rank runs as many micro-batches as the rank with the most
+    (zero-weight padding), so that the engine's collectives line up (rl/engine.py)."""
     dist, engine, device = run.dist, run.engine, run.policy.device
     n = sb.num_rows
-    mb_tokens = dist.sum(float(train_mask[mb].sum()) if n else 0.0)
-    mb_seqs = dist.sum(float(train_mask[mb].any(-1).sum()) if n else 0.0)
-    denom = LossDenominators(tokens=mb_tokens, seqs=mb_seqs, rows=float(mb_rows))  # the minibatch's, all ranks
+    denoms = []
+    for m in masks:  # the minibatch's, all ranks
+        tokens = dist.sum(float(m[mb].sum()) if n else 0.0)
+        seqs = dist.sum(float(m[mb].any(-1).sum()) if n else 0.0)
+        denoms.append(LossDenominators(tokens=tokens, seqs=seqs, rows=float(mb_rows)))
     micro = run.cfg.optim.micro_batch_size or max(len(mb), 1)
     real = [m for m in torch.split(mb, micro) if bool(train_mask[m].any())]  # the micro-batches with tokens
     count = int(dist.max(len(real)))
     run.optimizer.zero_grad(set_to_none=True)
-    acc = LossSums()
+    acc = LossSums.for_stages(run.stages)
     for j in range(count):
         with engine.micro_batch(last=j == count - 1):
             if j < len(real):
-                sub, mask = sb.rollout.select(real[j]), train_mask[real[j]].to(device)
-                _micro_step(run, sub, advantages[real[j].to(device)], mask, denom, step, acc, stats, first_epoch)
+                sub, rows = sb.rollout.select(real[j]), real[j]
+                own = [m[rows].to(device) for m in masks]
+                _micro_step(run, sub, advantages[rows.to(device)], own, denoms, step, acc, stats, first_epoch)
             else:  # padding: a forward + backward of weight 0
                 with run.accelerator.autocast():
                     logp, _ = engine.logprobs(pad_row)
@@ -878,69 +910,88 @@ def _micro_step(
     run: Run,
     sub: Rollout,
     adv: torch.Tensor,  # [n_micro]
-    mask: torch.Tensor,  # [n_micro, T] tokens to train
-    denom: LossDenominators,
+    masks: list[torch.Tensor],  # per stage, [n_micro, T] its actions to train
+    denoms: list[LossDenominators],  # per stage, the minibatch's
     step: int,
     acc: LossSums,
     stats: UpdateStats,
     first_epoch: bool,
 ) -> None:
-    """One micro-batch: the reference (no grad) and policy forwards, the clipped loss (this micro-batch's share of
-    the minibatch's), its backward; adds to `acc` (and to the entropy in `stats` in the first epoch)."""
+    """One micro-batch: the reference (no grad) and policy forwards, each stage's clipped loss (this micro-batch's
+    share of the minibatch's), the backward of their weighted sum; adds to `acc` (and to the entropy in `stats` in
+    the first epoch)."""
     cfg, engine = run.cfg, run.engine
-    closed = cfg.loss.kl_coef > 0 and hasattr(run.policy, "reference_kl")  # e.g. the flow's Gaussian actions
+    kl_on = cfg.loss.kl_coef > 0
     with run.accelerator.autocast():
         ref_logp = None
-        if cfg.loss.ratio_anchor == "ref" or (cfg.loss.kl_coef > 0 and not closed):
+        if cfg.loss.ratio_anchor == "ref" or (kl_on and not all(s.closed_kl for s in run.stages)):
             with torch.no_grad():
                 ref_logp, _ = engine.logprobs(sub, reference=True)
         logp, ent = engine.logprobs(sub)
-        kl_tokens = engine.reference_kl(sub) if closed else None  # closed form, in place of k3 on ref_logp
+        # e.g. the flow's Gaussian actions: the closed form, in place of k3 on ref_logp
+        kl_tokens = engine.reference_kl(sub) if kl_on and any(s.closed_kl for s in run.stages) else None
     anchor = sub.behaviour_logp.to(logp.device) if cfg.loss.ratio_anchor == "old" else ref_logp
-    res = policy_loss(
+    total, results = staged_loss(
         logp,
         anchor,
         adv,
-        mask,
-        eps_low=cfg.loss.eps_low(step),
-        eps_high=cfg.loss.eps_high(step),
+        masks,
+        denoms,
+        eps=[(s.eps_low(step), s.eps_high(step)) for s in run.stages],
+        weights=[s.loss_weight for s in run.stages],
+        kl_coef=cfg.loss.kl_coef,
+        ref_logp=ref_logp,
+        kl_tokens=kl_tokens,
+        closed=[s.closed_kl for s in run.stages],
         ratio_level=cfg.loss.ratio_level,
         agg=cfg.loss.agg,
         norm_len=cfg.sampling.max_new_tokens,
-        kl_coef=cfg.loss.kl_coef,
-        ref_logp=ref_logp if cfg.loss.kl_coef > 0 and not closed else None,
-        denom=denom,
-        kl_tokens=kl_tokens,
     )
-    total = res.pg + cfg.loss.kl_coef * res.kl
+    all_tokens = max(sum(d.tokens for d in denoms), 1.0)
+    for s, res, mask, denom in zip(run.stages, results, masks, denoms):
+        _add_stage(acc, s, res, float(mask.sum()), denom.tokens, all_tokens)
     run.accelerator.backward(total)
-    acc.sums["loss"] += float(total.detach())
-    acc.sums["pg_loss"] += float(res.pg.detach())
-    acc.sums["kl"] += float(res.kl.detach())
-    w_tok = float(mask.sum()) / max(denom.tokens, 1.0)  # the metrics are local: averaged by token share
-    for k in ("clip/low_frac", "clip/high_frac", "ratio/mean"):
-        acc.sums[k] += res.metrics[k] * w_tok
-    acc.ratio_min = min(acc.ratio_min, res.metrics["ratio/min"])
-    acc.ratio_max = max(acc.ratio_max, res.metrics["ratio/max"])
     if first_epoch:
-        seen = mask & ~torch.isnan(ent)
+        seen = torch.stack(masks).any(0) & ~torch.isnan(ent)
         stats.entropy_sum += float(ent[seen].sum())
         stats.entropy_tokens += float(seen.sum())
 
 
-def _optimizer_step(run: Run, mb_loss: float, step: int) -> tuple[bool, float]:
-    """Clip (the engine has summed the gradients over ranks) and step; returns (stepped, gradient norm). Not stepped
-    (gradients dropped) when the loss or the gradient norm is not finite (both are global, so every rank skips
-    together). grad_clip 0 = no clipping (the norm is still reported)."""
+def _add_stage(acc: LossSums, s: Stage, res: LossOutput, tokens: float, stage_tokens: float, all_tokens: float) -> None:
+    """One stage's loss terms of a micro-batch into the overall sums (weighted by the stage's loss_weight; clip
+    metrics by the token share) and, for a named stage, its own `<stage>/...` sums. A stage without actions in the
+    micro-batch adds its (zero) loss but no clip or ratio values."""
+    w = s.loss_weight
+    acc.sums["loss"] += w * float(res.loss.detach())
+    acc.sums["pg_loss"] += w * float(res.pg.detach())
+    acc.sums["kl"] += w * float(res.kl.detach())
+    if s.name:
+        for k, v in (("loss", res.loss), ("pg_loss", res.pg), ("kl", res.kl)):
+            acc.sums[s.key(k)] += float(v.detach())
+    if tokens == 0:
+        return
+    acc.add("", res, tokens / all_tokens)  # the metrics are local: averaged by token share
+    if s.name:
+        acc.add(s.key(""), res, tokens / max(stage_tokens, 1.0))
+
+
+def _optimizer_step(run: Run, mb_loss: float, step: int) -> tuple[bool, list[float]]:
+    """Clip (the engine has summed the gradients over ranks) and step; returns (stepped, gradient norm per stage).
+    Not stepped (gradients dropped) when the loss or the gradient norm is not finite (both are global, so every rank
+    skips together). grad_clip 0 = no clipping (the norm is still reported). With several stages each stage's
+    parameter group is clipped on its own (rl/stages.py)."""
     cfg, optimizer = run.cfg, run.optimizer
-    params = run.policy.trainable_parameters()
-    grad_norm = run.engine.clip_grad_norm(run.accelerator, params, cfg.optim.grad_clip or math.inf)
-    stepped = run.guard.allow(mb_loss, grad_norm, step + 1)
+    limit = cfg.optim.grad_clip or math.inf
+    if len(run.stages) == 1:
+        norms = [run.engine.clip_grad_norm(run.accelerator, run.policy.trainable_parameters(), limit)]
+    else:
+        norms = [run.engine.clip_grad_norm(run.accelerator, g["params"], limit) for g in optimizer.param_groups]
+    stepped = run.guard.allow(mb_loss, combined_norm(norms), step + 1)
     if stepped:
         optimizer.step()
     else:
         optimizer.zero_grad(set_to_none=True)
-    return stepped, grad_norm
+    return stepped, norms
 
 
 # ---- 4. metrics, samples and checkpoints --------------------------------------------------------------------------
@@ -983,6 +1034,7 @@ def step_metrics(run: Run, step: int, c: Collected, sb: StepBatch, adv, upd: Upd
         "pipeline/lag_steps": int(sb.lag.max()),
         "update/skipped_nonfinite": upd.skipped,
     }
+    metrics.update(stage_metrics(run, step, upd))
     if run.generator.vllm is not None:  # mean |log-prob of vLLM - the trainer's|, the largest over rounds and ranks
         metrics["vllm/logp_abs_diff"] = run.dist.max(max([g for g in c.vllm_gaps if g == g], default=0.0))
     metrics.update(policy_metrics(run, sb))
@@ -1001,6 +1053,23 @@ def step_metrics(run: Run, step: int, c: Collected, sb: StepBatch, adv, upd: Upd
         for key, v in sb.all_scores.service.get(k, {}).items():
             metrics[f"service/{k}/{key}"] = v
     return metrics
+
+
+def stage_metrics(run: Run, step: int, upd: UpdateStats) -> dict:
+    """`<stage>/...` for a policy that names its stages (rl/stages.py STAGE_METRICS): each stage's loss, pg_loss
+    and kl (unweighted), clip fractions and ratio over its own actions, gradient norm, learning rate and clip range."""
+    u, out = upd.per_step, {}
+    for i, s in enumerate(run.stages):
+        if not s.name:
+            continue
+        for k in ("loss", "pg_loss", "kl", "clip/low_frac", "clip/high_frac", "ratio/mean", "grad_norm"):
+            out[s.key(k)] = _mean(u[s.key(k)])
+        out[s.key("ratio/min")] = min(u[s.key("ratio/min")], default=float("nan"))
+        out[s.key("ratio/max")] = max(u[s.key("ratio/max")], default=float("nan"))
+        out[s.key("clip/eps_low")] = s.eps_low(step)
+        out[s.key("clip/eps_high")] = s.eps_high(step)
+        out[s.key("lr")] = run.optimizer.param_groups[min(i, len(run.optimizer.param_groups) - 1)]["lr"]
+    return out
 
 
 def policy_metrics(run: Run, sb: StepBatch) -> dict:

@@ -8,6 +8,9 @@ Each line is a JSON object:
     prompt_speech_feat    str   .npy of the prompt's 24 kHz log-mel [Tf, 80] (flow condition)
     embedding             str   .npy of the speaker embedding [192]
     syn_text              str   the text to synthesise
+    syn_speech_token      str   optional .npy of int speech codes [Tt] of the target (e.g. the speech tokenizer's codes
+                                of a recording of syn_text): the fixed codes the flow policy trains on with
+                                policy.flow.codes manifest
     emotion               int   emotion2vec label index of the target emotion; -1 or absent = none
 
 Relative paths are relative to the manifest's directory (or `root`). A bad line raises ManifestError naming the
@@ -69,20 +72,9 @@ def parse_line(obj: dict, base: Path, where: str) -> PromptRecord:
     prompt_text = text("prompt_text")
     syn_text = text("syn_text")
 
-    tok_path = text("prompt_speech_token")
-    tokens = _load_npy(_resolve(base, tok_path), f"{where}: field 'prompt_speech_token'")
-    if tokens.ndim == 2 and tokens.shape[0] == 1:
-        tokens = tokens[0]
-    if tokens.ndim != 1 or tokens.size == 0 or not np.issubdtype(tokens.dtype, np.integer):
-        raise ManifestError(
-            f"{where}: field 'prompt_speech_token': expected a non-empty 1-D integer array, got "
-            f"shape {tokens.shape} dtype {tokens.dtype}"
-        )
-    if tokens.min() < 0 or tokens.max() >= NUM_SPEECH_CODES:
-        raise ManifestError(
-            f"{where}: field 'prompt_speech_token': codes must be in [0, {NUM_SPEECH_CODES}), "
-            f"got [{tokens.min()}, {tokens.max()}]"
-        )
+    tokens = _codes(base, text("prompt_speech_token"), f"{where}: field 'prompt_speech_token'")
+    syn_tok = text("syn_speech_token", required=False)
+    target_tokens = _codes(base, syn_tok, f"{where}: field 'syn_speech_token'") if syn_tok else None
 
     feat = None
     feat_path = text("prompt_speech_feat", required=False)
@@ -114,13 +106,28 @@ def parse_line(obj: dict, base: Path, where: str) -> PromptRecord:
         uttid=uttid,
         prompt_text=prompt_text,
         target_text=syn_text,
-        prompt_speech_tokens=tokens.astype(np.int64),
+        prompt_speech_tokens=tokens,
         prompt_feat=feat,
         embedding=emb,
         prompt_wav=str(_resolve(base, wav)) if wav else None,
         emotion=None if emotion < 0 else emotion,
         source=where,
+        target_speech_tokens=target_tokens,
     )
+
+
+def _codes(base: Path, value: str | None, where: str) -> np.ndarray:
+    """A .npy of speech codes: a non-empty 1-D integer array (or [1, T]) in [0, NUM_SPEECH_CODES), as int64."""
+    tokens = _load_npy(_resolve(base, value or ""), where)
+    if tokens.ndim == 2 and tokens.shape[0] == 1:
+        tokens = tokens[0]
+    if tokens.ndim != 1 or tokens.size == 0 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ManifestError(
+            f"{where}: expected a non-empty 1-D integer array, got shape {tokens.shape} dtype {tokens.dtype}"
+        )
+    if tokens.min() < 0 or tokens.max() >= NUM_SPEECH_CODES:
+        raise ManifestError(f"{where}: codes must be in [0, {NUM_SPEECH_CODES}), got [{tokens.min()}, {tokens.max()}]")
+    return tokens.astype(np.int64)
 
 
 def read_manifest(path: str | Path, root: str | Path | None = None) -> list[PromptRecord]:

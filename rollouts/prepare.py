@@ -2,7 +2,8 @@
 
 Input list, paths relative to the list file:
     .jsonl  one object per line: prompt_wav (or prompt_speech), prompt_text, target_text (or syn_text),
-            optional emotion, optional id
+            optional emotion, optional id, optional target_wav (a recording of target_text: its speech tokens
+            become the line's syn_speech_token, the fixed codes policy.flow.codes manifest trains the flow on)
     other   one item per line: prompt_wav|prompt_text|target_text[|emotion]
 Empty lines and lines starting with '#' (text lists only) are skipped. `emotion` is an emotion2vec label index
 (0..8, -1 or empty = none) or a label name (`happy`, `开心` or `开心/happy`; see rewards/emotion.py).
@@ -16,6 +17,7 @@ Output directory: manifest.jsonl in the upstream GRPO layout that rollouts/manif
      "embedding": "embedding/<stem>.npy",                       float32 [192]   CAMPPlus speaker embedding
      "prompt_speech_feat": "prompt_speech_feat/<stem>.npy",     float32 [T, 80] 24 kHz prompt log-mel
      "syn_text", "emotion": int (-1 = none),
+     "syn_speech_token": "syn_speech_token/<target stem>.npy"   int64 [M]  with target_wav: its speech tokens
      "prompt_text_tn", "syn_text_tn"}   the texts as the LM reads them
                                         (rollouts/text.py; not with --text-normalize none)
 Feature files are keyed by the prompt wav's stem and computed once per prompt however many items use it. The item
@@ -53,6 +55,7 @@ TOKENIZER_DIR = "speech_tokenizer"
 CAMPPLUS_PATH = "frontend/campplus.onnx"
 MANIFEST = "manifest.jsonl"
 KINDS = ("prompt_speech_token", "embedding", "prompt_speech_feat")
+TARGET_KIND = "syn_speech_token"  # the target recordings' tokens (items with target_wav)
 # emotion2vec+ labels, in rewards.emotion.LABELS order (tests check they agree), with their Chinese names
 EMOTIONS = ["angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised", "<unk>"]
 EMOTIONS_ZH = ["生气", "厌恶", "恐惧", "开心", "中立", "其他", "难过", "吃惊", "<unk>"]
@@ -75,6 +78,7 @@ class Item:
     prompt_text: str
     target_text: str
     emotion: int  # emotion2vec label index; -1 = none
+    target_wav: Path | None = None  # a recording of target_text (its tokens: the line's syn_speech_token)
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,13 @@ def _item(fields: dict, base: Path, where: str, lineno: int) -> Item:
     path = Path(wav) if Path(wav).is_absolute() else base / wav
     if not path.is_file():
         raise PrepareError(f"{where}: field 'prompt_wav': file not found: {path}")
+    target = fields.get("target_wav")
+    target_path = None
+    if target is not None:
+        target = _text(target, "target_wav", where)
+        target_path = Path(target) if Path(target).is_absolute() else base / target
+        if not target_path.is_file():
+            raise PrepareError(f"{where}: field 'target_wav': file not found: {target_path}")
     item_id = fields.get("id", lineno)
     if isinstance(item_id, bool) or not isinstance(item_id, (str, int)) or not str(item_id).strip():
         raise PrepareError(f"{where}: field 'id' must be a non-empty string or integer, got {item_id!r}")
@@ -134,6 +145,7 @@ def _item(fields: dict, base: Path, where: str, lineno: int) -> Item:
         prompt_text=_text(fields.get("prompt_text"), "prompt_text", where),
         target_text=_text(fields.get("target_text"), "target_text", where),
         emotion=parse_emotion(fields.get("emotion"), where),
+        target_wav=target_path,
     )
 
 
@@ -247,6 +259,16 @@ class PromptFrontend:
         tokens = self.tokenizer([(wav[0], sr)])[0]  # channel 0, alone in its batch (upstream)
         return PromptFeatures(tokens=tokens, feat=prompt_mel(mono, sr), embedding=self.embedder(mono, sr))
 
+    def codes(self, path: str | Path) -> np.ndarray:
+        """A recording's speech tokens [M] int64, as the prompt's (channel 0, alone in its batch)."""
+        wav, sr = read_audio(path)
+        if not np.isfinite(wav).all():
+            raise PromptAudioError("waveform contains NaN or inf")
+        codes = np.asarray(self.tokenizer([(wav[0], sr)])[0], dtype=np.int64)
+        if codes.size == 0:
+            raise PromptAudioError(f"audio too short: {wav.shape[1] / sr:.4f} s gives no speech tokens")
+        return codes
+
 
 @dataclass(frozen=True)
 class PrepareResult:
@@ -298,6 +320,7 @@ def prepare(
             raise PrepareError(f"{it.where}: field 'id': uttid '{uttid}' already used at {uttids[uttid]}")
         uttids[uttid] = it.where
 
+    targets = _target_stems(items)
     if frontend is None:
         frontend = PromptFrontend.from_dir(
             frontend_dir, device, speech_tokenizer_dir=speech_tokenizer_dir, campplus_path=campplus_path
@@ -318,6 +341,14 @@ def prepare(
             KINDS, (pf.tokens.astype(np.int64), pf.embedding.astype(np.float32), pf.feat.astype(np.float32))
         ):
             np.save(out / kind / f"{wav.stem}.npy", arr)
+    if targets:
+        (out / TARGET_KIND).mkdir(parents=True, exist_ok=True)
+    for wav, first in targets.items():
+        try:
+            codes = frontend.codes(wav)
+        except ValueError as e:
+            raise PrepareError(f"{first.where}: field 'target_wav': {e}") from None
+        np.save(out / TARGET_KIND / f"{wav.stem}.npy", codes)
 
     tmp = manifest.with_name(MANIFEST + ".tmp")
     out_abs = out.resolve()
@@ -334,11 +365,32 @@ def prepare(
                 "syn_text": it.target_text,
                 "emotion": it.emotion,
             }
+            if it.target_wav is not None:
+                line[TARGET_KIND] = f"{TARGET_KIND}/{it.target_wav.resolve().stem}.npy"
             if lm is not None:
                 line.update(prompt_text_tn=lm.prompt(it.prompt_text), syn_text_tn=lm.target(it.target_text))
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
     os.replace(tmp, manifest)
     return PrepareResult(manifest=manifest, items=len(items), prompts=len(prompts))
+
+
+def _target_stems(items: list[Item]) -> dict[Path, Item]:
+    """Each target recording (resolved) -> the first item using it; two recordings with one file stem are an error
+    (their token files are keyed by stem)."""
+    targets: dict[Path, Item] = {}
+    stems: dict[str, Path] = {}
+    for it in items:
+        if it.target_wav is None:
+            continue
+        wav = it.target_wav.resolve()
+        if stems.setdefault(wav.stem, wav) != wav:
+            first = targets[stems[wav.stem]]
+            raise PrepareError(
+                f"{it.where}: field 'target_wav': {it.target_wav} has the same file stem '{wav.stem}' as "
+                f"{first.target_wav} ({first.where}); token files are keyed by stem"
+            )
+        targets.setdefault(wav, it)
+    return targets
 
 
 def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
@@ -349,7 +401,7 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "items",
         metavar="LIST",
-        help="items: .jsonl (prompt_wav, prompt_text, target_text[, emotion, id]) or "
+        help="items: .jsonl (prompt_wav, prompt_text, target_text[, emotion, id, target_wav]) or "
         "'prompt_wav|prompt_text|target_text[|emotion]' lines; paths relative to the list",
     )
     p.add_argument(

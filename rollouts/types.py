@@ -62,6 +62,7 @@ class PromptRecord:
     prompt_wav: str | None  # path of the voice prompt audio (speaker-similarity reference)
     emotion: int | None  # emotion2vec label index of the target emotion; None = not given
     source: str = ""  # "file:line" it came from, for error messages
+    target_speech_tokens: np.ndarray | None = None  # [Tt] int64 codes of the target (syn_speech_token), optional
 
 
 @dataclass(frozen=True)

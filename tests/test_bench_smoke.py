@@ -89,3 +89,11 @@ def test_flow_step_bench(capsys):
     res = flow_step.main(["--sizes", "tiny", "--rows", "2", "--repeats", "1"])
     assert set(res["tiny"]) == {"vocode", "rollout", "recompute", "update", "ratio"} and res["tiny"]["ratio"] > 1
     assert "flow-GRPO step / vocode" in capsys.readouterr().out
+
+
+def test_joint_vs_stages_bench(capsys):
+    from bench import joint_vs_stages
+
+    res = joint_vs_stages.main(["--steps", "1", "--runs", "joint"])
+    assert [r["run"] for r in res] == ["joint"] and res[0]["s_per_step"] > 0
+    assert "| joint | 0 |" in capsys.readouterr().out

@@ -298,3 +298,27 @@ def test_upstreams_flow_flags_sample_as_upstream(flow_ckpt, tiny_records, tmp_pa
     eta = policy(ckpt, eta=0.7)
     ro = sample(eta, tiny_records[:1], group_size=2)
     assert (eta.token_logprobs(ro)[0] - ro.behaviour_logp).abs().max() < 1e-4
+
+
+def test_fixed_codes_from_the_manifest_replace_the_lm(flow_ckpt, tiny_records):
+    from rollouts.manifest import ManifestError
+
+    pol = policy(flow_ckpt, codes="manifest")
+    fixed = [np.arange(5 + 3 * i, dtype=np.int64) * 7 for i in range(2)]
+    records = [dataclasses.replace(r, target_speech_tokens=c) for r, c in zip(tiny_records[:2], fixed)]
+    ro = sample(pol, records, group_size=2)
+    assert [c.tolist() for c in pol.speech_codes(ro)] == [fixed[0].tolist()] * 2 + [fixed[1].tolist()] * 2
+    assert ro.lengths.tolist() == [5, 5, 8, 8] and ro.finished.all() and not ro.truncated.any()
+    assert (pol.token_logprobs(ro)[0] - ro.behaviour_logp).abs().max() < 1e-4
+    with pytest.raises(ManifestError, match="field 'syn_speech_token' is missing"):
+        pol.prompt_input(tiny_records[0])
+
+
+def test_fixed_codes_are_for_the_flow_policy_only(tmp_path):
+    from conftest import REPO
+
+    from rl.config import load_config
+    from rl.configlib import ConfigError
+
+    with pytest.raises(ConfigError, match="policy.flow.codes manifest is for policy.kind glmtts_flow"):
+        load_config(REPO / "configs" / "tiny_joint.yaml", ["policy.flow.codes=manifest"])

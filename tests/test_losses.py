@@ -240,3 +240,59 @@ def test_a_closed_form_kl_replaces_k3():
     torch.testing.assert_close(kl_tok.grad, torch.tensor([[0.1, 0.1], [0.1, 0.0]]) / 3)
     with pytest.raises(ValueError, match="kl_tokens"):
         policy_loss(logp, logp.detach(), torch.zeros(2), mask, eps_low=0.2, eps_high=0.2, kl_tokens=kl_tok[:1])
+
+
+# ---- staged_loss: a policy whose actions come in stages (rl/stages.py) ------------------------------------------
+# stage 0 = column 0 (clip 0.05 / 0.05, weight 2), stage 1 = columns 1-2 (clip 0.2 / 0.3, weight 0.5)
+STAGE0 = torch.tensor([[1, 0, 0], [1, 0, 0]], dtype=torch.bool)
+STAGE1 = MASK & ~STAGE0
+
+
+def staged(logp, anchor, **kw):
+    from rl.losses import staged_loss
+
+    denoms = [LossDenominators.from_mask(STAGE0), LossDenominators.from_mask(STAGE1)]
+    return staged_loss(
+        logp, anchor, ADV, [STAGE0, STAGE1], denoms, eps=[(0.05, 0.05), (0.2, 0.3)], weights=[2.0, 0.5], **kw
+    )
+
+
+def test_staged_loss_weights_each_stages_own_clipped_mean_hand_computed():
+    logp, anchor = inputs()
+    total, (s0, s1) = staged(logp, anchor)
+    # stage 0: row 0 r 1.5 (A +1) -> -min(1.5, 1.05) = -1.05; row 1 r 1.1 (A -1) -> max(1.1, 0.95) = 1.1; over 2
+    assert s0.loss.item() == pytest.approx((-1.05 + 1.1) / 2)
+    # stage 1: r 0.5, 1.0 (A +1) -> -0.5, -1.0; r 0.7 (A -1) -> max(0.7, 0.8) = 0.8; over its own 3 actions
+    assert s1.loss.item() == pytest.approx((-0.5 - 1.0 + 0.8) / 3)
+    assert total.item() == pytest.approx(2.0 * 0.025 + 0.5 * (-0.7 / 3))
+    assert s0.metrics["clip/high_frac"] == pytest.approx(0.5) and s1.metrics["clip/low_frac"] == pytest.approx(1 / 3)
+    total.backward()
+    # unclipped only: (1, 0) -> +1.1 / 2 * 2; (0, 1) -> -0.5 / 3 * 0.5; (0, 2) -> -1.0 / 3 * 0.5
+    expected = torch.tensor([[0.0, -1 / 12, -1 / 6], [1.1, 0.0, 0.0]], dtype=torch.float64)
+    assert torch.allclose(logp.grad, expected, atol=1e-9)
+
+
+def test_staged_loss_kl_closed_form_on_one_stage_k3_on_the_other():
+    logp, anchor = inputs()
+    ref = torch.zeros(2, 3, dtype=torch.float64)
+    closed_kl = torch.full((2, 3), 0.5, dtype=torch.float64)
+    total, (s0, s1) = staged(logp, anchor, kl_coef=1.0, ref_logp=ref, kl_tokens=closed_kl, closed=[True, False])
+    assert s0.kl.item() == pytest.approx(0.5)  # the closed form, averaged over stage 0's two actions
+
+    def k3(r):  # d = ref - logp = -log r
+        return 1 / r + math.log(r) - 1
+
+    assert s1.kl.item() == pytest.approx((k3(0.5) + k3(1.0) + k3(0.7)) / 3)
+    assert total.item() == pytest.approx(2.0 * (0.025 + 0.5) + 0.5 * (-0.7 / 3 + s1.kl.item()))
+
+
+def test_one_stage_of_weight_1_is_exactly_policy_loss():
+    from rl.losses import staged_loss
+
+    logp, anchor = inputs()
+    d = LossDenominators.from_mask(MASK)
+    one = policy_loss(logp, anchor, ADV, MASK, eps_low=0.2, eps_high=0.3, denom=d)
+    total, (res,) = staged_loss(logp, anchor, ADV, [MASK], [d], eps=[(0.2, 0.3)], weights=[1.0])
+    assert total.item() == one.loss.item() and res.metrics == one.metrics
+    with pytest.raises(ValueError, match="one entry per stage"):
+        staged_loss(logp, anchor, ADV, [MASK], [d, d], eps=[(0.2, 0.3)], weights=[1.0])

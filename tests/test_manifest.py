@@ -64,6 +64,8 @@ def test_root_overrides_the_base_directory(data_dir, tmp_path):
         (line(prompt_text=5), r"m.jsonl:2: field 'prompt_text' must be a string"),
         (line(prompt_speech_token="nope.npy"), r"m.jsonl:2: field 'prompt_speech_token': file not found"),
         (line(prompt_speech_token="bad_codes.npy"), r"field 'prompt_speech_token': codes must be in \[0, 32768\)"),
+        (line(syn_speech_token="bad_codes.npy"), r"m.jsonl:2: field 'syn_speech_token': codes must be in \[0, 32768\)"),
+        (line(syn_speech_token="feat.npy"), r"field 'syn_speech_token': expected a non-empty 1-D integer array"),
         (line(prompt_speech_feat="bad_feat.npy"), r"field 'prompt_speech_feat': expected \[frames, 80\]"),
         (line(embedding="feat.npy"), r"field 'embedding': expected 192 finite values"),
         (line(emotion="happy"), r"field 'emotion' must be an integer"),

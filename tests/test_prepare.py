@@ -425,6 +425,25 @@ def test_prepare_end_to_end_loads_with_the_manifest_reader(prompts, frontend_dir
         prepare(items, frontend_dir, out)
 
 
+def test_target_recordings_become_fixed_codes_for_the_flow(prompts, frontend_dir, tokenizer, tmp_path):
+    # target_wav: a recording of the target text; its tokens are the line's syn_speech_token (policy.flow.codes)
+    items = prompts / "items.jsonl"
+    (prompts / "wavs" / "b.wav").write_bytes((prompts / "wavs" / "spk_b.wav").read_bytes())  # a target recording
+    lines = [
+        {"prompt_wav": "wavs/spk_a.wav", "prompt_text": "你好。", "target_text": "早安", "target_wav": "wavs/b.wav"},
+        {"prompt_wav": "wavs/spk_b.wav", "prompt_text": "hello", "target_text": "good"},
+    ]
+    items.write_text("".join(json.dumps(o, ensure_ascii=False) + "\n" for o in lines), encoding="utf-8")
+    recs = read_manifest(prepare(items, frontend_dir, tmp_path / "out").manifest)
+    b, _ = sf.read(prompts / "wavs" / "spk_b.wav", dtype="float32", always_2d=True)
+    assert np.array_equal(recs[0].target_speech_tokens, tokenizer([(b[:, 0], 24000)])[0])
+    assert recs[0].target_speech_tokens.dtype == np.int64 and recs[1].target_speech_tokens is None
+    lines[1]["target_wav"] = "wavs/missing.wav"
+    items.write_text("".join(json.dumps(o, ensure_ascii=False) + "\n" for o in lines), encoding="utf-8")
+    with pytest.raises(PrepareError, match=r"items\.jsonl:2: field 'target_wav': file not found"):
+        prepare(items, frontend_dir, tmp_path / "out2")
+
+
 def test_pipe_list_cli_and_each_prompt_once(prompts, frontend_dir, frontend, tmp_path, capsys):
     items = prompts / "items.txt"
     items.write_text(

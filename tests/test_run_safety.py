@@ -244,17 +244,17 @@ def test_config_check_validates_every_range(override, message):
 def test_non_finite_updates_are_skipped_counted_and_stop_the_run(tmp_path, tiny_ckpt, monkeypatch):
     import rl.trainer as trainer
 
-    real = trainer.policy_loss
+    real = trainer.staged_loss
     calls, poisoned = [0], set()
 
     def loss(*a, **k):  # one minibatch of one micro-batch per step here: call n is step n
         calls[0] += 1
-        out = real(*a, **k)
+        total, parts = real(*a, **k)
         if calls[0] in poisoned:
-            out.pg = out.pg * float("nan")
-        return out
+            total = total * float("nan")
+        return total, parts
 
-    monkeypatch.setattr(trainer, "policy_loss", loss)
+    monkeypatch.setattr(trainer, "staged_loss", loss)
     poisoned.add(2)
     base = (*QUICK, "train.steps=3", "train.save_every=1", "train.keep_last=5", "optim.lr=1e-3", "optim.minibatches=1")
     cfg, d = load_config(DEFAULT_CONFIG, run_config(tmp_path / "one", tiny_ckpt, *base))
