@@ -22,6 +22,7 @@ POLICIES: dict[str, str] = {
     "glmtts": "policies.glmtts:GLMTTSPolicy",
     "glmtts_flow": "policies.glmtts_flow:GLMTTSFlowPolicy",
     "glmtts_joint": "policies.glmtts_joint:GLMTTSJointPolicy",
+    "voxcpm": "policies.voxcpm:VoxCPMPolicy",
 }
 
 

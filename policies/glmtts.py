@@ -220,6 +220,10 @@ class GLMTTSPolicy:
 
     def prompt_input(self, record: PromptRecord) -> PromptInput:
         """[prompt text + " "][target text][BOA][prompt speech codes + ats]"""
+        if record.prompt_speech_tokens is None:
+            from rollouts.manifest import ManifestError
+
+            raise ManifestError(f"{record.source}: field 'prompt_speech_token' is missing; GLM-TTS needs it")
         prompt_ids = self.encode_text(record.prompt_text + " ")
         target_ids = self.encode_text(record.target_text)
         if not target_ids:

@@ -280,6 +280,23 @@ def _randomise(model: VoxCPM2, gen: torch.Generator) -> None:
                 p.copy_(0.3 * torch.randn(p.shape, generator=gen))
 
 
+def _audible(model: VoxCPM2, gen: torch.Generator, rms: float = 0.1) -> None:
+    """Scale the AudioVAE decoder's last convolution so that random latents decode to speech-level audio (RMS about
+    0.1) instead of the 1e-6 a random decoder gives, which 16-bit wav files and level-based rewards would read as
+    silence."""
+    from policies.voxcpm_vae import WNConv
+
+    dec = model.audio_vae.decoder
+    last = [m for m in dec.modules() if isinstance(m, WNConv)][-1]
+    with torch.no_grad():
+        z = torch.randn(2, model.feat_dim, 16, generator=gen)
+        level = float(model.audio_vae.decode(z).std())
+        if level > 0:
+            last.weight_g.mul_(rms / level)
+            if last.bias is not None:
+                last.bias.mul_(rms / level)
+
+
 def write_tiny_voxcpm(directory: str | Path, texts: list[str] = (), seed: int = 0, **config: Any) -> Path:
     """Write a tiny random VoxCPM2 checkpoint in exactly the released layout; returns the directory.
 
@@ -297,6 +314,7 @@ def write_tiny_voxcpm(directory: str | Path, texts: list[str] = (), seed: int = 
     finally:
         torch.random.set_rng_state(state)
     _randomise(model, torch.Generator().manual_seed(seed + 1))
+    _audible(model, torch.Generator().manual_seed(seed + 2))
     (directory / "config.json").write_text(json.dumps(cfg_dict, indent=2), encoding="utf-8")
     sd = model.state_dict()
     save_file(

@@ -301,8 +301,12 @@ def sample_groups(
     stochastic: bool = True,
     group_ids: Sequence[int] | None = None,
     initial_noise: torch.Tensor | None = None,
+    prompt_max_len: Sequence[int] | None = None,
 ) -> GroupRollout:
     """Sample `group_size` rows per prompt in one batch. seeds: one base seed, or one per prompt.
+
+    prompt_max_len: per prompt, the patches its rows may generate (each <= max_len; the released cap is
+    int(target text tokens x 6 + 10)); a row that reaches it is truncated there (not finished).
 
     sde_steps: 0-based denoising steps run as SDE (None: every step after the CFG-Zero* zero step).
     stochastic=False: the released evaluation sampler (ODE, argmax stop); no actions are recorded as valid.
@@ -345,6 +349,11 @@ def sample_groups(
 
     lm_h, res_h, (base_c, res_c) = _prefill(model, pb1, t0 + max_len, group_size)
     prefix = pb.feats[:, -1].to(lm_h.dtype)  # [N, P, D]
+    caps = torch.full((n,), max_len, dtype=torch.long, device=device)
+    if prompt_max_len is not None:
+        if len(prompt_max_len) != g_count or any(not 1 <= int(c) <= max_len for c in prompt_max_len):
+            raise ValueError(f"prompt_max_len needs one value in [1, {max_len}] per prompt")
+        caps = torch.tensor([int(c) for c in prompt_max_len], device=device).repeat_interleave(group_size)
     rec = _Recorder(n, max_len, k_sde, d, p, device)
     active = torch.ones(n, dtype=torch.bool, device=device)
     lengths = torch.zeros(n, dtype=torch.long, device=device)
@@ -371,7 +380,7 @@ def sample_groups(
         done = allowed & stop
         lengths += active.long()
         finished |= done
-        active &= ~done
+        active &= ~done & (lengths < caps)
         if not bool(active.any()) or i == max_len - 1:
             break
         step_pos = (pb.lengths + i).view(n, 1)

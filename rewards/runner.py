@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -34,10 +35,12 @@ def samples_from_rollout(
                 prompt_text=rec.prompt_text,
                 codes=codes[i].numpy(),
                 finished=bool(rollout.finished[i]),
-                prompt_codes=rec.prompt_speech_tokens,
+                prompt_codes=rec.prompt_speech_tokens
+                if rec.prompt_speech_tokens is not None
+                else np.zeros(0, np.int64),
                 emotion=rec.emotion,
                 duration_s=int(rollout.lengths[i]) / speech_rate,
-                prompt_duration_s=len(rec.prompt_speech_tokens) / PROMPT_TOKEN_RATE,
+                prompt_duration_s=prompt_seconds(rec),
                 audio=None if vocoded is None else vocoded.audio[i],
                 sample_rate=None if vocoded is None else vocoded.sample_rate,
                 prompt_audio=None if pa is None else pa[0],
@@ -45,6 +48,26 @@ def samples_from_rollout(
             )
         )
     return out
+
+
+def prompt_seconds(rec: PromptRecord) -> float:
+    """The voice prompt's duration: its speech tokens at 25 per second (GLM-TTS), else its wav's length (read from
+    the file header), else NaN (unknown)."""
+    if rec.prompt_speech_tokens is not None:
+        return len(rec.prompt_speech_tokens) / PROMPT_TOKEN_RATE
+    if rec.prompt_wav:
+        return _wav_seconds(rec.prompt_wav)
+    return float("nan")
+
+
+@functools.lru_cache(maxsize=4096)
+def _wav_seconds(path: str) -> float:
+    import soundfile as sf
+
+    try:
+        return float(sf.info(path).duration)
+    except (RuntimeError, OSError):
+        return float("nan")
 
 
 def build_scorers(rewards_cfg: dict) -> dict[str, Scorer]:

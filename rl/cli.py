@@ -162,11 +162,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     def models() -> EvalModels:
         if args.tiny_models:
             return tiny_models(args.lang, read_meta(args.meta))
-        if not args.frontend:
-            raise ConfigError(
-                "ttsrl eval needs --frontend DIR (speech_tokenizer/ and frontend/campplus.onnx) or --tiny-models"
-            )
-        return EvalModels(
+        return EvalModels(  # --frontend: GLM-TTS's prompt front end (evaluate() says when it is missing)
             frontend_dir=args.frontend, asr_dir=args.asr, sim_checkpoint=args.sim, emotion_dir=args.emotion
         )
 
@@ -224,6 +220,21 @@ def cmd_plot(args: argparse.Namespace) -> int:
     for path in plot_run(args.run_dir):
         print(path)
     return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from rollouts.prepare import cmd_prepare
+
+    return cmd_prepare(args, policy_frontend=_policy_frontend)
+
+
+def _policy_frontend(kind: str, model_dir: str, device: str):
+    """A policy's own prompt front end for `ttsrl prepare --policy KIND --model DIR`."""
+    from policies.voxcpm import VoxCPMPromptFrontend
+
+    if kind != "voxcpm":
+        raise ConfigError(f"--policy {kind}: no prompt front end of its own")
+    return VoxCPMPromptFrontend.from_dir(model_dir, device)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -320,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from rollouts.prepare import add_prepare_parser
 
-    add_prepare_parser(sub)
+    add_prepare_parser(sub).set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("eval", help="synthesise a seed-tts-eval meta file; report CER/WER, SIM, emotion accuracy")
     p.add_argument("--ckpt", help="a GLM-TTS checkpoint dir (llm/, flow/, hift/ ...) or a ttsrl run/checkpoint dir")

@@ -67,6 +67,37 @@ class FlowPolicyConfig:
 
 
 @dataclass(frozen=True)
+class VoxCPMPolicyConfig:
+    eta: float = opt(0.7, "policy.kind voxcpm: the LocDiT SDE's noise level (Flow-GRPO 0.7; > 0 to train)")
+    sde_steps: list[int] = opt(
+        [1, 2],
+        "LocDiT steps (0-based, of n_timesteps) that take the SDE and are actions; step 0 (zero velocity "
+        "under CFG-Zero*) cannot",
+    )
+    noise: Literal["flow_grpo", "constant"] = opt("flow_grpo", "g(t): flow_grpo eta sqrt(t / (1 - t)) or constant eta")
+    n_timesteps: int = opt(10, "LocDiT Euler steps per patch (released inference_timesteps: 10)")
+    cfg_value: float = opt(2.0, "classifier-free guidance of the LocDiT, CFG-Zero* (released: 2.0)")
+    stop_temperature: float = opt(1.0, "the stop head's sampling temperature (training; evaluation takes the argmax)")
+    min_len: int = opt(2, "stop may be taken from patch min_len + 1 on (released min_len: 2)")
+    max_len_ratio: float = opt(
+        6.0, "a row is truncated at int(target-text tokens x this + 10) patches (released badcase ratio: 6)"
+    )
+    logprob: Literal["mean", "sum"] = opt(
+        "mean", "an SDE action's Gaussian log-prob: mean over its patch's elements (Flow-GRPO) or their sum (exact)"
+    )
+    prompt_mode: Literal["continuation", "reference", "both"] = opt(
+        "continuation",
+        "how the voice prompt conditions: continuation (prompt text + its audio latents, as generate(prompt_wav_path, "
+        "prompt_text)), reference (VoxCPM2's isolated reference audio) or both",
+    )
+    lora_lm: bool = opt(True, "with policy.lora.enabled: adapters on both LMs' q/k/v/o_proj (released enable_lm)")
+    lora_dit: bool = opt(True, "with policy.lora.enabled: adapters on the LocDiT's q/k/v/o_proj (enable_dit)")
+    lora_proj: bool = opt(
+        False, "with policy.lora.enabled: adapters on enc_to_lm, lm_to_dit, res_to_dit, fusion_concat (enable_proj)"
+    )
+
+
+@dataclass(frozen=True)
 class PolicyConfig:
     kind: str = opt("glmtts", "the registered policy to train (policies/base.py POLICIES)")
     ckpt_dir: str = opt(
@@ -83,6 +114,7 @@ class PolicyConfig:
     flow: FlowPolicyConfig = opt(
         FlowPolicyConfig(), "the flow stage's SDE sampling (kinds glmtts_flow and glmtts_joint)"
     )
+    voxcpm: VoxCPMPolicyConfig = opt(VoxCPMPolicyConfig(), "VoxCPM's sampling, stop head and LoRA (kind voxcpm)")
 
 
 @dataclass(frozen=True)
@@ -100,10 +132,10 @@ class DataConfig:
         "a prompt or target text longer than this many LM tokens is an error naming "
         "its manifest line (the prompt must also fit the LM's context)",
     )
-    text_normalize: Literal["upstream", "none"] = opt(
+    text_normalize: Literal["upstream", "voxcpm", "none"] = opt(
         "upstream",
         "upstream: normalise prompt and target texts as GLM-TTS does before tokenising (WeTextProcessing "
-        "1.0.3); none: the manifest's texts are already normalised",
+        "1.0.3); voxcpm: the target text as VoxCPM's generate(normalize=True) (wetext); none: already normalised",
     )
     custom_replace: str = opt(
         "",
@@ -365,6 +397,16 @@ def _validate(cfg: Config) -> None:
         (cfg.policy.flow.eta > 0, "policy.flow.eta must be > 0 (eta 0 is the plain ODE: no action to train)"),
         (cfg.policy.flow.n_timesteps >= 1, "policy.flow.n_timesteps must be >= 1"),
         (
+            (cfg.data.text_normalize == "voxcpm") <= (cfg.policy.kind == "voxcpm")
+            and (cfg.data.text_normalize != "upstream" or cfg.policy.kind != "voxcpm"),
+            f"data.text_normalize {cfg.data.text_normalize} does not fit policy.kind {cfg.policy.kind}: VoxCPM takes "
+            f"voxcpm (its own normaliser) or none, GLM-TTS upstream or none",
+        ),
+        (
+            cfg.policy.kind != "voxcpm" or not (cfg.data.phoneme or cfg.data.custom_replace),
+            "data.phoneme and data.custom_replace are GLM-TTS's text front end; policy.kind voxcpm has neither",
+        ),
+        (
             cfg.policy.flow.codes == "lm" or cfg.policy.kind == "glmtts_flow",
             f"policy.flow.codes manifest is for policy.kind glmtts_flow (the flow on fixed codes); "
             f"{cfg.policy.kind} samples its codes",
@@ -394,6 +436,7 @@ def _validate(cfg: Config) -> None:
         )
     _check_rewards(cfg)
     _check_stages(cfg)
+    _check_voxcpm(cfg.policy.voxcpm)
 
 
 def _check_stages(cfg: Config) -> None:
@@ -404,6 +447,29 @@ def _check_stages(cfg: Config) -> None:
             raise ConfigError(f"stages.{name}.loss_weight must be a number >= 0, got {st.loss_weight}")
         if st.lr is not None and not (math.isfinite(st.lr) and st.lr > 0):
             raise ConfigError(f"stages.{name}.lr must be > 0 (or null for optim.lr), got {st.lr}")
+
+
+def _check_voxcpm(v: VoxCPMPolicyConfig) -> None:
+    """policy.voxcpm: the SDE steps after CFG-Zero*'s zero-velocity step, positive noise and temperatures."""
+    from policies.voxcpm_model import zero_init_steps
+
+    first = zero_init_steps(v.n_timesteps) if v.n_timesteps >= 1 else 1
+    checks = [
+        (v.eta > 0, "policy.voxcpm.eta must be > 0 (eta 0 is the plain ODE: no action to train)"),
+        (v.n_timesteps >= 2, "policy.voxcpm.n_timesteps must be >= 2"),
+        (
+            bool(v.sde_steps)
+            and len(set(v.sde_steps)) == len(v.sde_steps)
+            and all(first <= k < v.n_timesteps for k in v.sde_steps),
+            f"policy.voxcpm.sde_steps must be distinct steps in [{first}, policy.voxcpm.n_timesteps): the first "
+            f"{first} have zero velocity under CFG-Zero*",
+        ),
+        (v.cfg_value >= 0 and v.stop_temperature > 0, "policy.voxcpm.cfg_value >= 0, stop_temperature > 0"),
+        (v.min_len >= 0 and v.max_len_ratio > 0, "policy.voxcpm.min_len >= 0 and max_len_ratio > 0"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
 
 
 def _check_rewards(cfg: Config) -> None:

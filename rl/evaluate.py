@@ -120,7 +120,7 @@ def read_meta(path: str | Path) -> list[MetaItem]:
 class EvalModels:
     """Local model locations; a metric whose model is not given is not measured (and says so)."""
 
-    frontend_dir: str  # speech_tokenizer/ + frontend/campplus.onnx (required: the prompts need them)
+    frontend_dir: str | None  # speech_tokenizer/ + frontend/campplus.onnx (GLM-TTS's prompts need them; VoxCPM not)
     asr_dir: str | None = None  # Paraformer (zh) or Whisper (en) directory
     sim_checkpoint: str | None = None  # wavlm_large_finetune.pth
     sim_wavlm_cfg: dict | None = None  # WavLM architecture overrides (tiny models only)
@@ -155,8 +155,9 @@ def tiny_models(lang: str, meta_items: list[MetaItem] | None = None, root: Path 
 @dataclass
 class LoadedCheckpoint:
     label: str  # what the report calls it
-    glmtts_dir: Path  # llm/, vq32k-phoneme-tokenizer/, flow/, hift/
-    policy: object  # GLMTTSPolicy
+    glmtts_dir: Path  # the model directory: GLM-TTS's llm/, vq32k-phoneme-tokenizer/, flow/, hift/; or VoxCPM's
+    policy: object  # GLMTTSPolicy, or a policy with its own `synthesize` (VoxCPMPolicy)
+    text_normalize: str = "upstream"  # how the run's texts were normalised (data.text_normalize)
 
 
 def load_for_eval(
@@ -177,12 +178,18 @@ def load_for_eval(
     if (path / "llm").is_dir():
         policy = GLMTTSPolicy.from_pretrained(path, dtype=DTYPES[dtype], device=device)
         return LoadedCheckpoint(str(path), path, policy)
+    if _is_voxcpm(path):
+        from policies.voxcpm import VoxCPMPolicy
+
+        return LoadedCheckpoint(
+            str(path), path, VoxCPMPolicy.from_pretrained(path, dtype=DTYPES[dtype], device=device), "voxcpm"
+        )
     try:
         ckpt = find_checkpoint(path)
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"{path}: neither a GLM-TTS checkpoint (no llm/) nor a ttsrl run or checkpoint "
-            f"(no trainer_state.json, no checkpoints/step-*/)"
+            f"{path}: neither a GLM-TTS checkpoint (no llm/), a VoxCPM one (config.json, architecture voxcpm2) nor "
+            f"a ttsrl run or checkpoint (no trainer_state.json, no checkpoints/step-*/)"
         ) from None
     cfg, _ = config_from_data(yaml.safe_load((ckpt / "config.yaml").read_text()), str(ckpt / "config.yaml"))
     if cfg.policy.trust_remote_code and not trust_remote_code:
@@ -192,11 +199,34 @@ def load_for_eval(
             f"to allow it"
         )
     base = Path(cfg.policy.ckpt_dir)
-    policy = GLMTTSPolicy.from_pretrained(
-        base, dtype=DTYPES[dtype], device=device, lora=cfg.policy.lora, trust_remote_code=cfg.policy.trust_remote_code
+    if cfg.policy.kind not in ("glmtts", "voxcpm"):
+        raise MetaError(
+            f"{ckpt}: a {cfg.policy.kind} run trains GLM-TTS's flow: write it in upstream's layout with `ttsrl export "
+            f"{path} OUT`, then evaluate OUT"
+        )
+    from policies.base import policy_class
+
+    policy = policy_class(cfg.policy.kind).from_pretrained(
+        base,
+        dtype=DTYPES[dtype],
+        device=device,
+        lora=cfg.policy.lora,
+        trust_remote_code=cfg.policy.trust_remote_code,
+        config=cfg.policy,
     )
     policy.load_checkpoint_state(load_file(str(ckpt / "policy.safetensors")))
-    return LoadedCheckpoint(str(ckpt), base, policy)
+    return LoadedCheckpoint(str(ckpt), base, policy, cfg.data.text_normalize)
+
+
+def _is_voxcpm(path: Path) -> bool:
+    """A VoxCPM checkpoint directory: config.json naming a voxcpm architecture."""
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return str(json.loads(cfg.read_text()).get("architecture", "")).startswith("voxcpm")
+    except (ValueError, OSError, AttributeError):
+        return False
 
 
 # ---- evaluation ------------------------------------------------------------------------------------------------
@@ -251,22 +281,28 @@ def evaluate(
     for it in items:
         if it.emotion is not None:
             results[it.utt].emotion_target = LABELS[it.emotion]
-    prompt_feats = _prompt_features(items, results, models, device)
     loaded = load_for_eval(ckpt, device=device, trust_remote_code=trust_remote_code)
-    audio = _synthesize(
-        loaded,
-        items,
-        results,
-        prompt_feats,
-        out,
-        texts,
-        device=device,
-        seed=seed,
-        batch_size=batch_size,
-        flow_steps=flow_steps,
-    )
+    if callable(getattr(loaded.policy, "synthesize", None)):  # a policy with its own front end (VoxCPM)
+        audio, rate = _synthesize_own(loaded, items, results, out, texts, seed=seed, batch_size=batch_size)
+    else:
+        if models.frontend_dir is None:
+            raise MetaError("evaluating GLM-TTS needs --frontend DIR (speech_tokenizer/ and frontend/campplus.onnx)")
+        prompt_feats = _prompt_features(items, results, models, device)
+        rate = token2wav_rate()
+        audio = _synthesize(
+            loaded,
+            items,
+            results,
+            prompt_feats,
+            out,
+            texts,
+            device=device,
+            seed=seed,
+            batch_size=batch_size,
+            flow_steps=flow_steps,
+        )
     ok = [it for it in items if it.utt in audio]
-    measured = _measure(_eval_samples(ok, results, audio), results, models, lang, asr_kind, device)
+    measured = _measure(_eval_samples(ok, results, audio, rate), results, models, lang, asr_kind, device)
     report = _report(results, ok, measured, lang, time.perf_counter() - t_start)
     report = {
         "ckpt": loaded.label,
@@ -361,7 +397,52 @@ def _synthesize(
     return audio
 
 
-def _eval_samples(ok: list, results: dict, audio: dict) -> list:
+def _synthesize_own(
+    loaded, items: list, results: dict, out: Path, texts, *, seed: int, batch_size: int
+) -> tuple[dict[str, np.ndarray], int]:
+    """2. synthesis by a policy with its own front end and evaluation sampler (`policy.synthesize`: VoxCPM's
+    released ODE and argmax stop): the prompt wav and texts per item, batched, seeded per item; wavs under out/wavs.
+    Returns (audio per utt, sample rate)."""
+    from rollouts.audio import write_wav
+    from rollouts.paths import inside, safe_stem
+    from rollouts.text import LMTexts
+    from rollouts.types import PromptRecord
+
+    policy = loaded.policy
+    lm = texts if texts is not None else LMTexts(loaded.text_normalize)
+    rate = int(policy.sample_rate)
+    prompts: dict[int, object] = {}
+    for k, it in enumerate(items):
+        rec = PromptRecord(
+            it.utt,
+            lm.prompt(it.prompt_text),
+            lm.target(it.target_text),
+            None,
+            None,
+            None,
+            str(it.prompt_wav),
+            it.emotion,
+            it.where,
+        )
+        try:
+            prompts[k] = policy.prompt_input(rec)
+        except (ValueError, OSError) as e:
+            results[it.utt].failed["frontend"] = str(e)
+    audio: dict[str, np.ndarray] = {}
+    todo = sorted(prompts)
+    for start in range(0, len(todo), batch_size):
+        keys = todo[start : start + batch_size]
+        for k, (wav, truncated) in zip(keys, policy.synthesize([prompts[k] for k in keys], seed=seed, keys=keys)):
+            res = results[items[k].utt]
+            res.truncated = truncated
+            audio[res.utt] = wav
+            res.seconds = len(wav) / rate
+            res.wav = str(inside(out / "wavs", f"{safe_stem(res.utt)}.wav"))
+            write_wav(res.wav, wav, rate)
+    return audio, rate
+
+
+def _eval_samples(ok: list, results: dict, audio: dict, rate: int) -> list:
     from rewards.base import Sample
     from rollouts.audio import read_wav
 
@@ -376,10 +457,10 @@ def _eval_samples(ok: list, results: dict, audio: dict) -> list:
             finished=not results[it.utt].truncated,
             prompt_codes=np.zeros(0, np.int64),
             emotion=it.emotion,
-            duration_s=len(audio[it.utt]) / token2wav_rate() if audio[it.utt] is not None else math.nan,
+            duration_s=len(audio[it.utt]) / rate if audio[it.utt] is not None else math.nan,
             prompt_duration_s=len(prompt_wavs[it.prompt_wav][0]) / prompt_wavs[it.prompt_wav][1],
             audio=audio[it.utt],
-            sample_rate=token2wav_rate(),
+            sample_rate=rate,
             prompt_audio=prompt_wavs[it.prompt_wav][0],
             prompt_sample_rate=prompt_wavs[it.prompt_wav][1],
         )

@@ -68,7 +68,9 @@ def check_prompt_lengths(records, prompts, *, max_text_tokens: int, context: int
                 f"{rec.source}: field 'syn_text': {p.text_len} tokens, above data.max_text_tokens="
                 f"{max_text_tokens} (split long texts, or raise the bound)"
             )
-        prompt_text = len(p.ids) - p.text_len - 1 - len(rec.prompt_speech_tokens)
+        prompt_text = getattr(p, "prompt_text_len", None)  # the policy's own count, or GLM-TTS's layout
+        if prompt_text is None:
+            prompt_text = len(p.ids) - p.text_len - 1 - len(rec.prompt_speech_tokens)
         if prompt_text > max_text_tokens:
             raise InputError(
                 f"{rec.source}: field 'prompt_text': {prompt_text} tokens, above data.max_text_tokens={max_text_tokens}"

@@ -8,6 +8,7 @@
                           and how many pairs are flagged (only when the metrics have monitor/corr/* keys)
 <run>/plots/flow.png      the flow policy's own metrics (flow/eta, flow/sde_steps, flow/logprob_mean, flow/frames;
                           only when the metrics have them)
+<run>/plots/voxcpm.png    the VoxCPM policy's own metrics (voxcpm/eta, voxcpm/patches, voxcpm/stopped_frac, ...)
 <run>/plots/stages.png    one column per stage of the policy (rl/stages.py: lm, flow): its loss, ratio (mean, with
                           min and max), clip fractions and gradient norm (only when the metrics have <stage>/* keys)
 """
@@ -99,19 +100,21 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     if (path := _plot_monitor(plt, rows, out_dir / "monitor.png", run_dir.name)) is not None:
         written.append(path)
     stage_keys = {f"{name}/{m}" for name in _stages(rows) for m in STAGE_METRICS}
-    if (path := _plot_prefixed(plt, rows, "flow/", out_dir / "flow.png", run_dir.name, stage_keys)) is not None:
-        written.append(path)
+    for prefix in ("flow/", "voxcpm/"):  # the policies' own metrics (Policy.rollout_metrics)
+        path = _plot_prefixed(plt, rows, prefix, out_dir / f"{prefix[:-1]}.png", run_dir.name, stage_keys)
+        if path is not None:
+            written.append(path)
     if (path := _plot_stages(plt, rows, out_dir / "stages.png", run_dir.name)) is not None:
         written.append(path)
     return written
 
 
 def _stages(rows: list[dict]) -> list[str]:
-    """The stages a run logged <stage>/grad_norm for (rl/trainer.py stage_metrics), in first-seen order."""
+    """The stages a run logged <stage>/pg_loss for (rl/trainer.py stage_metrics), in first-seen order."""
     names: dict[str, None] = {}
     for r in rows:
         for k in r:
-            if k.count("/") == 1 and k.endswith("/grad_norm"):
+            if k.count("/") == 1 and k.endswith("/pg_loss"):
                 names.setdefault(k.split("/")[0])
     return list(names)
 

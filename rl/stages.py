@@ -9,9 +9,11 @@ own, over its own actions, with its own denominators:
 
 where pg_s is `rl/losses.py` `policy_loss` over stage s's actions alone (`stages.<s>.eps_low/eps_high`, falling back
 to `loss.eps_*`), its denominators counting stage s's actions of the minibatch, and w_s = `stages.<s>.loss_weight`.
-Each stage's parameters are one AdamW parameter group (`stages.<s>.lr`, else `optim.lr`) and, with more than one
-stage, each group's gradient is clipped to `optim.grad_clip` on its own, so that one stage's gradient scale does
-not shrink the other's step. One advantage per row drives every stage.
+One advantage per row drives every stage. When the stages train parameters of their own (`stage_parameters`:
+glmtts_joint's LM and DiT), each stage's parameters are one AdamW parameter group (`stages.<s>.lr`, else
+`optim.lr`) and each group's gradient is clipped to `optim.grad_clip` on its own, so that one stage's gradient
+scale does not shrink the other's step. When they share them (voxcpm: the same LMs decide a patch's denoising and
+its stop), there is one group and one clip, and `stages.<s>.lr` is refused.
 
 A policy that names one stage (`glmtts`: lm, `glmtts_flow`: flow) is trained exactly as before; it only gains the
 `<stage>/...` metrics. A policy that names none is one unnamed stage and logs none of them.
@@ -68,6 +70,13 @@ def plan_stages(cfg, policy) -> list[Stage]:
         if key not in names:
             have = ", ".join(names) if names else "none (it trains as one)"
             raise ConfigError(f"stages.{key}: policy.kind {kind} has no stage {key!r}; its stages: {have}")
+    shared = len(names) > 1 and not callable(getattr(policy, "stage_parameters", None))
+    for key, st in cfg.stages.items():
+        if shared and st.lr is not None:
+            raise ConfigError(
+                f"stages.{key}.lr: policy.kind {kind}'s stages share their parameters (one optimizer group); "
+                f"set optim.lr instead"
+            )
     closed = set(getattr(policy, "closed_kl_stages", ()) or ())
     stages = []
     for i, name in enumerate(names or ("",)):
@@ -99,8 +108,9 @@ def stage_masks(policy, rollout, mask: torch.Tensor, stages: list[Stage]) -> lis
 
 
 def param_groups(policy, stages: list[Stage]) -> list[dict[str, Any]]:
-    """One AdamW parameter group per stage (its parameters and learning rate), in stage order."""
-    if len(stages) == 1:
+    """One AdamW parameter group per stage (its parameters and learning rate), in stage order; one group (at
+    optim.lr) when the stages share their parameters."""
+    if len(stages) == 1 or not callable(getattr(policy, "stage_parameters", None)):
         return [{"params": policy.trainable_parameters(), "lr": stages[0].lr}]
     own = policy.stage_parameters()
     params = [list(own[s.name]) for s in stages]

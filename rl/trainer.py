@@ -831,9 +831,10 @@ def _record_step(run: Run, acc: LossSums, norms: list[float], stats: UpdateStats
             stats.per_step[prefix + "ratio/min"].append(low)
             stats.per_step[prefix + "ratio/max"].append(high)
     stats.per_step["grad_norm"].append(combined_norm(norms))
-    for s, norm in zip(run.stages, norms):
-        if s.name:
-            stats.per_step[s.key("grad_norm")].append(norm)
+    if len(norms) == len(run.stages):  # a gradient norm per stage (one group each; else the stages share one)
+        for s, norm in zip(run.stages, norms):
+            if s.name:
+                stats.per_step[s.key("grad_norm")].append(norm)
 
 
 @dataclass
@@ -978,11 +979,11 @@ def _add_stage(acc: LossSums, s: Stage, res: LossOutput, tokens: float, stage_to
 def _optimizer_step(run: Run, mb_loss: float, step: int) -> tuple[bool, list[float]]:
     """Clip (the engine has summed the gradients over ranks) and step; returns (stepped, gradient norm per stage).
     Not stepped (gradients dropped) when the loss or the gradient norm is not finite (both are global, so every rank
-    skips together). grad_clip 0 = no clipping (the norm is still reported). With several stages each stage's
-    parameter group is clipped on its own (rl/stages.py)."""
+    skips together). grad_clip 0 = no clipping (the norm is still reported). With a parameter group per stage,
+    each is clipped on its own (rl/stages.py)."""
     cfg, optimizer = run.cfg, run.optimizer
     limit = cfg.optim.grad_clip or math.inf
-    if len(run.stages) == 1:
+    if len(optimizer.param_groups) == 1:
         norms = [run.engine.clip_grad_norm(run.accelerator, run.policy.trainable_parameters(), limit)]
     else:
         norms = [run.engine.clip_grad_norm(run.accelerator, g["params"], limit) for g in optimizer.param_groups]
@@ -1059,16 +1060,20 @@ def stage_metrics(run: Run, step: int, upd: UpdateStats) -> dict:
     """`<stage>/...` for a policy that names its stages (rl/stages.py STAGE_METRICS): each stage's loss, pg_loss
     and kl (unweighted), clip fractions and ratio over its own actions, gradient norm, learning rate and clip range."""
     u, out = upd.per_step, {}
+    groups = run.optimizer.param_groups
+    own = len(groups) == len(run.stages)  # a parameter group per stage (else they share one: no own norm or lr)
     for i, s in enumerate(run.stages):
         if not s.name:
             continue
-        for k in ("loss", "pg_loss", "kl", "clip/low_frac", "clip/high_frac", "ratio/mean", "grad_norm"):
+        for k in ("loss", "pg_loss", "kl", "clip/low_frac", "clip/high_frac", "ratio/mean"):
             out[s.key(k)] = _mean(u[s.key(k)])
         out[s.key("ratio/min")] = min(u[s.key("ratio/min")], default=float("nan"))
         out[s.key("ratio/max")] = max(u[s.key("ratio/max")], default=float("nan"))
         out[s.key("clip/eps_low")] = s.eps_low(step)
         out[s.key("clip/eps_high")] = s.eps_high(step)
-        out[s.key("lr")] = run.optimizer.param_groups[min(i, len(run.optimizer.param_groups) - 1)]["lr"]
+        if own:
+            out[s.key("grad_norm")] = _mean(u[s.key("grad_norm")])
+            out[s.key("lr")] = groups[i]["lr"]
     return out
 
 

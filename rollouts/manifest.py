@@ -4,9 +4,11 @@ Each line is a JSON object:
     uttid                 str   unique id
     prompt_text           str   transcript of the voice prompt
     prompt_speech         str   voice prompt audio (.wav), for speaker similarity
-    prompt_speech_token   str   .npy of int speech codes [Tp], 0..32767
+    prompt_speech_token   str   .npy of int speech codes [Tp], 0..32767 (the GLM-TTS policies need it)
     prompt_speech_feat    str   .npy of the prompt's 24 kHz log-mel [Tf, 80] (flow condition)
     embedding             str   .npy of the speaker embedding [192]
+    prompt_latent         str   optional .npy [T, P, D] float32: the voice prompt's VoxCPM AudioVAE latent patches
+                                (`ttsrl prepare --policy voxcpm`); the VoxCPM policy encodes prompt_speech without it
     syn_text              str   the text to synthesise
     syn_speech_token      str   optional .npy of int speech codes [Tt] of the target (e.g. the speech tokenizer's codes
                                 of a recording of syn_text): the fixed codes the flow policy trains on with
@@ -72,7 +74,8 @@ def parse_line(obj: dict, base: Path, where: str) -> PromptRecord:
     prompt_text = text("prompt_text")
     syn_text = text("syn_text")
 
-    tokens = _codes(base, text("prompt_speech_token"), f"{where}: field 'prompt_speech_token'")
+    tok_path = text("prompt_speech_token", required=False)
+    tokens = _codes(base, tok_path, f"{where}: field 'prompt_speech_token'") if tok_path else None
     syn_tok = text("syn_speech_token", required=False)
     target_tokens = _codes(base, syn_tok, f"{where}: field 'syn_speech_token'") if syn_tok else None
 
@@ -96,6 +99,18 @@ def parse_line(obj: dict, base: Path, where: str) -> PromptRecord:
             raise ManifestError(f"{where}: field 'embedding': expected {EMBEDDING_DIM} finite values, got {emb.shape}")
         emb = emb.astype(np.float32)
 
+    latent = None
+    latent_path = text("prompt_latent", required=False)
+    if latent_path:
+        latent = _load_npy(_resolve(base, latent_path), f"{where}: field 'prompt_latent'")
+        if latent.ndim != 3 or latent.shape[0] == 0 or not np.issubdtype(latent.dtype, np.floating):
+            raise ManifestError(
+                f"{where}: field 'prompt_latent': expected float latent patches [T, P, D], got shape {latent.shape} "
+                f"dtype {latent.dtype}"
+            )
+        if not np.isfinite(latent).all():
+            raise ManifestError(f"{where}: field 'prompt_latent': contains NaN or inf")
+        latent = latent.astype(np.float32)
     wav = text("prompt_speech", required=False)
     emotion = obj.get("emotion", -1)
     if emotion is None:
@@ -113,6 +128,7 @@ def parse_line(obj: dict, base: Path, where: str) -> PromptRecord:
         emotion=None if emotion < 0 else emotion,
         source=where,
         target_speech_tokens=target_tokens,
+        prompt_latent=latent,
     )
 
 

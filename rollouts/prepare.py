@@ -41,6 +41,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -79,6 +80,24 @@ class Item:
     target_text: str
     emotion: int  # emotion2vec label index; -1 = none
     target_wav: Path | None = None  # a recording of target_text (its tokens: the line's syn_speech_token)
+
+
+def feature_fields(pf: PromptFeatures) -> dict[str, np.ndarray]:
+    """GLM-TTS's prompt features as the manifest's fields."""
+    return dict(zip(KINDS, (pf.tokens.astype(np.int64), pf.embedding.astype(np.float32), pf.feat.astype(np.float32))))
+
+
+class Frontend(Protocol):
+    """What `prepare` runs on each voice prompt: GLM-TTS's PromptFrontend, or a policy's own (VoxCPM's AudioVAE,
+    `policies/voxcpm.py` VoxCPMPromptFrontend)."""
+
+    def features(self, prompt: str | Path) -> dict[str, np.ndarray]:
+        """The manifest's feature fields of one voice prompt (each written to <field>/<stem>.npy)."""
+        ...
+
+    def codes(self, path: str | Path) -> np.ndarray:
+        """A target recording's speech tokens (an item's target_wav)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -259,6 +278,10 @@ class PromptFrontend:
         tokens = self.tokenizer([(wav[0], sr)])[0]  # channel 0, alone in its batch (upstream)
         return PromptFeatures(tokens=tokens, feat=prompt_mel(mono, sr), embedding=self.embedder(mono, sr))
 
+    def features(self, prompt: str | Path) -> dict[str, np.ndarray]:
+        """The manifest's feature fields of one voice prompt (prepare writes each to <field>/<stem>.npy)."""
+        return feature_fields(self(prompt))
+
     def codes(self, path: str | Path) -> np.ndarray:
         """A recording's speech tokens [M] int64, as the prompt's (channel 0, alone in its batch)."""
         wav, sr = read_audio(path)
@@ -284,7 +307,7 @@ def prepare(
     *,
     device: str = "cpu",
     overwrite: bool = False,
-    frontend: PromptFrontend | None = None,
+    frontend: Frontend | None = None,
     speech_tokenizer_dir: str | Path | None = None,
     campplus_path: str | Path | None = None,
     progress: bool = False,
@@ -325,22 +348,21 @@ def prepare(
         frontend = PromptFrontend.from_dir(
             frontend_dir, device, speech_tokenizer_dir=speech_tokenizer_dir, campplus_path=campplus_path
         )
-    for kind in KINDS:
-        (out / kind).mkdir(parents=True, exist_ok=True)
     todo = list(prompts.items())
     if progress:
         from tqdm import tqdm
 
         todo = tqdm(todo, desc="prompts", unit="wav")
+    fields: dict[str, None] = {}  # the feature fields written (every prompt has the same)
     for wav, first in todo:
-        try:
-            pf = frontend(wav)
+        try:  # a bare callable giving PromptFeatures is GLM-TTS's front end too
+            arrays = frontend.features(wav) if hasattr(frontend, "features") else feature_fields(frontend(wav))
         except ValueError as e:
             raise PrepareError(f"{first.where}: field 'prompt_wav': {e}") from None
-        for kind, arr in zip(
-            KINDS, (pf.tokens.astype(np.int64), pf.embedding.astype(np.float32), pf.feat.astype(np.float32))
-        ):
+        for kind, arr in arrays.items():
+            (out / kind).mkdir(parents=True, exist_ok=True)
             np.save(out / kind / f"{wav.stem}.npy", arr)
+            fields.setdefault(kind)
     if targets:
         (out / TARGET_KIND).mkdir(parents=True, exist_ok=True)
     for wav, first in targets.items():
@@ -359,9 +381,7 @@ def prepare(
                 "uttid": f"{stem}--{it.item_id}",
                 "prompt_text": it.prompt_text,
                 "prompt_speech": os.path.relpath(it.prompt_wav.resolve(), out_abs),
-                "prompt_speech_token": f"prompt_speech_token/{stem}.npy",
-                "embedding": f"embedding/{stem}.npy",
-                "prompt_speech_feat": f"prompt_speech_feat/{stem}.npy",
+                **{kind: f"{kind}/{stem}.npy" for kind in fields},
                 "syn_text": it.target_text,
                 "emotion": it.emotion,
             }
@@ -412,37 +432,53 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--speech-tokenizer", metavar="DIR", help="speech tokenizer dir (default DIR/speech_tokenizer)")
     p.add_argument("--campplus", metavar="FILE", help="CAMPPlus ONNX model (default DIR/frontend/campplus.onnx)")
     p.add_argument("--out", required=True, metavar="DIR", help="output dir: manifest.jsonl and the .npy features")
+    p.add_argument(
+        "--policy",
+        choices=("glmtts", "voxcpm"),
+        default="glmtts",
+        help="whose prompt features: glmtts (speech tokens, prompt mel, CAMPPlus; --frontend) or voxcpm (AudioVAE "
+        "latent patches, prompt_latent; --model)",
+    )
+    p.add_argument("--model", metavar="DIR", help="--policy voxcpm: the VoxCPM checkpoint dir whose AudioVAE encodes")
     p.add_argument("--device", default="cpu", help="speech tokenizer device; cuda also runs CAMPPlus on the GPU")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/manifest.jsonl")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--text-normalize",
-        choices=("upstream", "none"),
+        choices=("upstream", "voxcpm", "none"),
         default="upstream",
-        help="store the upstream-normalised texts too (prompt_text_tn, syn_text_tn); none: raw only",
+        help="store the normalised texts too (prompt_text_tn, syn_text_tn): upstream (GLM-TTS) or voxcpm; none: raw",
     )
     p.add_argument("--custom-replace", metavar="FILE", help="zh substitutions (GLM-TTS configs/custom_replace.jsonl)")
     p.set_defaults(func=cmd_prepare)
     return p
 
 
-def cmd_prepare(args: argparse.Namespace) -> int:
+def cmd_prepare(args: argparse.Namespace, policy_frontend=None) -> int:
+    """`ttsrl prepare`; `policy_frontend(kind, model_dir, device)` builds a policy's own front end (rl/cli.py gives
+    it: the policies' models live in policies/)."""
     from rollouts.text import TextFrontEndError
 
     try:
+        frontend = None
+        if args.policy != "glmtts":
+            if not args.model or policy_frontend is None:
+                raise PrepareError(f"--policy {args.policy} needs --model DIR (its checkpoint in the released layout)")
+            frontend = policy_frontend(args.policy, args.model, args.device)
         res = prepare(
             args.items,
             args.frontend,
             args.out,
             device=args.device,
             overwrite=args.overwrite,
+            frontend=frontend,
             speech_tokenizer_dir=args.speech_tokenizer,
             campplus_path=args.campplus,
             progress=not args.no_progress,
             text_normalize=args.text_normalize,
             custom_replace=args.custom_replace,
         )
-    except (PrepareError, SpeechTokenizerError, SpeakerEmbeddingError, TextFrontEndError) as e:
+    except (PrepareError, SpeechTokenizerError, SpeakerEmbeddingError, TextFrontEndError, ValueError) as e:
         print(f"ttsrl prepare: {e}", file=sys.stderr)
         return 2
     print(f"ttsrl: wrote {res.manifest} ({res.items} items, {res.prompts} prompts)")

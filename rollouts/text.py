@@ -406,11 +406,34 @@ def read_custom_replace(path: str | Path | None) -> list[tuple[str, str]]:
 _GRAMMARS: dict[tuple, object] = {}  # loaded WeTextProcessing normalisers, shared by every TextFrontEnd
 
 
+def released_voxcpm_normalizer():
+    """VoxCPM's own text normaliser (`voxcpm.utils.text_normalize.TextNormalizer`: wetext's zh / en FSTs, shipped in
+    the `wetext` wheel, plus its clean-ups), loaded from the installed `voxcpm` package's file alone: the package's
+    __init__ imports torchaudio, which this project does not install. TextFrontEndError when it cannot load."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("voxcpm")
+    if spec is None or spec.origin is None:
+        raise TextFrontEndError("data.text_normalize voxcpm needs the voxcpm package (installed --no-deps by make)")
+    path = Path(spec.origin).parent / "utils" / "text_normalize.py"
+    module_spec = importlib.util.spec_from_file_location("ttsrl_voxcpm_text_normalize", path)
+    if module_spec is None or module_spec.loader is None:
+        raise TextFrontEndError(f"data.text_normalize voxcpm: cannot load {path}")
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+        return module.TextNormalizer()
+    except (ImportError, OSError) as e:
+        raise TextFrontEndError(f"data.text_normalize voxcpm: {path}: {e} (pip install wetext)") from None
+
+
 class TextFrontEnd:
     """Upstream's text normalisation, with every distinct text normalised once (a per-instance cache).
 
-    mode "upstream" normalises; "none" passes texts through unchanged (for manifests already normalised).
-    Grammars load on the first text that needs them.
+    mode "upstream" normalises as GLM-TTS; "voxcpm" as VoxCPM's `generate(normalize=True)` (the released
+    `voxcpm.utils.text_normalize.TextNormalizer`, wetext FSTs; the target text only, once, never split); "none"
+    passes texts through unchanged (for manifests already normalised). Grammars load on the first text that needs
+    them.
     """
 
     def __init__(
@@ -421,13 +444,14 @@ class TextFrontEnd:
         wetext_version: str | None = WETEXT_VERSION,
         cache_dir: Path | None = None,
     ):
-        if mode not in ("upstream", "none"):
-            raise TextFrontEndError(f"data.text_normalize: expected upstream or none, got {mode!r}")
+        if mode not in ("upstream", "voxcpm", "none"):
+            raise TextFrontEndError(f"data.text_normalize: expected upstream, voxcpm or none, got {mode!r}")
         self.mode = mode
         self.custom = read_custom_replace(custom_replace)
         self.wetext_version, self.cache_dir = wetext_version, cache_dir
         self._zh = self._en = self._inflect = None
         self._memo: dict[str, str] = {}
+        self._voxcpm = released_voxcpm_normalizer() if mode == "voxcpm" else None  # fails at start-up if missing
         if mode == "upstream":
             _check_wetext(wetext_version)  # fail at start-up, not on the first text
 
@@ -464,6 +488,8 @@ class TextFrontEnd:
         return self._memo[text]
 
     def _normalize(self, text: str) -> str:
+        if self._voxcpm is not None:
+            return self._voxcpm.normalize(text)
         text = emoji_norm(multi_line_process(markdown_norm(text)))
         text = re.sub(r"(?<=[a-zA-Z])-(?=[a-zA-Z])", " ", text)
         if contains_chinese(text):
@@ -475,13 +501,18 @@ class TextFrontEnd:
 
     def lm_text(self, text: str) -> str:
         """The text as upstream's inference CLI feeds it to the tokenizer: normalised, then normalised again
-        (the CLI normalises before and after splitting long texts; its RL loader normalises once)."""
+        (the CLI normalises before and after splitting long texts; its RL loader normalises once). VoxCPM
+        normalises once."""
+        if self.mode == "voxcpm":
+            return self.normalize(text)
         return self.normalize(self.normalize(text))
 
     def chunks(self, text: str, min_len: int = 30, max_len: int = 60) -> list[str]:
         """upstream generate_long's target pieces: normalise, split_by_len, normalise each piece."""
         from rollouts.text_split import split_by_len
 
+        if self.mode == "voxcpm":  # VoxCPM synthesises a long text in one go
+            return [self.normalize(text)]
         text = self.normalize(text)
         try:
             pieces = split_by_len(text, min_len, max_len)
@@ -519,7 +550,8 @@ class LMTexts:
         return _SHARED[key]
 
     def prompt(self, text: str) -> str:
-        return self.front.normalize(text)
+        """The prompt text as the model reads it (VoxCPM leaves it as given)."""
+        return text if self.front.mode == "voxcpm" else self.front.normalize(text)
 
     def target(self, text: str) -> str:
         text = self.front.lm_text(text)

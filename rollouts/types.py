@@ -56,13 +56,14 @@ class PromptRecord:
     uttid: str
     prompt_text: str
     target_text: str
-    prompt_speech_tokens: np.ndarray  # [Tp] int64 speech codes 0..32767 of the voice prompt
+    prompt_speech_tokens: np.ndarray | None  # [Tp] int64 speech codes 0..32767 of the voice prompt (GLM-TTS)
     prompt_feat: np.ndarray | None  # [Tf, 80] float32 24 kHz log-mel of the voice prompt (flow condition)
     embedding: np.ndarray | None  # [192] float32 speaker embedding (CAMPPlus)
     prompt_wav: str | None  # path of the voice prompt audio (speaker-similarity reference)
     emotion: int | None  # emotion2vec label index of the target emotion; None = not given
     source: str = ""  # "file:line" it came from, for error messages
     target_speech_tokens: np.ndarray | None = None  # [Tt] int64 codes of the target (syn_speech_token), optional
+    prompt_latent: np.ndarray | None = None  # [T, P, D] float32 VoxCPM AudioVAE latent patches of the voice prompt
 
 
 @dataclass(frozen=True)

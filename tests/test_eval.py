@@ -239,7 +239,7 @@ def test_a_batch_that_fails_to_synthesise_is_listed_and_the_rest_go_on(tmp_path,
     ]
 
 
-def test_cli_errors_are_clear(tmp_path, capsys):
+def test_cli_errors_are_clear(tmp_path, tiny_ckpt, capsys):
     from rl.cli import main
 
     assert (
@@ -260,5 +260,7 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     )
     assert "meta file not found" in capsys.readouterr().err
     meta = _meta(tmp_path, ["a|你好|p.wav|今天很好"])
-    assert main(["eval", "--ckpt", str(tmp_path), "--meta", str(meta), "--lang", "zh"]) == 2  # no --frontend
+    assert main(["eval", "--ckpt", str(tmp_path), "--meta", str(meta), "--lang", "zh"]) == 2  # not a checkpoint
+    assert "neither a GLM-TTS checkpoint" in capsys.readouterr().err
+    assert main(["eval", "--ckpt", str(tiny_ckpt), "--meta", str(meta), "--lang", "zh"]) == 2  # GLM-TTS: --frontend
     assert "needs --frontend DIR" in capsys.readouterr().err

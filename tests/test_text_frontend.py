@@ -68,7 +68,7 @@ def test_hand_checked_cases(front, raw, normalised):
 
 def test_none_passes_through_and_bad_inputs_are_clear(tmp_path):
     assert TextFrontEnd("none").normalize("Hello 12!") == "Hello 12!"
-    with pytest.raises(TextFrontEndError, match="upstream or none"):
+    with pytest.raises(TextFrontEndError, match="upstream, voxcpm or none"):
         TextFrontEnd("wetext")
     bad = tmp_path / "custom.jsonl"
     bad.write_text('{"origin": "噢", "new": "哦"}\n{"from": "x"}\n', encoding="utf-8")
