@@ -39,6 +39,31 @@ def run_config(tmp_path: Path, ckpt: Path, *extra: str) -> list[str]:
     ]
 
 
+def train_shipped(config: str, out: Path, ckpt: Path, *extra: str) -> list[dict]:
+    """Train configs/<config> into `out` from the checkpoint `ckpt` (no wandb, no samples); its metrics rows."""
+    import json
+
+    from rl.config import load_config
+    from rl.trainer import train
+
+    overrides = [f"policy.ckpt_dir={ckpt}", f"train.output_dir={out}", "wandb.enabled=false", "train.samples_every=0"]
+    cfg, d = load_config(REPO / "configs" / config, [*overrides, *extra])
+    train(cfg, d, progress=False)
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests (tiny models are op-overhead bound: one thread is ~20x faster on a
+    shared 2-core CPU); the count is restored after the module."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def reward_models(tmp_path_factory):
     """Every tiny reward model (Paraformer, Whisper, emotion2vec, AST, WavLM + ECAPA) in its real format."""

@@ -140,23 +140,9 @@ def test_a_stage_the_policy_does_not_have_is_refused_before_the_run_writes(tmp_p
 
 
 def joint_run(out, ckpt, *extra):
-    from conftest import REPO
+    from conftest import train_shipped
 
-    from rl.config import load_config
-    from rl.trainer import train
-
-    cfg, d = load_config(
-        REPO / "configs" / "tiny_joint.yaml",
-        [
-            f"policy.ckpt_dir={ckpt}",
-            f"train.output_dir={out}",
-            "wandb.enabled=false",
-            "train.samples_every=0",
-            *extra,
-        ],
-    )
-    train(cfg, d, progress=False)
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return train_shipped("tiny_joint.yaml", out, ckpt, *extra)
 
 
 @pytest.mark.slow

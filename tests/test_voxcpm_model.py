@@ -65,12 +65,8 @@ def _load_released(directory: Path):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models are op-overhead bound: one intra-op thread is ~20x faster on a shared 2-core CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Tiny models are op-overhead bound (conftest one_thread)."""
 
 
 @pytest.fixture(scope="module")

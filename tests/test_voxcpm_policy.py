@@ -21,12 +21,8 @@ K = 2  # policy.voxcpm.sde_steps [1, 2]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models are op-overhead bound: one intra-op thread is much faster on a shared 2-core CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Tiny models are op-overhead bound (conftest one_thread)."""
 
 
 @pytest.fixture(scope="module")
@@ -195,22 +191,9 @@ def test_prepare_writes_the_prompt_latents_the_policy_reads(vox_ckpt, tmp_path):
 
 
 def voxcpm_run(out, ckpt, *extra):
-    from rl.config import load_config
-    from rl.trainer import train
+    from conftest import train_shipped
 
-    cfg, d = load_config(
-        REPO / "configs" / "tiny_voxcpm.yaml",
-        [
-            f"policy.ckpt_dir={ckpt}",
-            f"train.output_dir={out}",
-            f"data.manifest={TINY_MANIFEST}",
-            "wandb.enabled=false",
-            "train.samples_every=0",
-            *extra,
-        ],
-    )
-    train(cfg, d, progress=False)
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return train_shipped("tiny_voxcpm.yaml", out, ckpt, f"data.manifest={TINY_MANIFEST}", *extra)
 
 
 @pytest.mark.slow
