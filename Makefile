@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 # Type-checked modules; the list may name files not written yet (they are skipped until they exist).
-MYPY_FILES := $(wildcard policies/base.py rollouts/types.py rl/advantages.py rl/losses.py rl/schedules.py rl/dynamic_sampling.py rl/engine.py rl/monitor.py rl/stages.py policies/glmtts_joint.py policies/voxcpm.py)
+MYPY_FILES := $(wildcard policies/base.py rollouts/types.py rl/advantages.py rl/losses.py rl/schedules.py rl/dynamic_sampling.py rl/engine.py rl/monitor.py rl/stages.py policies/glmtts_joint.py policies/voxcpm.py policies/indextts2_model.py policies/indextts2_sampling.py policies/indextts2_conditioning.py policies/indextts2_io.py)
 
 .PHONY: install run test test-fast lint clean
 
