@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from policies.indextts2_model import GPTConfig, IndexGPT, IndexTTS2ConfigError
-from rollouts.token2wav import strict_load
+from rollouts.token2wav import load_tensor_dict, strict_load
 
 CONFIG = "config.yaml"
 GPT_FILE = "gpt.pth"
@@ -43,15 +43,7 @@ def load_gpt(directory: str | Path, device: str | torch.device = "cpu") -> tuple
     directory = Path(directory)
     data, cfg = read_config(directory)
     path = directory / GPT_FILE
-    if not path.is_file():
-        raise IndexTTS2ConfigError(f"{path}: not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unpickling errors of every kind
-        raise IndexTTS2ConfigError(f"{path}: cannot be read as a state dict of tensors: {e}") from None
-    state = obj.get("model", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise IndexTTS2ConfigError(f"{path}: expected a state dict of tensors (bare or under 'model')")
+    state = load_tensor_dict(path)  # weights_only; bare or under "model"
     model = IndexGPT(cfg)
     strict_load(model, state, str(path))
     return model.to(device).eval(), data

@@ -126,6 +126,18 @@ def _condition_module(data: Any, where: str) -> ConditionModule:
     )
 
 
+def _conformer(cm: ConditionModule) -> ConformerEncoder:
+    """A conditioner's Conformer over the 1024-d w2v-BERT features, as UnifiedVoice builds it."""
+    return ConformerEncoder(
+        input_size=SPK_FEATS,
+        output_size=cm.output_size,
+        linear_units=cm.linear_units,
+        attention_heads=cm.attention_heads,
+        num_blocks=cm.num_blocks,
+        input_layer=cm.input_layer,
+    )
+
+
 class LearnedPositions(nn.Module):
     """A learned position table; `emb.weight` as released."""
 
@@ -157,14 +169,7 @@ class IndexGPT(nn.Module):
 
         self.cfg = cfg
         d, cm, em = cfg.model_dim, cfg.condition_module, cfg.emo_condition_module
-        self.conditioning_encoder = ConformerEncoder(
-            input_size=SPK_FEATS,
-            output_size=cm.output_size,
-            linear_units=cm.linear_units,
-            attention_heads=cm.attention_heads,
-            num_blocks=cm.num_blocks,
-            input_layer=cm.input_layer,
-        )
+        self.conditioning_encoder = _conformer(cm)
         self.perceiver_encoder = PerceiverResampler(
             d,
             dim_context=cm.output_size,
@@ -173,14 +178,7 @@ class IndexGPT(nn.Module):
             num_latents=cfg.condition_num_latent,
         )
         self.speed_emb = nn.Embedding(2, d)
-        self.emo_conditioning_encoder = ConformerEncoder(
-            input_size=SPK_FEATS,
-            output_size=em.output_size,
-            linear_units=em.linear_units,
-            attention_heads=em.attention_heads,
-            num_blocks=em.num_blocks,
-            input_layer=em.input_layer,
-        )
+        self.emo_conditioning_encoder = _conformer(em)
         self.emo_perceiver_encoder = PerceiverResampler(
             EMO_DIM, dim_context=em.output_size, ff_mult=em.perceiver_mult, heads=em.attention_heads, num_latents=1
         )

@@ -61,7 +61,7 @@ def strict_load(module: torch.nn.Module, state: dict, where: str) -> None:
     module.load_state_dict(state, strict=True)
 
 
-def _load_tensor_dict(path: Path) -> dict[str, torch.Tensor]:
+def load_tensor_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise VocoderCheckpointError(f"{path}: file not found")
     try:
@@ -95,13 +95,13 @@ def load_flow(ckpt_dir: Path) -> FlowModel:
         flow = expect_object(read_hyperpyyaml(cfg_path), "flow", {"flow.flow.Flow": FlowModel}, str(cfg_path))
     except (HyperPyYAMLError, ValueError) as e:
         raise VocoderCheckpointError(str(e)) from None
-    strict_load(flow, _load_tensor_dict(ckpt_dir / "flow" / "flow.pt"), str(ckpt_dir / "flow" / "flow.pt"))
+    strict_load(flow, load_tensor_dict(ckpt_dir / "flow" / "flow.pt"), str(ckpt_dir / "flow" / "flow.pt"))
     return flow.eval()  # inference mode: the estimator's dropout off
 
 
 def load_hift(ckpt_dir: Path) -> HiFTGenerator:
     path = ckpt_dir / "hift" / "hift.pt"
-    state = _legacy_weight_norm_keys(_load_tensor_dict(path))
+    state = _legacy_weight_norm_keys(load_tensor_dict(path))
     try:
         sizes = hift_sizes_from_state(state)
     except KeyError as e:

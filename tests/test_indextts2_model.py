@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from policies.indextts2_io import TINY_GPT
 from policies.indextts2_model import GPTConfig, IndexGPT, IndexTTS2ConfigError, mel_positions
 from policies.indextts2_sampling import Sampling, processed_logits, sample_rows, teacher_forced_logprobs
 from policies.sampling import row_keys
@@ -35,38 +36,15 @@ PUBLIC_FILES = [
     "indextts/utils/typical_sampling.py",
     "indextts/utils/common.py",
 ]
-TINY = {
-    "model_dim": 64,
+TINY = {  # the tiny writer's GPT with a small code vocabulary (so that the stop code gets sampled)
+    **TINY_GPT,
     "max_mel_tokens": 60,
     "max_text_tokens": 40,
-    "heads": 4,
-    "layers": 2,
     "number_text_tokens": 50,
     "number_mel_codes": 66,
     "start_mel_token": 64,
     "stop_mel_token": 65,
-    "start_text_token": 0,
-    "stop_text_token": 1,
-    "use_mel_codes_as_input": True,
-    "mel_length_compression": 1024,
-    "train_solo_embeddings": False,
-    "condition_type": "conformer_perceiver",
-    "condition_module": {
-        "output_size": 32,
-        "linear_units": 64,
-        "attention_heads": 4,
-        "num_blocks": 2,
-        "input_layer": "conv2d2",
-        "perceiver_mult": 2,
-    },
-    "emo_condition_module": {
-        "output_size": 32,
-        "linear_units": 64,
-        "attention_heads": 4,
-        "num_blocks": 1,
-        "input_layer": "conv2d2",
-        "perceiver_mult": 2,
-    },
+    "condition_module": {**TINY_GPT["condition_module"], "num_blocks": 2},
 }
 
 
