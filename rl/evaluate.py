@@ -282,7 +282,8 @@ def evaluate(
         if it.emotion is not None:
             results[it.utt].emotion_target = LABELS[it.emotion]
     loaded = load_for_eval(ckpt, device=device, trust_remote_code=trust_remote_code)
-    if callable(getattr(loaded.policy, "synthesize", None)):  # a policy with its own front end (VoxCPM)
+    own = callable(getattr(loaded.policy, "synthesize", None))  # a policy with its own front end and sampler
+    if own:
         audio, rate = _synthesize_own(loaded, items, results, out, texts, seed=seed, batch_size=batch_size)
     else:
         if models.frontend_dir is None:
@@ -309,7 +310,7 @@ def evaluate(
         "meta": str(Path(meta).resolve()),
         "lang": lang,
         "seed": seed,
-        "flow_steps": flow_steps,
+        "flow_steps": None if own else flow_steps,  # GLM-TTS's vocoder steps (VoxCPM's sampler has its own)
         **report,
     }
     tmp = out / "eval.json.tmp"
@@ -593,7 +594,8 @@ def markdown_report(report: dict) -> str:
     lines = [
         f"# Evaluation of {report['ckpt']}",
         "",
-        f"meta `{report['meta']}`, lang {report['lang']}, seed {report['seed']}, {report['flow_steps']} flow steps",
+        f"meta `{report['meta']}`, lang {report['lang']}, seed {report['seed']}"
+        + (f", {report['flow_steps']} flow steps" if report.get("flow_steps") else ""),
         "",
         "| metric | value | items |",
         "|---|---|---|",
