@@ -87,7 +87,9 @@ def test_flow_step_bench(capsys):
     from bench import flow_step
 
     res = flow_step.main(["--sizes", "tiny", "--rows", "2", "--repeats", "1"])
-    assert set(res["tiny"]) == {"vocode", "rollout", "recompute", "update", "ratio"} and res["tiny"]["ratio"] > 1
+    # a smoke test: the bench runs and reports every part (one timing of 2 rows on a shared machine proves no ratio)
+    assert set(res["tiny"]) == {"vocode", "rollout", "recompute", "update", "ratio"}
+    assert all(v > 0 for v in res["tiny"].values())
     assert "flow-GRPO step / vocode" in capsys.readouterr().out
 
 
