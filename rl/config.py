@@ -397,21 +397,6 @@ def _validate(cfg: Config) -> None:
         (cfg.policy.flow.eta > 0, "policy.flow.eta must be > 0 (eta 0 is the plain ODE: no action to train)"),
         (cfg.policy.flow.n_timesteps >= 1, "policy.flow.n_timesteps must be >= 1"),
         (
-            (cfg.data.text_normalize == "voxcpm") <= (cfg.policy.kind == "voxcpm")
-            and (cfg.data.text_normalize != "upstream" or cfg.policy.kind != "voxcpm"),
-            f"data.text_normalize {cfg.data.text_normalize} does not fit policy.kind {cfg.policy.kind}: VoxCPM takes "
-            f"voxcpm (its own normaliser) or none, GLM-TTS upstream or none",
-        ),
-        (
-            cfg.policy.kind != "voxcpm" or not (cfg.data.phoneme or cfg.data.custom_replace),
-            "data.phoneme and data.custom_replace are GLM-TTS's text front end; policy.kind voxcpm has neither",
-        ),
-        (
-            cfg.policy.flow.codes == "lm" or cfg.policy.kind == "glmtts_flow",
-            f"policy.flow.codes manifest is for policy.kind glmtts_flow (the flow on fixed codes); "
-            f"{cfg.policy.kind} samples its codes",
-        ),
-        (
             bool(cfg.policy.flow.sde_steps)
             and len(set(cfg.policy.flow.sde_steps)) == len(cfg.policy.flow.sde_steps)
             and all(0 <= k < cfg.policy.flow.n_timesteps for k in cfg.policy.flow.sde_steps),
@@ -436,6 +421,7 @@ def _validate(cfg: Config) -> None:
         )
     _check_rewards(cfg)
     _check_stages(cfg)
+    _check_kind_settings(cfg)
     _check_voxcpm(cfg.policy.voxcpm)
 
 
@@ -447,6 +433,30 @@ def _check_stages(cfg: Config) -> None:
             raise ConfigError(f"stages.{name}.loss_weight must be a number >= 0, got {st.loss_weight}")
         if st.lr is not None and not (math.isfinite(st.lr) and st.lr > 0):
             raise ConfigError(f"stages.{name}.lr must be > 0 (or null for optim.lr), got {st.lr}")
+
+
+def _check_kind_settings(cfg: Config) -> None:
+    """Settings that belong to some policy kinds only: each kind's text front end, fixed flow codes."""
+    kind, tn = cfg.policy.kind, cfg.data.text_normalize
+    checks = [
+        (
+            (tn == "voxcpm") <= (kind == "voxcpm") and (tn != "upstream" or kind != "voxcpm"),
+            f"data.text_normalize {tn} does not fit policy.kind {kind}: VoxCPM takes voxcpm (its own normaliser) "
+            f"or none, GLM-TTS upstream or none",
+        ),
+        (
+            kind != "voxcpm" or not (cfg.data.phoneme or cfg.data.custom_replace),
+            "data.phoneme and data.custom_replace are GLM-TTS's text front end; policy.kind voxcpm has neither",
+        ),
+        (
+            cfg.policy.flow.codes == "lm" or kind == "glmtts_flow",
+            f"policy.flow.codes manifest is for policy.kind glmtts_flow (the flow on fixed codes); {kind} samples "
+            f"its codes",
+        ),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
 
 
 def _check_voxcpm(v: VoxCPMPolicyConfig) -> None:
