@@ -2,12 +2,64 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.machinery
+import subprocess
+import sys
+import types
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_MANIFEST = REPO / "configs" / "data" / "tiny" / "manifest.jsonl"
+INDEXTTS_MIRROR = Path("/work/.mirror/index-tts+index-tts/repo")  # a git mirror of index-tts/index-tts
+
+
+def indextts_mirror_files(git_args: list[str]) -> list[str]:
+    """`git ls-tree` of the index-tts mirror's HEAD (git_args: paths to list)."""
+    out = subprocess.run(
+        ["git", "-C", str(INDEXTTS_MIRROR), "ls-tree", "-r", "--name-only", "HEAD", *git_args],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.split()
+
+
+@contextlib.contextmanager
+def indextts_sources(
+    root: Path, files: Iterable[str], packages: Iterable[str] = (), stubs: dict[str, types.ModuleType] | None = None
+) -> Iterator[Path]:
+    """The public index-tts code, which no package index has, importable from the git mirror: `files` copied into
+    `root`, `packages` given empty __init__.py files, `stubs` (stand-ins for what this environment lacks, e.g.
+    torchaudio) put into sys.modules where missing, `root` on sys.path. All of it is undone on exit, the imported
+    `indextts` modules dropped. Skips the caller without the mirror (CI machines have none)."""
+    if not (INDEXTTS_MIRROR / "HEAD").exists() and not (INDEXTTS_MIRROR / ".git").exists():
+        pytest.skip(f"no index-tts git mirror at {INDEXTTS_MIRROR}")
+    for rel in files:
+        text = subprocess.run(
+            ["git", "-C", str(INDEXTTS_MIRROR), "show", f"HEAD:{rel}"], capture_output=True, text=True, check=True
+        ).stdout
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    for pkg in packages:
+        (root / pkg).mkdir(parents=True, exist_ok=True)
+        (root / pkg / "__init__.py").touch()
+    stubs = stubs or {}
+    for name, mod in stubs.items():
+        if getattr(mod, "__spec__", None) is None:  # importlib.util.find_spec elsewhere must not fail on it
+            mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    added = [k for k in stubs if k not in sys.modules]
+    sys.modules.update({k: stubs[k] for k in added})
+    sys.path.insert(0, str(root))
+    try:
+        yield root
+    finally:
+        sys.path.remove(str(root))
+        for k in added + [m for m in sys.modules if m == "indextts" or m.startswith("indextts.")]:
+            sys.modules.pop(k, None)
 
 
 @pytest.fixture(scope="session")

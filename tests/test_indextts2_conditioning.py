@@ -11,21 +11,21 @@ from __future__ import annotations
 
 import importlib
 import importlib.machinery
-import subprocess
-import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import INDEXTTS_MIRROR
 from torch import nn
 
 from policies.indextts2_conditioning import ConformerEncoder, PerceiverResampler
 
-MIRROR = Path("/work/.mirror/index-tts+index-tts/repo")
-if not MIRROR.is_dir():
-    pytest.skip(f"no index-tts git mirror at {MIRROR} (reference tests need the public code)", allow_module_level=True)
+if not INDEXTTS_MIRROR.is_dir():
+    pytest.skip(
+        f"no index-tts git mirror at {INDEXTTS_MIRROR} (these tests compare with the public code)",
+        allow_module_level=True,
+    )
 
 PUBLIC_FILES = (
     "indextts/gpt/conformer_encoder.py",
@@ -48,31 +48,13 @@ MODEL_DIM, PERCEIVER_MULT, NUM_LATENTS = 64, 2, 32
 @pytest.fixture(scope="module")
 def public(tmp_path_factory):
     """(ConformerEncoder, PerceiverResampler) of the public code; its modules are removed from sys.modules after."""
+    from conftest import indextts_sources
+
     root = tmp_path_factory.mktemp("indextts_public")
-    for pkg in PACKAGES:
-        (root / pkg).mkdir(parents=True, exist_ok=True)
-        (root / pkg / "__init__.py").write_text("")
-    for rel in PUBLIC_FILES:
-        text = subprocess.run(
-            ["git", "-C", str(MIRROR), "show", f"HEAD:{rel}"], check=True, capture_output=True, text=True
-        ).stdout
-        (root / rel).write_text(text)
-    stubbed = "torchaudio" not in sys.modules
-    if stubbed:
-        stub = types.ModuleType("torchaudio")
-        stub.__spec__ = importlib.machinery.ModuleSpec("torchaudio", None)
-        sys.modules["torchaudio"] = stub
-    sys.path.insert(0, str(root))
-    try:
+    with indextts_sources(root, PUBLIC_FILES, PACKAGES, {"torchaudio": types.ModuleType("torchaudio")}):
         conformer = importlib.import_module("indextts.gpt.conformer_encoder")
         perceiver = importlib.import_module("indextts.gpt.perceiver")
-    finally:
-        sys.path.remove(str(root))
-        if stubbed:
-            sys.modules.pop("torchaudio", None)
-    yield conformer.ConformerEncoder, perceiver.PerceiverResampler
-    for name in [n for n in sys.modules if n == "indextts" or n.startswith("indextts.")]:
-        sys.modules.pop(name)
+        yield conformer.ConformerEncoder, perceiver.PerceiverResampler
 
 
 def _randomize(module: nn.Module, seed: int) -> nn.Module:
