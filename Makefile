@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 # Type-checked modules; the list may name files not written yet (they are skipped until they exist).
-MYPY_FILES := $(wildcard policies/base.py rollouts/types.py rl/advantages.py rl/losses.py rl/schedules.py rl/dynamic_sampling.py rl/engine.py rl/monitor.py rl/stages.py policies/glmtts_joint.py policies/voxcpm.py policies/indextts2_model.py policies/indextts2_sampling.py policies/indextts2_conditioning.py policies/indextts2_io.py)
+MYPY_FILES := $(wildcard policies/base.py rollouts/types.py rl/advantages.py rl/losses.py rl/schedules.py rl/dynamic_sampling.py rl/engine.py rl/monitor.py rl/stages.py policies/glmtts_joint.py policies/voxcpm.py policies/indextts2_model.py policies/indextts2_sampling.py policies/indextts2_conditioning.py policies/indextts2_io.py policies/indextts2.py policies/indextts2_frontend.py policies/indextts2_s2mel.py policies/indextts2_semantic.py policies/indextts2_vocoder.py rollouts/indextts_text.py)
 
 .PHONY: install run test test-fast lint clean
 
@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	@# silero-vad (the silence reward's VAD; its released weights ship in the package) needs only torch; its
 	@# extras pull torchaudio: no deps.
 	$(PIP) --no-deps "silero-vad==6.2.3"
+	@# bigvgan (IndexTTS2's vocoder, nvidia/bigvgan_v2_22khz_80band_256x; policies/indextts2_vocoder.py) declares
+	@# training-only packages (auraloss, nnaudio, pesq, tensorboard, ...): no deps; its model code needs torch only.
+	$(PIP) --no-deps "bigvgan==2.4.1"
 	@# distillmos (the quality reward's MOS model; its released weights ship in the package) and its xls-r-sqa
 	@# model code declare torchaudio, used only by their file loaders: no deps (rewards/quality.py).
 	$(PIP) --no-deps "distillmos==0.9.1" "xls-r-sqa==0.1.0"

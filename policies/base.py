@@ -23,6 +23,7 @@ POLICIES: dict[str, str] = {
     "glmtts_flow": "policies.glmtts_flow:GLMTTSFlowPolicy",
     "glmtts_joint": "policies.glmtts_joint:GLMTTSJointPolicy",
     "voxcpm": "policies.voxcpm:VoxCPMPolicy",
+    "indextts2": "policies.indextts2:IndexTTS2Policy",
 }
 
 
@@ -179,6 +180,26 @@ class PolicyClass(Protocol):
         """Write a tiny random checkpoint in the released layout (`policy.build_tiny`), covering these texts;
         with `vocoder`, the decoder's weights too. Parts already there are kept."""
         ...
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A policy's checkpoint state: its trainable tensors by name (CPU, contiguous)."""
+    return {k: v.detach().cpu().contiguous() for k, v in module.named_parameters() if v.requires_grad}
+
+
+def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Copy a checkpoint's state into the module's trainable tensors; every name must match with its shape
+    (ValueError naming `what` and the first missing, unexpected and mis-shaped names otherwise)."""
+    own = {k: v for k, v in module.named_parameters() if v.requires_grad}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    bad = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or bad:
+        raise ValueError(
+            f"{what} state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}, mis-shaped {bad[:5]}"
+        )
+    with torch.no_grad():
+        for k, p in own.items():
+            p.copy_(state[k].to(p.device, p.dtype))
 
 
 def policy_class(kind: str) -> PolicyClass:

@@ -30,7 +30,7 @@ import torch.nn as nn
 from policies.indextts2_conditioning import ConformerEncoder, PerceiverResampler
 
 EMO_DIM = 1024  # the emotion perceiver's width and emovec_layer's input, fixed in the released code
-SPK_FEATS = 1024  # w2v-BERT 2.0 features, the conditioners' input size, fixed in the released code
+SPK_FEATS = 1024  # w2v-BERT 2.0 features, the conditioners' input size (the released code fixes it; tiny models differ)
 
 
 class IndexTTS2ConfigError(ValueError):
@@ -126,10 +126,10 @@ def _condition_module(data: Any, where: str) -> ConditionModule:
     )
 
 
-def _conformer(cm: ConditionModule) -> ConformerEncoder:
-    """A conditioner's Conformer over the 1024-d w2v-BERT features, as UnifiedVoice builds it."""
+def _conformer(cm: ConditionModule, feat_dim: int) -> ConformerEncoder:
+    """A conditioner's Conformer over the w2v-BERT features (1024-d as released), as UnifiedVoice builds it."""
     return ConformerEncoder(
-        input_size=SPK_FEATS,
+        input_size=feat_dim,
         output_size=cm.output_size,
         linear_units=cm.linear_units,
         attention_heads=cm.attention_heads,
@@ -163,13 +163,13 @@ class NullPositions(nn.Module):
 class IndexGPT(nn.Module):
     """UnifiedVoice's parameters and the pieces sampling and teacher forcing use (see the module docstring)."""
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, feat_dim: int = SPK_FEATS):
         super().__init__()
         from transformers import GPT2Config, GPT2Model
 
-        self.cfg = cfg
+        self.cfg, self.feat_dim = cfg, feat_dim
         d, cm, em = cfg.model_dim, cfg.condition_module, cfg.emo_condition_module
-        self.conditioning_encoder = _conformer(cm)
+        self.conditioning_encoder = _conformer(cm, feat_dim)
         self.perceiver_encoder = PerceiverResampler(
             d,
             dim_context=cm.output_size,
@@ -178,7 +178,7 @@ class IndexGPT(nn.Module):
             num_latents=cfg.condition_num_latent,
         )
         self.speed_emb = nn.Embedding(2, d)
-        self.emo_conditioning_encoder = _conformer(em)
+        self.emo_conditioning_encoder = _conformer(em, feat_dim)
         self.emo_perceiver_encoder = PerceiverResampler(
             EMO_DIM, dim_context=em.output_size, ff_mult=em.perceiver_mult, heads=em.attention_heads, num_latents=1
         )
@@ -249,6 +249,26 @@ class IndexGPT(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """final_norm + mel_head: [..., D] -> [..., number_mel_codes]."""
         return self.mel_head(self.final_norm(hidden))
+
+    def decode_latents(self, cond: torch.Tensor, text: list[list[int]], codes: torch.Tensor) -> torch.Tensor:
+        """The latents s2mel decodes, as the released training `forward` (return_latent) computes them after
+        generation: [cond][start_text, ids, stop_text][start_mel, c_0 .. c_{L-2}] at mel positions 0, 1, 2, ...
+        (the forward's convention, not the sampler's), final_norm applied. cond [N, C, D], codes [N, L] (speech
+        codes only, right-padded with anything) -> [N, L, D]; row i's latents past its own length are not used."""
+        n, length = codes.shape
+        dev = cond.device
+        parts = [torch.cat([cond[i], self.text_inputs(ids)]) for i, ids in enumerate(text)]
+        width = max(p.shape[0] for p in parts)
+        emb = cond.new_zeros(n, width, cond.shape[-1])
+        mask = torch.zeros(n, width + length, dtype=torch.long, device=dev)
+        for i, p in enumerate(parts):
+            emb[i, width - p.shape[0] :] = p
+            mask[i, width - p.shape[0] :] = 1
+        start = torch.full((n, 1), self.cfg.start_mel_token, dtype=torch.long, device=dev)
+        fed = torch.cat([start, codes[:, :-1].to(dev).clamp(min=0)], 1) if length else start[:, :0]
+        x = torch.cat([emb, self.mel_inputs(fed, torch.arange(length, device=dev).expand(n, length))], 1)
+        hidden = self.gpt(inputs_embeds=x, attention_mask=mask).last_hidden_state[:, width:]
+        return self.final_norm(hidden)
 
 
 def mel_positions(steps: int, device=None) -> torch.Tensor:

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from policies.base import load_trainable_state, trainable_state
 from policies.voxcpm_io import VoxCPMCheckpointError, load_voxcpm, save_voxcpm, write_tiny_voxcpm
 from policies.voxcpm_model import VoxCPM2, zero_init_steps
 from policies.voxcpm_rollout import (
@@ -508,20 +509,13 @@ class VoxCPMPolicy:
 
     def state_for_checkpoint(self) -> dict[str, torch.Tensor]:
         """The trainable tensors: the adapters with LoRA, else every weight but the AudioVAE's."""
-        return {k: v.detach().cpu().contiguous() for k, v in self.model.named_parameters() if v.requires_grad}
+        return trainable_state(self.model)
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
-        own = {k: v for k, v in self.model.named_parameters() if v.requires_grad}
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        bad = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-        if missing or unexpected or bad:
-            raise VoxCPMCheckpointError(
-                f"voxcpm policy state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                f"mis-shaped {bad[:5]}"
-            )
-        with torch.no_grad():
-            for k, p in own.items():
-                p.copy_(state[k].to(p.device, p.dtype))
+        try:
+            load_trainable_state(self.model, state, "voxcpm policy")
+        except ValueError as e:
+            raise VoxCPMCheckpointError(str(e)) from None
 
     def export(self, out_dir: Path) -> None:
         """VoxCPM's released layout with the trained weights (LoRA merged), loadable by `voxcpm` and by

@@ -230,11 +230,15 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 def _policy_frontend(kind: str, model_dir: str, device: str):
     """A policy's own prompt front end for `ttsrl prepare --policy KIND --model DIR`."""
-    from policies.voxcpm import VoxCPMPromptFrontend
+    if kind == "voxcpm":
+        from policies.voxcpm import VoxCPMPromptFrontend
 
-    if kind != "voxcpm":
-        raise ConfigError(f"--policy {kind}: no prompt front end of its own")
-    return VoxCPMPromptFrontend.from_dir(model_dir, device)
+        return VoxCPMPromptFrontend.from_dir(model_dir, device)
+    if kind == "indextts2":
+        from policies.indextts2_frontend import IndexTTS2PromptFrontend
+
+        return IndexTTS2PromptFrontend.from_dir(model_dir, device)
+    raise ConfigError(f"--policy {kind}: no prompt front end of its own")
 
 
 def cmd_export(args: argparse.Namespace) -> int:

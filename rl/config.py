@@ -98,6 +98,33 @@ class VoxCPMPolicyConfig:
 
 
 @dataclass(frozen=True)
+class IndexTTS2PolicyConfig:
+    repetition_penalty: float = opt(
+        10.0,
+        "policy.kind indextts2: the released repetition penalty (10), part of the sampling distribution and of the "
+        "teacher-forced log-probs (sampling.temperature / top_k / top_p are the rest; released 0.8 / 30 / 0.8)",
+    )
+    max_codes: int = opt(1500, "a row is truncated at this many codes (released max_mel_tokens: 1500)")
+    normalize_text: bool = opt(
+        True, "the released text normalisation (TextNormalizer) before the BPE; false: the texts are tokenised as is"
+    )
+    emotion_label: bool = opt(
+        True,
+        "map the manifest's emotion label to the released 8-dim emotion vector (feat1.pt / feat2.pt); false: the "
+        "speaker prompt's own emotion",
+    )
+    emotion_weight: float = opt(0.8, "the label's weight in the 8-dim emotion vector (released total cap: 0.8)")
+    emo_alpha: float = opt(
+        1.0,
+        "emotion strength as released: with an emotion_speech clip, speaker + alpha (clip - speaker); with a label, "
+        "the vector scaled by it (clamped to [0, 1])",
+    )
+    prompt_seconds: float = opt(15.0, "voice and emotion prompts are cut to this many seconds (released: 15)")
+    diffusion_steps: int = opt(25, "s2mel CFM Euler steps when decoding (released: 25)")
+    cfg_rate: float = opt(0.7, "s2mel classifier-free guidance when decoding (released inference_cfg_rate: 0.7)")
+
+
+@dataclass(frozen=True)
 class PolicyConfig:
     kind: str = opt("glmtts", "the registered policy to train (policies/base.py POLICIES)")
     ckpt_dir: str = opt(
@@ -115,6 +142,9 @@ class PolicyConfig:
         FlowPolicyConfig(), "the flow stage's SDE sampling (kinds glmtts_flow and glmtts_joint)"
     )
     voxcpm: VoxCPMPolicyConfig = opt(VoxCPMPolicyConfig(), "VoxCPM's sampling, stop head and LoRA (kind voxcpm)")
+    indextts2: IndexTTS2PolicyConfig = opt(
+        IndexTTS2PolicyConfig(), "IndexTTS2's repetition penalty, text, emotion and decoding (kind indextts2)"
+    )
 
 
 @dataclass(frozen=True)
@@ -423,6 +453,7 @@ def _validate(cfg: Config) -> None:
     _check_stages(cfg)
     _check_kind_settings(cfg)
     _check_voxcpm(cfg.policy.voxcpm)
+    _check_indextts2(cfg.policy.indextts2)
 
 
 def _check_stages(cfg: Config) -> None:
@@ -445,13 +476,38 @@ def _check_kind_settings(cfg: Config) -> None:
             f"or none, GLM-TTS upstream or none",
         ),
         (
-            kind != "voxcpm" or not (cfg.data.phoneme or cfg.data.custom_replace),
-            "data.phoneme and data.custom_replace are GLM-TTS's text front end; policy.kind voxcpm has neither",
+            kind not in ("voxcpm", "indextts2") or not (cfg.data.phoneme or cfg.data.custom_replace),
+            f"data.phoneme and data.custom_replace are GLM-TTS's text front end; policy.kind {kind} has neither",
+        ),
+        (
+            kind != "indextts2" or tn == "none",
+            "policy.kind indextts2 normalises its texts with its own released front end (policy.indextts2."
+            "normalize_text): set data.text_normalize: none",
+        ),
+        (
+            kind != "indextts2" or not cfg.sampling.ras,
+            "policy.kind indextts2 samples as released (repetition penalty, no RAS): set sampling.ras: false",
         ),
         (
             cfg.policy.flow.codes == "lm" or kind == "glmtts_flow",
             f"policy.flow.codes manifest is for policy.kind glmtts_flow (the flow on fixed codes); {kind} samples "
             f"its codes",
+        ),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
+def _check_indextts2(v: IndexTTS2PolicyConfig) -> None:
+    """policy.indextts2: a positive penalty, length cap, prompt length and decoding steps; weights in [0, 1]."""
+    checks = [
+        (v.repetition_penalty > 0, "policy.indextts2.repetition_penalty must be > 0 (1 = off)"),
+        (v.max_codes >= 1 and v.prompt_seconds > 0, "policy.indextts2.max_codes >= 1 and prompt_seconds > 0"),
+        (v.diffusion_steps >= 1 and v.cfg_rate >= 0, "policy.indextts2.diffusion_steps >= 1 and cfg_rate >= 0"),
+        (
+            0 <= v.emotion_weight <= 1 and 0 <= v.emo_alpha <= 1,
+            "policy.indextts2.emotion_weight and emo_alpha must be in [0, 1]",
         ),
     ]
     for ok, msg in checks:

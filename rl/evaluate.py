@@ -156,7 +156,7 @@ def tiny_models(lang: str, meta_items: list[MetaItem] | None = None, root: Path 
 class LoadedCheckpoint:
     label: str  # what the report calls it
     glmtts_dir: Path  # the model directory: GLM-TTS's llm/, vq32k-phoneme-tokenizer/, flow/, hift/; or VoxCPM's
-    policy: object  # GLMTTSPolicy, or a policy with its own `synthesize` (VoxCPMPolicy)
+    policy: object  # GLMTTSPolicy, or a policy with its own `synthesize` (VoxCPMPolicy, IndexTTS2Policy)
     text_normalize: str = "upstream"  # how the run's texts were normalised (data.text_normalize)
 
 
@@ -178,6 +178,11 @@ def load_for_eval(
     if (path / "llm").is_dir():
         policy = GLMTTSPolicy.from_pretrained(path, dtype=DTYPES[dtype], device=device)
         return LoadedCheckpoint(str(path), path, policy)
+    if (path / "config.yaml").is_file() and (path / "gpt.pth").is_file():  # IndexTTS2's released layout
+        from policies.indextts2 import IndexTTS2Policy
+
+        policy = IndexTTS2Policy.from_pretrained(path, dtype=DTYPES[dtype], device=device)
+        return LoadedCheckpoint(str(path), path, policy, "none")  # it normalises its texts itself
     if _is_voxcpm(path):
         from policies.voxcpm import VoxCPMPolicy
 
@@ -188,8 +193,9 @@ def load_for_eval(
         ckpt = find_checkpoint(path)
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"{path}: neither a GLM-TTS checkpoint (no llm/), a VoxCPM one (config.json, architecture voxcpm2) nor "
-            f"a ttsrl run or checkpoint (no trainer_state.json, no checkpoints/step-*/)"
+            f"{path}: neither a GLM-TTS checkpoint (no llm/), a VoxCPM one (config.json, architecture voxcpm2), an "
+            f"IndexTTS2 one (config.yaml, gpt.pth) nor a ttsrl run or checkpoint (no trainer_state.json, no "
+            f"checkpoints/step-*/)"
         ) from None
     cfg, _ = config_from_data(yaml.safe_load((ckpt / "config.yaml").read_text()), str(ckpt / "config.yaml"))
     if cfg.policy.trust_remote_code and not trust_remote_code:
@@ -199,7 +205,7 @@ def load_for_eval(
             f"to allow it"
         )
     base = Path(cfg.policy.ckpt_dir)
-    if cfg.policy.kind not in ("glmtts", "voxcpm"):
+    if cfg.policy.kind not in ("glmtts", "voxcpm", "indextts2"):
         raise MetaError(
             f"{ckpt}: a {cfg.policy.kind} run trains GLM-TTS's flow: write it in upstream's layout with `ttsrl export "
             f"{path} OUT`, then evaluate OUT"
@@ -402,7 +408,8 @@ def _synthesize_own(
     loaded, items: list, results: dict, out: Path, texts, *, seed: int, batch_size: int
 ) -> tuple[dict[str, np.ndarray], int]:
     """2. synthesis by a policy with its own front end and evaluation sampler (`policy.synthesize`: VoxCPM's
-    released ODE and argmax stop): the prompt wav and texts per item, batched, seeded per item; wavs under out/wavs.
+    released ODE and argmax stop, IndexTTS2's released distribution): the prompt wav and texts per item, batched,
+    seeded per item; wavs under out/wavs.
     Returns (audio per utt, sample rate)."""
     from rollouts.audio import write_wav
     from rollouts.paths import inside, safe_stem

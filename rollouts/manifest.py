@@ -9,6 +9,14 @@ Each line is a JSON object:
     embedding             str   .npy of the speaker embedding [192]
     prompt_latent         str   optional .npy [T, P, D] float32: the voice prompt's VoxCPM AudioVAE latent patches
                                 (`ttsrl prepare --policy voxcpm`); the VoxCPM policy encodes prompt_speech without it
+    prompt_semantic       str   optional .npy [T, D] float32: the voice prompt's normalised w2v-BERT 2.0 layer-17
+                                features (IndexTTS2's speaker input; `ttsrl prepare --policy indextts2`)
+    prompt_semantic_code  str   optional .npy [T] int: the prompt's MaskGCT semantic codes 0..8191 (IndexTTS2's s2mel
+                                prompt condition)
+    prompt_mel            str   optional .npy [Tm, 80] float32: the prompt's 22.05 kHz log-mel (IndexTTS2's s2mel
+                                prompt); IndexTTS2 computes all three from prompt_speech when they are absent
+    emotion_speech        str   optional emotion reference audio (IndexTTS2: its emotion conditioning, mixed with the
+                                speaker's by policy.indextts2.emo_alpha)
     syn_text              str   the text to synthesise
     syn_speech_token      str   optional .npy of int speech codes [Tt] of the target (e.g. the speech tokenizer's codes
                                 of a recording of syn_text): the fixed codes the flow policy trains on with
@@ -111,7 +119,9 @@ def parse_line(obj: dict, base: Path, where: str) -> PromptRecord:
         if not np.isfinite(latent).all():
             raise ManifestError(f"{where}: field 'prompt_latent': contains NaN or inf")
         latent = latent.astype(np.float32)
+    indextts2 = _indextts2_fields(obj, base, where, text)
     wav = text("prompt_speech", required=False)
+    emo_wav = text("emotion_speech", required=False)
     emotion = obj.get("emotion", -1)
     if emotion is None:
         emotion = -1
@@ -129,7 +139,33 @@ def parse_line(obj: dict, base: Path, where: str) -> PromptRecord:
         source=where,
         target_speech_tokens=target_tokens,
         prompt_latent=latent,
+        prompt_arrays=indextts2,
+        emotion_wav=str(_resolve(base, emo_wav)) if emo_wav else None,
     )
+
+
+def _indextts2_fields(obj: dict, base: Path, where: str, text) -> dict[str, np.ndarray]:
+    """IndexTTS2's optional prompt arrays (prompt_semantic [T, D] float, prompt_semantic_code [T] int 0..8191,
+    prompt_mel [Tm, 80] float), checked for rank, dtype, range and finiteness; the policy checks D."""
+    out: dict[str, np.ndarray] = {}
+    for name, ndim, kind in (("prompt_semantic", 2, "f"), ("prompt_semantic_code", 1, "i"), ("prompt_mel", 2, "f")):
+        path = text(name, required=False)
+        if not path:
+            continue
+        what = f"{where}: field '{name}'"
+        arr = _load_npy(_resolve(base, path), what)
+        if arr.ndim != ndim or arr.shape[0] == 0 or arr.dtype.kind not in (kind, "u" if kind == "i" else kind):
+            dims = "T, D" if name == "prompt_semantic" else "Tm, 80"
+            want = "integer codes [T]" if kind == "i" else f"float [{dims}]"
+            raise ManifestError(f"{what}: expected {want}, got shape {arr.shape} dtype {arr.dtype}")
+        if kind == "f" and not np.isfinite(arr).all():
+            raise ManifestError(f"{what}: contains NaN or inf")
+        if kind == "i" and (arr.min() < 0 or arr.max() >= 8192):
+            raise ManifestError(f"{what}: codes must be in 0..8191")
+        if name == "prompt_mel" and arr.shape[1] != MEL_BINS:
+            raise ManifestError(f"{what}: expected [frames, {MEL_BINS}], got {arr.shape}")
+        out[name] = arr.astype(np.int64 if kind == "i" else np.float32)
+    return out
 
 
 def _codes(base: Path, value: str | None, where: str) -> np.ndarray:

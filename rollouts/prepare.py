@@ -434,12 +434,15 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output dir: manifest.jsonl and the .npy features")
     p.add_argument(
         "--policy",
-        choices=("glmtts", "voxcpm"),
+        choices=("glmtts", "voxcpm", "indextts2"),
         default="glmtts",
-        help="whose prompt features: glmtts (speech tokens, prompt mel, CAMPPlus; --frontend) or voxcpm (AudioVAE "
-        "latent patches, prompt_latent; --model)",
+        help="whose prompt features: glmtts (speech tokens, prompt mel, CAMPPlus; --frontend), voxcpm (AudioVAE "
+        "latent patches, prompt_latent; --model) or indextts2 (w2v-BERT features, semantic codes, 22.05 kHz mel, "
+        "CAMPPlus: prompt_semantic, prompt_semantic_code, prompt_mel, embedding; --model)",
     )
-    p.add_argument("--model", metavar="DIR", help="--policy voxcpm: the VoxCPM checkpoint dir whose AudioVAE encodes")
+    p.add_argument(
+        "--model", metavar="DIR", help="--policy voxcpm / indextts2: the checkpoint dir (released layout) that encodes"
+    )
     p.add_argument("--device", default="cpu", help="speech tokenizer device; cuda also runs CAMPPlus on the GPU")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/manifest.jsonl")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -64,6 +64,9 @@ class PromptRecord:
     source: str = ""  # "file:line" it came from, for error messages
     target_speech_tokens: np.ndarray | None = None  # [Tt] int64 codes of the target (syn_speech_token), optional
     prompt_latent: np.ndarray | None = None  # [T, P, D] float32 VoxCPM AudioVAE latent patches of the voice prompt
+    # IndexTTS2's prompt arrays by manifest field: prompt_semantic [T, D], prompt_semantic_code [T], prompt_mel [Tm, 80]
+    prompt_arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    emotion_wav: str | None = None  # an emotion reference clip (IndexTTS2's emotion conditioning), or None
 
 
 @dataclass(frozen=True)

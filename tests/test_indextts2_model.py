@@ -9,10 +9,7 @@ the mirror the comparisons skip, and the self-contained checks (config, processo
 from __future__ import annotations
 
 import importlib
-import subprocess
-import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +19,6 @@ from policies.indextts2_model import GPTConfig, IndexGPT, IndexTTS2ConfigError, 
 from policies.indextts2_sampling import Sampling, processed_logits, sample_rows, teacher_forced_logprobs
 from policies.sampling import row_keys
 
-MIRROR = Path("/work/.mirror/index-tts+index-tts/repo")
 PUBLIC_FILES = [
     "indextts/gpt/model_v2.py",
     "indextts/gpt/conformer_encoder.py",
@@ -57,18 +53,8 @@ def _one_thread(one_thread):
 def public(tmp_path_factory):
     """The public index-tts `indextts.gpt.model_v2` module, imported from the mirror's files with stand-ins for what
     this environment lacks (torchaudio, the vendored transformers 4.52 generation code, the tokenizer's whisper)."""
-    if not (MIRROR / "HEAD").exists() and not (MIRROR / ".git").exists():
-        pytest.skip(f"no index-tts git mirror at {MIRROR}")
-    root = tmp_path_factory.mktemp("indextts_public")
-    for rel in PUBLIC_FILES:
-        text = subprocess.run(
-            ["git", "-C", str(MIRROR), "show", f"HEAD:{rel}"], capture_output=True, text=True, check=True
-        ).stdout
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_text(text)
-    for pkg in ("indextts", "indextts/gpt", "indextts/utils"):
-        (root / pkg / "__init__.py").touch()
     import transformers
+    from conftest import indextts_sources
 
     stubs = {
         "torchaudio": types.ModuleType("torchaudio"),
@@ -81,15 +67,9 @@ def public(tmp_path_factory):
     stubs["transformers.utils.model_parallel_utils"].assert_device_map = lambda *a, **k: None
     stubs["transformers.utils.model_parallel_utils"].get_device_map = lambda *a, **k: None
     stubs["indextts.utils.tokenizer"].LANGUAGE_DICT = {}
-    added = [k for k in stubs if k not in sys.modules]
-    sys.modules.update({k: stubs[k] for k in added})
-    sys.path.insert(0, str(root))
-    try:
+    root = tmp_path_factory.mktemp("indextts_public")
+    with indextts_sources(root, PUBLIC_FILES, ("indextts", "indextts/gpt", "indextts/utils"), stubs):
         yield importlib.import_module("indextts.gpt.model_v2")
-    finally:
-        sys.path.remove(str(root))
-        for k in added + [m for m in sys.modules if m == "indextts" or m.startswith("indextts.")]:
-            sys.modules.pop(k, None)
 
 
 def _pair(public, seed: int = 0):
@@ -285,3 +265,34 @@ def test_the_released_layout_loads_strictly_and_exports_the_same_keys(tmp_path):
     (d / "config.yaml").write_text("gpt:\n  model_dim: 64\n  layerz: 2\n")
     with pytest.raises(IndexTTS2ConfigError, match=r"config\.yaml: unknown key gpt\.layerz"):
         load_gpt(d)
+
+
+def test_decode_latents_are_the_released_forwards(public):
+    """The latents s2mel decodes: the released `forward` (return_latent) after generation, batch 1 per row as
+    infer_v2 runs it; ours batch the rows."""
+    theirs, ours = _pair(public, seed=4)
+    g = torch.Generator().manual_seed(9)
+    spk = torch.randn(1, 37, 1024, generator=g)
+    lens = torch.tensor([37])
+    texts = [[5, 9, 11, 3], [7, 2]]
+    codes = [torch.randint(0, 64, (12,), generator=g), torch.randint(0, 64, (7,), generator=g)]
+    with torch.no_grad():
+        latents = ours.speaker_latents(spk, lens)
+        emovec = ours.emotion_vector(spk, lens)
+        cond = ours.conditioning(latents, emovec)
+        padded = torch.nn.utils.rnn.pad_sequence(codes, batch_first=True, padding_value=-1)
+        got = ours.decode_latents(cond.expand(2, -1, -1), texts, padded)
+        for i, (t, c) in enumerate(zip(texts, codes)):
+            want = theirs(
+                latents,
+                torch.tensor([t]),
+                torch.tensor([len(t)]),
+                c[None],
+                torch.tensor([c.shape[0]]),
+                spk,
+                cond_mel_lengths=lens,
+                emo_cond_mel_lengths=lens,
+                emo_vec=emovec,
+                use_speed=torch.zeros(1, dtype=torch.long),
+            )
+            torch.testing.assert_close(got[i, : c.shape[0]], want[0], rtol=0, atol=2e-5)
