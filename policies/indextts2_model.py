@@ -197,6 +197,8 @@ class IndexGPT(nn.Module):
             embd_pdrop=0.0,
             attn_pdrop=0.0,
             use_cache=True,
+            bos_token_id=None,  # no token table: GPT-2's default ids (50256) name nothing here
+            eos_token_id=None,
         )
         self.gpt = GPT2Model(gpt_cfg)
         del self.gpt.wte

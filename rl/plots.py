@@ -9,6 +9,7 @@
 <run>/plots/flow.png      the flow policy's own metrics (flow/eta, flow/sde_steps, flow/logprob_mean, flow/frames;
                           only when the metrics have them)
 <run>/plots/voxcpm.png    the VoxCPM policy's own metrics (voxcpm/eta, voxcpm/patches, voxcpm/stopped_frac, ...)
+<run>/plots/indextts2.png the IndexTTS2 policy's own metrics (indextts2/codes, indextts2/stopped_frac, ...)
 <run>/plots/stages.png    one column per stage of the policy (rl/stages.py: lm, flow): its loss, ratio (mean, with
                           min and max), clip fractions and gradient norm (only when the metrics have <stage>/* keys)
 """
@@ -100,7 +101,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     if (path := _plot_monitor(plt, rows, out_dir / "monitor.png", run_dir.name)) is not None:
         written.append(path)
     stage_keys = {f"{name}/{m}" for name in _stages(rows) for m in STAGE_METRICS}
-    for prefix in ("flow/", "voxcpm/"):  # the policies' own metrics (Policy.rollout_metrics)
+    for prefix in ("flow/", "voxcpm/", "indextts2/"):  # the policies' own metrics (Policy.rollout_metrics)
         path = _plot_prefixed(plt, rows, prefix, out_dir / f"{prefix[:-1]}.png", run_dir.name, stage_keys)
         if path is not None:
             written.append(path)
