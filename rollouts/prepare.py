@@ -3,7 +3,8 @@
 Input list, paths relative to the list file:
     .jsonl  one object per line: prompt_wav (or prompt_speech), prompt_text, target_text (or syn_text),
             optional emotion, optional id, optional target_wav (a recording of target_text: its speech tokens
-            become the line's syn_speech_token, the fixed codes policy.flow.codes manifest trains the flow on)
+            become the line's syn_speech_token, the fixed codes policy.flow.codes manifest trains the flow on),
+            optional emotion_wav (an emotion reference clip: the line's emotion_speech, IndexTTS2's emotion source)
     other   one item per line: prompt_wav|prompt_text|target_text[|emotion]
 Empty lines and lines starting with '#' (text lists only) are skipped. `emotion` is an emotion2vec label index
 (0..8, -1 or empty = none) or a label name (`happy`, `开心` or `开心/happy`; see rewards/emotion.py).
@@ -18,6 +19,7 @@ Output directory: manifest.jsonl in the upstream GRPO layout that rollouts/manif
      "prompt_speech_feat": "prompt_speech_feat/<stem>.npy",     float32 [T, 80] 24 kHz prompt log-mel
      "syn_text", "emotion": int (-1 = none),
      "syn_speech_token": "syn_speech_token/<target stem>.npy"   int64 [M]  with target_wav: its speech tokens
+     "emotion_speech": the emotion_wav (relative to the output dir), with emotion_wav
      "prompt_text_tn", "syn_text_tn"}   the texts as the LM reads them
                                         (rollouts/text.py; not with --text-normalize none)
 Feature files are keyed by the prompt wav's stem and computed once per prompt however many items use it. The item
@@ -80,6 +82,7 @@ class Item:
     target_text: str
     emotion: int  # emotion2vec label index; -1 = none
     target_wav: Path | None = None  # a recording of target_text (its tokens: the line's syn_speech_token)
+    emotion_wav: Path | None = None  # an emotion reference clip (IndexTTS2): the line's emotion_speech
 
 
 def feature_fields(pf: PromptFeatures) -> dict[str, np.ndarray]:
@@ -147,13 +150,7 @@ def _item(fields: dict, base: Path, where: str, lineno: int) -> Item:
     path = Path(wav) if Path(wav).is_absolute() else base / wav
     if not path.is_file():
         raise PrepareError(f"{where}: field 'prompt_wav': file not found: {path}")
-    target = fields.get("target_wav")
-    target_path = None
-    if target is not None:
-        target = _text(target, "target_wav", where)
-        target_path = Path(target) if Path(target).is_absolute() else base / target
-        if not target_path.is_file():
-            raise PrepareError(f"{where}: field 'target_wav': file not found: {target_path}")
+    target_path, emotion_path = (_audio_field(fields, name, base, where) for name in ("target_wav", "emotion_wav"))
     item_id = fields.get("id", lineno)
     if isinstance(item_id, bool) or not isinstance(item_id, (str, int)) or not str(item_id).strip():
         raise PrepareError(f"{where}: field 'id' must be a non-empty string or integer, got {item_id!r}")
@@ -165,7 +162,20 @@ def _item(fields: dict, base: Path, where: str, lineno: int) -> Item:
         target_text=_text(fields.get("target_text"), "target_text", where),
         emotion=parse_emotion(fields.get("emotion"), where),
         target_wav=target_path,
+        emotion_wav=emotion_path,
     )
+
+
+def _audio_field(fields: dict, name: str, base: Path, where: str) -> Path | None:
+    """An optional audio path of an item (relative to the list), which must exist."""
+    value = fields.get(name)
+    if value is None:
+        return None
+    path = Path(_text(value, name, where))
+    path = path if path.is_absolute() else base / path
+    if not path.is_file():
+        raise PrepareError(f"{where}: field '{name}': file not found: {path}")
+    return path
 
 
 def read_items(path: str | Path) -> list[Item]:
@@ -387,6 +397,8 @@ def prepare(
             }
             if it.target_wav is not None:
                 line[TARGET_KIND] = f"{TARGET_KIND}/{it.target_wav.resolve().stem}.npy"
+            if it.emotion_wav is not None:
+                line["emotion_speech"] = os.path.relpath(it.emotion_wav.resolve(), out_abs)
             if lm is not None:
                 line.update(prompt_text_tn=lm.prompt(it.prompt_text), syn_text_tn=lm.target(it.target_text))
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
@@ -421,7 +433,7 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "items",
         metavar="LIST",
-        help="items: .jsonl (prompt_wav, prompt_text, target_text[, emotion, id, target_wav]) or "
+        help="items: .jsonl (prompt_wav, prompt_text, target_text[, emotion, id, target_wav, emotion_wav]) or "
         "'prompt_wav|prompt_text|target_text[|emotion]' lines; paths relative to the list",
     )
     p.add_argument(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -190,14 +191,25 @@ def test_prepare_writes_the_prompt_features_the_policy_reads(itts_ckpt, policy, 
     from rollouts.manifest import read_manifest
 
     voices = REPO / "configs" / "data" / "tiny" / "voices"
-    items = tmp_path / "items.txt"
-    items.write_text(f"{voices}/zh_a.wav|你好，很高兴认识你。|今天天气很好。|happy\n")
+    items = tmp_path / "items.jsonl"
+    item = {
+        "prompt_wav": f"{voices}/zh_a.wav",
+        "prompt_text": "你好",
+        "target_text": "今天天气很好。",
+        "emotion": "happy",
+    }
+    items.write_text(json.dumps({**item, "emotion_wav": f"{voices}/en_b.wav"}, ensure_ascii=False) + "\n")
     out = tmp_path / "prepared"
     args = ["prepare", str(items), "--policy", "indextts2", "--model", str(itts_ckpt), "--out", str(out)]
     assert main([*args, "--no-progress", "--text-normalize", "none"]) == 0
     (rec,) = read_manifest(out / "manifest.jsonl")
     assert set(rec.prompt_arrays) == {"prompt_semantic", "prompt_semantic_code", "prompt_mel"}
     assert rec.embedding is not None and rec.emotion == 3
+    assert Path(rec.emotion_wav).resolve() == (voices / "en_b.wav").resolve()
+    # the clip conditions the emotion (it wins over the label)
+    clip = policy.prompt_input(rec).cond
+    assert not torch.allclose(clip, policy.prompt_input(dataclasses.replace(rec, emotion_wav=None)).cond)
+    rec = dataclasses.replace(rec, emotion_wav=None)
     from_wav = policy.prompt_input(dataclasses.replace(rec, prompt_arrays={}, embedding=None))
     from_manifest = policy.prompt_input(rec)
     torch.testing.assert_close(from_manifest.cond, from_wav.cond)
