@@ -29,6 +29,7 @@ from policies.indextts2_model import IndexGPT, mel_positions
 from policies.sampling import uniforms
 
 FAKE_PROMPT_ID = 1  # the released generate() is fed all-ones ids for the embedded prompt (penalised as history)
+TF_CHUNK = 2048  # teacher forcing processes this many positions' logits at a time (memory: chunk x vocabulary)
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,7 @@ def teacher_forced_logprobs(
     x = torch.cat([emb, model.mel_inputs(fed, pos.expand(n, t))], 1)
     attn = torch.cat([pmask, torch.ones(n, 1, dtype=torch.bool, device=dev), mask[:, :-1].to(dev)], 1).long()
     hidden = model.gpt(inputs_embeds=x, attention_mask=attn).last_hidden_state[:, emb.shape[1] :]
-    logits = model.logits(hidden)  # [N, T, V]
+    logits = model.logits(hidden).reshape(n * t, -1)  # [N T, V]
     v = logits.shape[-1]
     target = codes.to(dev).clamp(min=0)
     # the ids before step t: the generated codes c_0 .. c_{t-1} (a row's stop code is its last: never history),
@@ -195,9 +196,14 @@ def teacher_forced_logprobs(
     steps = torch.arange(t, device=dev)
     first = torch.full((n, v), t, dtype=torch.long, device=dev)  # the first step each id is generated at
     first.scatter_reduce_(1, target, steps.expand(n, t), reduce="amin")
-    seen = steps[None, :, None] > first[:, None, :]  # [N, T, V] bool
-    seen[..., FAKE_PROMPT_ID] = True
-    seen[..., cfg.start_mel_token] = True
-    x = processed_logits(logits.reshape(n * t, v), seen.reshape(n * t, v), s)
-    lp = F.log_softmax(x, -1).gather(1, target.reshape(-1, 1)).reshape(n, t)
+    flat_target = target.reshape(-1, 1)
+    parts = []
+    for p0 in range(0, n * t, TF_CHUNK):  # the processing's temporaries (sorts, cumsums) a chunk at a time
+        pos = torch.arange(p0, min(n * t, p0 + TF_CHUNK), device=dev)
+        seen = (pos % t)[:, None] > first[pos // t]  # [chunk, V] bool
+        seen[:, FAKE_PROMPT_ID] = True
+        seen[:, cfg.start_mel_token] = True
+        x = processed_logits(logits[pos], seen, s)
+        parts.append(F.log_softmax(x, -1).gather(1, flat_target[pos]))
+    lp = torch.cat(parts).reshape(n, t)
     return torch.where(mask.to(dev), lp, torch.zeros_like(lp))

@@ -84,6 +84,16 @@ def test_the_training_forwards_positions_would_break_the_ratio(policy, tiny_reco
     assert float(diff.max()) > 1e-2, "the forward's positions should give other log-probs"
 
 
+def test_teacher_forcing_in_chunks_gives_the_same_log_probs(policy, tiny_records, monkeypatch):
+    import policies.indextts2_sampling as sampling
+
+    ro = sample(policy, tiny_records[:2], group_size=2, seed=4)
+    whole, _ = policy.token_logprobs(ro)
+    monkeypatch.setattr(sampling, "TF_CHUNK", 7)  # chunks that split rows
+    chunked, _ = policy.token_logprobs(ro)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
+
+
 def test_emotion_inputs_change_the_conditioning(itts_ckpt, tiny_records):
     from rl.config import IndexTTS2PolicyConfig, PolicyConfig
 
