@@ -99,3 +99,12 @@ def test_joint_vs_stages_bench(capsys):
     res = joint_vs_stages.main(["--steps", "1", "--runs", "joint"])
     assert [r["run"] for r in res] == ["joint"] and res[0]["s_per_step"] > 0
     assert "| joint | 0 |" in capsys.readouterr().out
+
+
+def test_indextts2_rollout_bench(capsys):
+    from bench import indextts2_rollout
+
+    res = indextts2_rollout.main(["--prompts", "1", "--group", "2", "--codes", "6", "--repeats", "1"])
+    # a smoke test: every variant runs (rows exactly --codes long, the batch re-scored); no timing ratio is asserted
+    assert set(res["seconds"]) == {"one-by-one", "batched", "teacher-forced"} and res["codes"] == 12
+    assert "one-by-one / this" in capsys.readouterr().out
