@@ -386,11 +386,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _input_errors() -> tuple[type, ...]:
     """Errors about what the user gave (found before anything is written): one line, exit status 2."""
     from policies.glmtts import CheckpointError
+    from policies.indextts2_model import IndexTTS2ConfigError
+    from policies.indextts2_s2mel import S2MelConfigError
+    from policies.indextts2_semantic import SemanticConfigError
+    from policies.voxcpm_config import VoxCPMConfigError
+    from policies.voxcpm_io import VoxCPMCheckpointError
     from rewards.asr import ModelDirError
     from rewards.base import ScorerConfigError
     from rewards.remote import RewardServiceError
     from rl.errors import InputError
     from rl.evaluate import MetaError
+    from rollouts.indextts_text import IndexTextError
     from rollouts.manifest import ManifestError
     from rollouts.prepare import PrepareError
     from rollouts.token2wav import VocoderCheckpointError
@@ -405,6 +411,12 @@ def _input_errors() -> tuple[type, ...]:
         ScorerConfigError,
         RewardServiceError,
         ModelDirError,
+        VoxCPMConfigError,  # a model directory's config or weights: the policies' own loaders
+        VoxCPMCheckpointError,
+        IndexTTS2ConfigError,
+        S2MelConfigError,
+        SemanticConfigError,
+        IndexTextError,
     )
 
 

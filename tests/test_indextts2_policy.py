@@ -273,3 +273,38 @@ def test_one_update_per_rollout_gives_ratio_1(tmp_path, itts_ckpt):
     log = itts_run(tmp_path / "run", itts_ckpt, "train.steps=2", "optim.minibatches=1", "optim.ppo_epochs=1")
     for r in log:
         assert abs(r["lm/ratio/min"] - 1) < 1e-3 and abs(r["lm/ratio/max"] - 1) < 1e-3, r
+
+
+@pytest.mark.parametrize("damage", ["gpt_key", "bigvgan_config", "bpe"])
+def test_a_broken_model_directory_stops_train_with_one_line_before_writing(itts_ckpt, tmp_path, capsys, damage):
+    from rl.cli import main
+
+    bad = tmp_path / "bad"
+    shutil.copytree(itts_ckpt, bad)
+    if damage == "gpt_key":
+        state = torch.load(bad / "gpt.pth", weights_only=True)
+        state.pop("mel_head.weight")
+        torch.save(state, bad / "gpt.pth")
+        named = "gpt.pth"
+    elif damage == "bigvgan_config":
+        (bad / "hf_cache" / "bigvgan" / "config.json").unlink()
+        named = "bigvgan"
+    else:
+        (bad / "bpe.model").write_bytes(b"not a sentencepiece model")
+        named = "bpe.model"
+    out = tmp_path / "run"
+    args = ["train", str(REPO / "configs" / "tiny_indextts2.yaml"), "--set", f"policy.ckpt_dir={bad}"]
+    args += [
+        "--set",
+        f"train.output_dir={out}",
+        "--set",
+        f"data.manifest={TINY_MANIFEST}",
+        "--set",
+        "wandb.enabled=false",
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    # one error naming the file (a strict load lists its keys below it), after the progress bars of what loaded
+    (line,) = [x for x in err.splitlines() if x.startswith("ttsrl: error:")]
+    assert named in line and "Traceback" not in err, err
+    assert not out.exists()
