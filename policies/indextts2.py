@@ -16,9 +16,10 @@ computed once per prompt by the frozen conditioners and travels with the rows (`
 the rows' prompt ids. IndexTTS2 reads no prompt text: the voice comes from the audio only.
 
 Trainable: the GPT-2 core, final_norm and mel_head (full), or LoRA (peft) on the core's c_attn / c_proj / c_fc; the
-embeddings and conditioners stay frozen. Decode (frozen, per row): the current GPT's latents at the released
-`forward` convention, gpt_layer + the codec's vq2emb, the length regulator (x1.72), the s2mel CFM (25 Euler steps,
-CFG 0.7) on [prompt | row] from noise seeded by the row's seed (one per group), BigVGAN at 22.05 kHz.
+embeddings and conditioners stay frozen. Decode (frozen, per row): the GPT's latents at the released `forward`
+convention (computed by the sampling weights with the rollout, `extras["latents"]`), gpt_layer + the codec's
+vq2emb, the length regulator (x1.72), the s2mel CFM (25 Euler steps, CFG 0.7) on [prompt | row] from noise seeded
+by the row's seed (one per group), BigVGAN at 22.05 kHz.
 Export: gpt.pth with the released keys (LoRA merged) next to copies of every other file of the directory.
 """
 
@@ -291,6 +292,8 @@ class IndexTTS2Policy:
         self.model.eval()
         try:
             out = sample_rows(self.net, cond, text, self.sampling(params), row_keys(seed, gids, members), caps)
+            # s2mel's input, under the weights that sampled (the decoder runs after sampling, without the GPT)
+            latents = self.net.decode_latents(cond, text, out.codes)
         finally:
             self.model.train(was_training)
         prompt_ids, prompt_mask = _left_pad(text)
@@ -309,7 +312,7 @@ class IndexTTS2Policy:
             text_lengths=torch.tensor([prompts[int(i)].text_len for i in rows]),
             params=params,
             pad_id=self.pad_id,
-            extras={"cond": cond.float().cpu()},
+            extras={"cond": cond.float().cpu(), "latents": latents.float().cpu()},
         )
 
     # --- teacher forcing --------------------------------------------------------------------------------------
@@ -330,13 +333,15 @@ class IndexTTS2Policy:
         return lp.float(), torch.full_like(lp, float("nan"), dtype=torch.float32)
 
     def rollout_metrics(self, rollout: Rollout) -> dict[str, float]:
-        """indextts2/codes (per row), indextts2/stopped_frac, indextts2/truncated_frac, indextts2/logprob_mean."""
-        m = rollout.token_mask
+        """indextts2/codes (per row), indextts2/stopped_frac, indextts2/truncated_frac, indextts2/logprob_mean (a
+        row's mean action log-prob, averaged over the rows: means over rows average exactly over ranks)."""
+        m = rollout.token_mask.float()
+        per_row = (rollout.behaviour_logp * m).sum(1) / m.sum(1).clamp(min=1)
         return {
             "indextts2/codes": float(rollout.lengths.float().mean()),
             "indextts2/stopped_frac": float(rollout.finished.float().mean()),
             "indextts2/truncated_frac": float(rollout.truncated.float().mean()),
-            "indextts2/logprob_mean": float(rollout.behaviour_logp[m].mean()) if bool(m.any()) else float("nan"),
+            "indextts2/logprob_mean": float(per_row.mean()),
         }
 
     # --- reference --------------------------------------------------------------------------------------------
@@ -461,7 +466,7 @@ class DecodeStack:
     def __call__(self, latents: torch.Tensor, codes: torch.Tensor, voice: Voice, seed: int) -> np.ndarray:
         """One row: latents [L, D] and codes [L] -> waveform [S] float32 in [-1, 1] at 22.05 kHz."""
         dev, s = self.policy.device, self.settings
-        x = self.s2mel.gpt_layer(latents[None].float()) + self.codec.vq2emb(codes[None].to(dev))
+        x = self.s2mel.gpt_layer(latents[None].float().to(dev)) + self.codec.vq2emb(codes[None].to(dev))
         frames = (torch.tensor([codes.shape[0]]) * CODE_FRAMES).long().to(dev)
         cond = torch.cat([self.prompt_condition(voice), self.s2mel.regulate(x, frames)], 1)
         gen = torch.Generator().manual_seed(int(seed) % (1 << 63))
@@ -480,32 +485,27 @@ class DecodeStack:
 
 class IndexTTS2Decoder:
     """Each row's codes through the decode stack with its record's voice prompt; `seeds[i]` seeds row i's s2mel
-    noise (the trainer gives a group one seed). Latents come from the policy's current GPT, `batch_size` rows at a
-    time."""
+    noise (the trainer gives a group one seed). The GPT latents s2mel reads were computed when the row was sampled
+    (`extras["latents"]`, under the weights that sampled it), so decoding needs no GPT pass of its own."""
 
     def __init__(self, stack: DecodeStack, voices: list[Voice]):
         self.stack, self.voices = stack, voices
 
     @torch.no_grad()
     def __call__(self, rollout: Rollout, seeds: list[int], *, batch_size: int) -> VocodeResult:
-        policy = self.stack.policy
+        """Row by row (s2mel runs batch 1, as released; `batch_size` does not apply)."""
         n = rollout.num_rows
         audio: list[np.ndarray | None] = [None] * n
         reasons: list[str | None] = [None] * n
-        step = batch_size or n
-        for start in range(0, n, step):
-            part = rollout.select(list(range(start, min(n, start + step))))
-            cond, text, codes, _ = policy._rows(part)
-            with policy._net_for(False) as net:
-                latents = net.decode_latents(cond, text, codes)
-            for j in range(part.num_rows):
-                i, length = start + j, int(part.lengths[j])
-                if length == 0:
-                    reasons[i] = "empty generation: no codes"
-                    continue
-                voice = self.voices[int(rollout.prompt_index[i])]
-                audio[i] = self.stack(latents[j, :length], codes[j, :length], voice, seeds[i])
-        return VocodeResult(audio=audio, reasons=reasons, sample_rate=policy.sample_rate)
+        for i in range(n):
+            length = int(rollout.lengths[i])
+            if length == 0:
+                reasons[i] = "empty generation: no codes"
+                continue
+            voice = self.voices[int(rollout.prompt_index[i])]
+            latents = rollout.extras["latents"][i, :length]
+            audio[i] = self.stack(latents, rollout.tokens[i, :length], voice, seeds[i])
+        return VocodeResult(audio=audio, reasons=reasons, sample_rate=self.stack.policy.sample_rate)
 
 
 # --- helpers --------------------------------------------------------------------------------------------------------
