@@ -16,16 +16,15 @@ figures are medians and ratios medians of per-repeat ratios.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.timing import alternate
 from policies.indextts2_io import load_gpt, write_tiny_gpt
 from policies.indextts2_sampling import Sampling, sample_rows, teacher_forced_logprobs
 from policies.sampling import row_keys
@@ -35,11 +34,6 @@ SIZES = {
     "mid": {"model_dim": 512, "layers": 8, "heads": 8},
     "released": {"model_dim": 1280, "layers": 24, "heads": 20},
 }
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
@@ -72,18 +66,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
         teacher_forced_logprobs(model, cond, texts, ro.codes, ro.mask, s)
 
     fns = {"one-by-one": one_by_one, "batched": batched, "teacher-forced": teacher_forced}
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for rep in range(args.repeats + 1):
-        for k, fn in fns.items():
-            _sync(args.device)
-            t = time.perf_counter()
-            with torch.no_grad():
-                fn()
-            _sync(args.device)
-            if rep:  # repeat 0 is the warm-up
-                times[k].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    ratios = {k: statistics.median(r / o for r, o in zip(times["one-by-one"], v)) for k, v in times.items()}
+    med, ratios = alternate(fns, args.repeats, args.device, "one-by-one")
     codes = n * length
     print(
         f"IndexTTS2 group rollout, {args.size} GPT ({n_params / 1e6:.2f} M params in the core and head) on "

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.machinery
-import statistics
 import sys
 import tempfile
-import time
 import types
 from pathlib import Path
 
@@ -32,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.timing import alternate
 from policies.voxcpm_io import load_voxcpm, write_tiny_voxcpm
 from policies.voxcpm_rollout import build_prompt, sample_groups
 
@@ -75,11 +74,6 @@ def _released_class():
     return released_module.VoxCPM2Model
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     released_cls = _released_class()
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,18 +104,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
         assert int(ro.lengths.min()) == length
 
     fns = {"released": released, "ours-ode": ours_ode, "ours-sde": ours_sde}
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for rep in range(args.repeats + 1):
-        for k, fn in fns.items():
-            _sync(args.device)
-            t = time.perf_counter()
-            with torch.no_grad():
-                fn()
-            _sync(args.device)
-            if rep:  # repeat 0 is the warm-up
-                times[k].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    ratios = {k: statistics.median(r / o for r, o in zip(times["released"], v)) for k, v in times.items()}
+    med, ratios = alternate(fns, args.repeats, args.device, "released")
     patches = rows * length
     print(
         f"VoxCPM2 group rollout, {args.size} ({n_params / 1e6:.2f} M params without the VAE) on {args.device} "
