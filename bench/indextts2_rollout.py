@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.timing import alternate
+from bench.timing import alternate, parse, rollout_args
 from policies.indextts2_io import load_gpt, write_tiny_gpt
 from policies.indextts2_sampling import Sampling, sample_rows, teacher_forced_logprobs
 from policies.sampling import row_keys
@@ -84,20 +84,10 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    ap.add_argument("--prompts", type=int, default=4, help="B: prompts (groups)")
-    ap.add_argument("--group", type=int, default=4, help="G: rows per prompt")
+    ap = rollout_args(__doc__ or "", list(SIZES))
     ap.add_argument("--codes", type=int, default=100, help="codes per row (the stop code is never drawn)")
     ap.add_argument("--text", type=int, default=20, help="text tokens per prompt")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (0: torch's default)")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    return run(args, argv)
+    return run(parse(ap, argv), argv)
 
 
 if __name__ == "__main__":

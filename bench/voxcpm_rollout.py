@@ -26,11 +26,9 @@ import tempfile
 import types
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.timing import alternate
+from bench.timing import alternate, parse, rollout_args
 from policies.voxcpm_io import load_voxcpm, write_tiny_voxcpm
 from policies.voxcpm_rollout import build_prompt, sample_groups
 
@@ -122,19 +120,9 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    ap.add_argument("--prompts", type=int, default=4, help="B: prompts (groups)")
-    ap.add_argument("--group", type=int, default=4, help="G: rows per prompt")
+    ap = rollout_args(__doc__ or "", list(SIZES))
     ap.add_argument("--patches", type=int, default=24, help="patches per row (stop disabled)")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (0: torch's default)")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    return run(args, argv)
+    return run(parse(ap, argv), argv)
 
 
 if __name__ == "__main__":
