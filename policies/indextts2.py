@@ -114,6 +114,7 @@ class IndexTTS2Policy:
         self._emotions: EmotionMatrices | None = None
         self._voices: dict[str, Voice] = {}
         self._emotion_feats: dict[str, torch.Tensor] = {}
+        self._conds: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (features, conditioning) by their source
         self._decode: DecodeStack | None = None
 
     # --- loading ----------------------------------------------------------------------------------------------
@@ -239,19 +240,26 @@ class IndexTTS2Policy:
             )
         voice, s = self.voice(record), self.settings
         kw: dict[str, Any] = {}
+        emotion_key: tuple = ()
         if record.emotion_wav:
             if record.emotion_wav not in self._emotion_feats:
                 where = f"{record.source}: field 'emotion_speech'"
                 feats = self.frontend().emotion_features(record.emotion_wav, s.prompt_seconds, where)
                 self._emotion_feats[record.emotion_wav] = feats
             kw = {"emotion_feats": self._emotion_feats[record.emotion_wav], "emo_alpha": s.emo_alpha}
+            emotion_key = ("clip", record.emotion_wav)
         elif s.emotion_label and record.emotion is not None and 0 <= record.emotion < len(LABELS):
             w = emotion_weights(LABELS[record.emotion], s.emotion_weight, s.emo_alpha)
             if any(w):
                 kw = {"emotion": self.emotion_matrices().mix(w, voice.style), "emotion_weight_sum": sum(w)}
-        dtype = self.net.mel_head.weight.dtype
-        cond = conditioning(self.net, _to(voice, dtype), **kw).float().cpu()
-        return IndexPromptInput(cond, ids, len(ids), voice, record.source)
+                emotion_key = ("label", *w)
+        # the lines of one voice prompt share its arrays (rollouts/manifest.py, self.voice): one conditioning each.
+        # The entry holds the features, so their memory (the key) cannot be reused by other arrays while it exists
+        key = (voice.feats.data_ptr(), tuple(voice.feats.shape), emotion_key)
+        if key not in self._conds:
+            dtype = self.net.mel_head.weight.dtype
+            self._conds[key] = (voice.feats, conditioning(self.net, _to(voice, dtype), **kw).float().cpu())
+        return IndexPromptInput(self._conds[key][1], ids, len(ids), voice, record.source)
 
     # --- sampling ---------------------------------------------------------------------------------------------
     def sampling(self, params: SamplingParams) -> Sampling:
@@ -450,17 +458,18 @@ class DecodeStack:
         )
         self.bigvgan = load_bigvgan(files.bigvgan, device=dev)
         self.settings = policy.settings
-        self._prompts: dict[int, torch.Tensor] = {}
+        self._prompts: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @torch.no_grad()
     def prompt_condition(self, voice: Voice) -> torch.Tensor:
         """s2mel's condition of a voice prompt: its codes' embeddings regulated to its mel's frames. [1, Tm, C]"""
-        key = id(voice)
-        if key not in self._prompts:
+        key = (voice.codes.data_ptr(), voice.codes.numel(), voice.mel.shape[1])  # shared by a prompt's lines
+        if key not in self._prompts:  # (the entry holds the codes: their memory stays theirs)
             dev = self.policy.device
             emb = self.codec.vq2emb(voice.codes[None].to(dev))
-            self._prompts[key] = self.s2mel.regulate(emb, torch.tensor([voice.mel.shape[1]], device=dev))
-        return self._prompts[key]
+            frames = torch.tensor([voice.mel.shape[1]], device=dev)
+            self._prompts[key] = (voice.codes, self.s2mel.regulate(emb, frames))
+        return self._prompts[key][1]
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor, codes: torch.Tensor, voice: Voice, seed: int) -> np.ndarray:

@@ -146,26 +146,43 @@ def parse_line(obj: dict, base: Path, where: str) -> PromptRecord:
 
 def _indextts2_fields(obj: dict, base: Path, where: str, text) -> dict[str, np.ndarray]:
     """IndexTTS2's optional prompt arrays (prompt_semantic [T, D] float, prompt_semantic_code [T] int 0..8191,
-    prompt_mel [Tm, 80] float), checked for rank, dtype, range and finiteness; the policy checks D."""
+    prompt_mel [Tm, 80] float), checked for rank, dtype, range and finiteness; the policy checks D. The lines of one
+    voice prompt name the same files (`ttsrl prepare` keys them by prompt): each file is read and checked once and
+    its array shared by those lines."""
     out: dict[str, np.ndarray] = {}
-    for name, ndim, kind in (("prompt_semantic", 2, "f"), ("prompt_semantic_code", 1, "i"), ("prompt_mel", 2, "f")):
+    for name in ("prompt_semantic", "prompt_semantic_code", "prompt_mel"):
         path = text(name, required=False)
-        if not path:
-            continue
-        what = f"{where}: field '{name}'"
-        arr = _load_npy(_resolve(base, path), what)
-        if arr.ndim != ndim or arr.shape[0] == 0 or arr.dtype.kind not in (kind, "u" if kind == "i" else kind):
-            dims = "T, D" if name == "prompt_semantic" else "Tm, 80"
-            want = "integer codes [T]" if kind == "i" else f"float [{dims}]"
-            raise ManifestError(f"{what}: expected {want}, got shape {arr.shape} dtype {arr.dtype}")
-        if kind == "f" and not np.isfinite(arr).all():
-            raise ManifestError(f"{what}: contains NaN or inf")
-        if kind == "i" and (arr.min() < 0 or arr.max() >= 8192):
-            raise ManifestError(f"{what}: codes must be in 0..8191")
-        if name == "prompt_mel" and arr.shape[1] != MEL_BINS:
-            raise ManifestError(f"{what}: expected [frames, {MEL_BINS}], got {arr.shape}")
-        out[name] = arr.astype(np.int64 if kind == "i" else np.float32)
+        if path:
+            p = _resolve(base, path)
+            stat = p.stat() if p.is_file() else None
+            key = (name, str(p.resolve()), stat.st_mtime_ns if stat else 0, stat.st_size if stat else 0)
+            if key not in _SHARED:
+                if len(_SHARED) >= _SHARED_MAX:
+                    _SHARED.pop(next(iter(_SHARED)))
+                _SHARED[key] = _indextts2_array(name, p, f"{where}: field '{name}'")
+            out[name] = _SHARED[key]
     return out
+
+
+_SHARED: dict[tuple, np.ndarray] = {}  # IndexTTS2 prompt arrays by (field, file, mtime, size), oldest first
+_SHARED_MAX = 4096
+
+
+def _indextts2_array(name: str, path: Path, what: str) -> np.ndarray:
+    """One IndexTTS2 prompt array, read and checked (ManifestError naming the line and field)."""
+    ndim, kind = {"prompt_semantic": (2, "f"), "prompt_semantic_code": (1, "i"), "prompt_mel": (2, "f")}[name]
+    arr = _load_npy(path, what)
+    if arr.ndim != ndim or arr.shape[0] == 0 or arr.dtype.kind not in (kind, "u" if kind == "i" else kind):
+        dims = "T, D" if name == "prompt_semantic" else "Tm, 80"
+        want = "integer codes [T]" if kind == "i" else f"float [{dims}]"
+        raise ManifestError(f"{what}: expected {want}, got shape {arr.shape} dtype {arr.dtype}")
+    if kind == "f" and not np.isfinite(arr).all():
+        raise ManifestError(f"{what}: contains NaN or inf")
+    if kind == "i" and (arr.min() < 0 or arr.max() >= 8192):
+        raise ManifestError(f"{what}: codes must be in 0..8191")
+    if name == "prompt_mel" and arr.shape[1] != MEL_BINS:
+        raise ManifestError(f"{what}: expected [frames, {MEL_BINS}], got {arr.shape}")
+    return arr.astype(np.int64 if kind == "i" else np.float32)
 
 
 def _codes(base: Path, value: str | None, where: str) -> np.ndarray:

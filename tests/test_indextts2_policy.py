@@ -208,11 +208,17 @@ def test_prepare_writes_the_prompt_features_the_policy_reads(itts_ckpt, policy, 
         "target_text": "今天天气很好。",
         "emotion": "happy",
     }
-    items.write_text(json.dumps({**item, "emotion_wav": f"{voices}/en_b.wav"}, ensure_ascii=False) + "\n")
+    second = {**item, "target_text": "请在下一个路口向右转。", "emotion": -1}  # the same voice prompt
+    lines = [{**item, "emotion_wav": f"{voices}/en_b.wav"}, second]
+    items.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
     out = tmp_path / "prepared"
     args = ["prepare", str(items), "--policy", "indextts2", "--model", str(itts_ckpt), "--out", str(out)]
     assert main([*args, "--no-progress", "--text-normalize", "none"]) == 0
-    (rec,) = read_manifest(out / "manifest.jsonl")
+    rec, rec2 = read_manifest(out / "manifest.jsonl")
+    # the lines of one voice prompt share its arrays and its conditioning (memory: one copy per prompt)
+    assert rec.prompt_arrays["prompt_semantic"] is rec2.prompt_arrays["prompt_semantic"]
+    plain = dataclasses.replace(rec, emotion_wav=None, emotion=None)
+    assert policy.prompt_input(plain).cond is policy.prompt_input(rec2).cond
     assert set(rec.prompt_arrays) == {"prompt_semantic", "prompt_semantic_code", "prompt_mel"}
     assert rec.embedding is not None and rec.emotion == 3
     assert Path(rec.emotion_wav).resolve() == (voices / "en_b.wav").resolve()
@@ -246,7 +252,9 @@ def test_settings_the_policy_cannot_take_are_refused(tmp_path):
 def itts_run(out, ckpt, *extra):
     from conftest import train_shipped
 
-    return train_shipped("tiny_indextts2.yaml", out, ckpt, f"data.manifest={TINY_MANIFEST}", *extra)
+    # 2 s2mel steps instead of the released 25: the duration reward reads the codes, decoding is only exercised
+    steps = "policy.indextts2.diffusion_steps=2"
+    return train_shipped("tiny_indextts2.yaml", out, ckpt, f"data.manifest={TINY_MANIFEST}", steps, *extra)
 
 
 @pytest.mark.slow
