@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from policies.indextts2_model import IndexGPT, IndexTTS2ConfigError
+from rollouts.paths import inside
+from rollouts.token2wav import load_weights_only
 
 HF_CACHE = "hf_cache"
 STYLE_DIM = 192
@@ -53,10 +55,10 @@ def _inside(root: Path, value: Any, key: str, where: str) -> Path:
     """A file named by config.yaml: a relative path that stays inside the model directory."""
     if not isinstance(value, str) or not value.strip():
         raise IndexTTS2ConfigError(f"{where}: {key} must be a file name")
-    path = (root / value.strip()).resolve()
-    if not path.is_relative_to(root.resolve()):
-        raise IndexTTS2ConfigError(f"{where}: {key} {value!r} points outside the model directory")
-    return path
+    try:
+        return inside(root, value.strip())
+    except ValueError:
+        raise IndexTTS2ConfigError(f"{where}: {key} {value!r} points outside the model directory") from None
 
 
 @dataclass(frozen=True)
@@ -108,12 +110,7 @@ class ModelFiles:
 
 
 def _tensor_file(path: Path) -> torch.Tensor:
-    if not path.is_file():
-        raise IndexTTS2ConfigError(f"{path}: not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unpickling errors of every kind
-        raise IndexTTS2ConfigError(f"{path}: cannot read as a weights-only torch file: {e}") from None
+    obj = load_weights_only(path, IndexTTS2ConfigError, "a weights-only torch file")
     if not isinstance(obj, torch.Tensor) or obj.ndim != 2 or not torch.isfinite(obj).all():
         raise IndexTTS2ConfigError(f"{path}: expected a finite 2-D tensor")
     return obj.float()

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from policies.indextts2_model import SPK_FEATS, GPTConfig, IndexGPT, IndexTTS2ConfigError
-from rollouts.token2wav import load_tensor_dict, strict_load
+from rollouts.token2wav import load_tensor_dict, load_weights_only, strict_load
 
 CONFIG = "config.yaml"
 GPT_FILE = "gpt.pth"
@@ -50,12 +50,7 @@ def load_gpt(directory: str | Path, device: str | torch.device = "cpu") -> tuple
 
 def feature_dim(stats: Path) -> int:
     """The w2v-BERT feature width, from the stats file's mean (1024 for the released model)."""
-    if not stats.is_file():
-        raise IndexTTS2ConfigError(f"{stats}: not found (config.yaml w2v_stat)")
-    try:
-        obj = torch.load(stats, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unpickling errors of every kind
-        raise IndexTTS2ConfigError(f"{stats}: cannot read as a weights-only torch file: {e}") from None
+    obj = load_weights_only(stats, IndexTTS2ConfigError, "a weights-only torch file (config.yaml w2v_stat)")
     if not isinstance(obj, dict) or not isinstance(obj.get("mean"), torch.Tensor):
         raise IndexTTS2ConfigError(f"{stats}: expected a dict with tensors 'mean' and 'var'")
     return int(obj["mean"].numel())
@@ -80,6 +75,14 @@ def save_gpt(model: IndexGPT, path: str | Path) -> None:
     tmp.replace(path)
 
 
+TINY_CONDITIONER = {  # the tiny speaker and emotion conditioners (a Conformer block, a Perceiver)
+    "output_size": 32,
+    "linear_units": 64,
+    "attention_heads": 4,
+    "num_blocks": 1,
+    "input_layer": "conv2d2",
+    "perceiver_mult": 2,
+}
 TINY_GPT = {
     "model_dim": 64,
     "max_mel_tokens": 400,
@@ -96,22 +99,8 @@ TINY_GPT = {
     "mel_length_compression": 1024,
     "train_solo_embeddings": False,
     "condition_type": "conformer_perceiver",
-    "condition_module": {
-        "output_size": 32,
-        "linear_units": 64,
-        "attention_heads": 4,
-        "num_blocks": 1,
-        "input_layer": "conv2d2",
-        "perceiver_mult": 2,
-    },
-    "emo_condition_module": {
-        "output_size": 32,
-        "linear_units": 64,
-        "attention_heads": 4,
-        "num_blocks": 1,
-        "input_layer": "conv2d2",
-        "perceiver_mult": 2,
-    },
+    "condition_module": dict(TINY_CONDITIONER),
+    "emo_condition_module": dict(TINY_CONDITIONER),
 }
 
 

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rollouts.token2wav import VocoderCheckpointError, strict_load
+from rollouts.token2wav import VocoderCheckpointError, load_weights_only, strict_load
 
 MODULES = ("cfm", "length_regulator", "gpt_layer")  # the released MyModel(use_gpt_latent=True).models keys
 MAX_FRAMES = 16384  # the DiT's position table (block_size, hard-coded in the released DiT)
@@ -751,12 +751,7 @@ def load_s2mel(path: str | Path, cfg: S2MelConfig, gpt_dim: int = 1280, device: 
     does, a leading "module." (DDP) is dropped from keys, and other entries (other modules under "net", optimizer
     state) are not read."""
     path = Path(path)
-    if not path.is_file():
-        raise VocoderCheckpointError(f"{path}: file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unpickling errors of every kind
-        raise VocoderCheckpointError(f"{path}: cannot read as a weights-only torch checkpoint: {e}") from None
+    obj = load_weights_only(path)
     net = obj.get("net") if isinstance(obj, dict) else None
     if not isinstance(net, dict):
         raise VocoderCheckpointError(f'{path}: expected the released layout {{"net": {{"cfm": ..., ...}}}}')

@@ -53,6 +53,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rollouts.token2wav import load_weights_only
+
 W2V_BERT_DIR = "hf_cache/w2v-bert-2.0"
 W2V_STATS = "wav2vec2bert_stats.pt"  # config.yaml `w2v_stat`
 SEMANTIC_CODEC_FILE = "hf_cache/semantic_codec_model.safetensors"
@@ -78,12 +80,7 @@ def _listing(where: str, missing: list[str], unexpected: list[str], shapes: list
 
 def _read_stats(path: Path, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean [D], var [D]) from the stats file; shapes broadcasting as [D] are accepted ([D], [1, D], [1, 1, D])."""
-    if not path.is_file():
-        raise SemanticConfigError(f"{path}: w2v-BERT stats file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unpickling errors of every kind
-        raise SemanticConfigError(f"{path}: cannot read as a weights-only torch file: {e}") from None
+    obj = load_weights_only(path, SemanticConfigError, "a weights-only torch file (w2v-BERT stats)")
     if not isinstance(obj, dict) or set(obj) != {"mean", "var"}:
         keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
         raise SemanticConfigError(f"{path}: expected a dict with exactly the keys 'mean' and 'var', got {keys}")

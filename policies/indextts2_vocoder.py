@@ -51,7 +51,7 @@ from torch import nn
 
 from policies.indextts2_model import IndexTTS2ConfigError
 from rollouts.speaker_embedding import MIN_SAMPLES, campplus_features
-from rollouts.token2wav import VocoderCheckpointError, strict_load
+from rollouts.token2wav import VocoderCheckpointError, load_weights_only, strict_load
 
 __all__ = [
     "BIGVGAN_RATE",
@@ -180,12 +180,7 @@ def _remove_weight_norm(model: nn.Module) -> None:
 
 
 def _read_generator(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise VocoderCheckpointError(f"{path}: not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unpickling errors of every kind
-        raise VocoderCheckpointError(f"{path}: cannot read as a weights-only torch checkpoint: {e}") from None
+    obj = load_weights_only(path)
     if not isinstance(obj, dict) or set(obj) != {"generator"}:
         found = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
         raise VocoderCheckpointError(f'{path}: expected {{"generator": state dict}}, found {found}')
@@ -264,12 +259,7 @@ def _build_campplus() -> nn.Module:
 
 
 def _read_bare_state(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise VocoderCheckpointError(f"{path}: not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unpickling errors of every kind
-        raise VocoderCheckpointError(f"{path}: cannot read as a weights-only torch checkpoint: {e}") from None
+    obj = load_weights_only(path)
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise VocoderCheckpointError(f"{path}: expected a bare state dict of tensors")
     return dict(obj)

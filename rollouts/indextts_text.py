@@ -48,6 +48,8 @@ from typing import Any
 import yaml
 from sentencepiece import SentencePieceProcessor, SentencePieceTrainer
 
+from rollouts.text import ZH_OPTIONS
+
 log = logging.getLogger(__name__)
 
 BPE_FILE = "bpe.model"
@@ -55,15 +57,8 @@ CONFIG_FILE = "config.yaml"
 GLOSSARY_FILE = "glossary.yaml"
 # WeTextProcessing releases whose `tn` package (rules and shipped grammars) is the one the release runs with
 WETEXT_VERSIONS = ("1.0.3", "1.0.4.1")
-# the Chinese grammar's options: remove_interjections / remove_erhua off, the rest at WeTextProcessing's defaults
-ZH_OPTIONS = {
-    "remove_interjections": False,
-    "remove_erhua": False,
-    "traditional_to_simple": True,
-    "remove_puncts": False,
-    "full_to_half": True,
-    "tag_oov": False,
-}
+# the Chinese grammar's options: the released front end passes GLM-TTS's (remove_interjections / remove_erhua off,
+# the rest at WeTextProcessing's defaults): rollouts/text.py ZH_OPTIONS
 
 PINYIN = re.compile(
     r"(?<![a-z])((?:[bpmfdtnlgkhjqxzcsryw]|[zcs]h)?(?:[aeiouüv]|[ae]i|u[aio]|ao|ou|i[aue]|[uüv]e|[uvü]ang?|uai"

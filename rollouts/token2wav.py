@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,13 +62,20 @@ def strict_load(module: torch.nn.Module, state: dict, where: str) -> None:
     module.load_state_dict(state, strict=True)
 
 
-def load_tensor_dict(path: Path) -> dict[str, torch.Tensor]:
+def load_weights_only(
+    path: Path, error: type[Exception] = VocoderCheckpointError, what: str = "a weights-only torch checkpoint"
+) -> Any:
+    """torch.load(weights_only=True) of an untrusted file; a missing or unreadable one is `error` naming it."""
     if not path.is_file():
-        raise VocoderCheckpointError(f"{path}: file not found")
+        raise error(f"{path}: file not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - unpickling errors of every kind
-        raise VocoderCheckpointError(f"{path}: cannot read as a weights-only torch checkpoint: {e}") from None
+        raise error(f"{path}: cannot read as {what}: {e}") from None
+
+
+def load_tensor_dict(path: Path) -> dict[str, torch.Tensor]:
+    obj = load_weights_only(path)
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
